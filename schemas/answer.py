@@ -1,0 +1,116 @@
+"""What the LLM answers for one caption: every kind of query in one object.
+
+The JSON schema of `CaptionQueries` is sent to the engine as the decoding constraint, so
+anything a grammar can express (shape, enums, list sizes, string lengths) lives in the field
+declarations; the validators check what a grammar cannot (a query equal to its caption,
+whitespace-only text). They read the caption from the validation context.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+
+from schemas.text import normalize
+
+# Order matters: it is the order of the keys in the answer and of `type` in the records.
+QUERY_TYPES = (
+    "entity",
+    "hypernym",
+    "event",
+    "conjunction",
+    "simple_condition",
+    "complex_condition",
+    "summary",
+)
+
+KEYWORD_MAX_CHARS = 32
+SUMMARY_MAX_CHARS = 80
+
+
+def _check_query(value: str, info: ValidationInfo) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("query is empty")
+    caption = (info.context or {}).get("caption")
+    if caption is not None and normalize(value) == normalize(caption):
+        raise ValueError(f"query {value!r} repeats the whole caption; ask for a part of it")
+    return value
+
+
+Keyword = Annotated[str, Field(min_length=1, max_length=KEYWORD_MAX_CHARS), AfterValidator(_check_query)]
+Summary = Annotated[str, Field(min_length=1, max_length=SUMMARY_MAX_CHARS), AfterValidator(_check_query)]
+# 2: certainly or almost certainly shown; 1: likely shown, or closely related by search intent.
+Grade = Literal[1, 2]
+
+
+class Entity(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: Keyword
+    kind: Literal["object", "person", "place", "concept"]
+    hypernyms: list[Keyword] = Field(default_factory=list, max_length=3)
+    grade: Grade
+
+
+class Item(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: Keyword
+    grade: Grade
+
+
+class CaptionQueries(BaseModel):
+    """Each list is ordered by salience: the first item matters most in the caption."""
+
+    model_config = ConfigDict(extra="forbid")
+    entities: list[Entity] = Field(min_length=1, max_length=10)
+    events: list[Item] = Field(default_factory=list, max_length=5)
+    conjunctions: list[Item] = Field(default_factory=list, max_length=4)
+    simple_conditions: list[Item] = Field(default_factory=list, max_length=5)
+    complex_conditions: list[Item] = Field(default_factory=list, max_length=4)
+    summaries: list[Summary] = Field(min_length=1, max_length=3)
+
+    def queries(self) -> list[dict[str, Any]]:
+        """Flatten into query rows: type, subtype, grade, salience (1 = most salient of its type)."""
+        rows: list[dict[str, Any]] = []
+        for rank, ent in enumerate(self.entities, 1):
+            rows.append(dict(query=ent.text, type="entity", subtype=ent.kind, grade=ent.grade,
+                             salience=rank, source=None))
+        # A hypernym is shown exactly as surely as the thing it generalises.
+        hyper_rank = 0
+        for ent in self.entities:
+            for h in ent.hypernyms:
+                hyper_rank += 1
+                rows.append(dict(query=h, type="hypernym", subtype=ent.kind, grade=ent.grade,
+                                 salience=hyper_rank, source=ent.text))
+        for qtype, items in (
+            ("event", self.events),
+            ("conjunction", self.conjunctions),
+            ("simple_condition", self.simple_conditions),
+            ("complex_condition", self.complex_conditions),
+        ):
+            for rank, item in enumerate(items, 1):
+                rows.append(dict(query=item.text, type=qtype, subtype=None, grade=item.grade,
+                                 salience=rank, source=None))
+        for rank, s in enumerate(self.summaries, 1):
+            rows.append(dict(query=s, type="summary", subtype=None, grade=2, salience=rank, source=None))
+        return rows
+
+
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    # Some grammar backends handle $ref poorly; an inlined schema is understood by all of them.
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _inline_refs(defs[node["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k not in ("$defs", "title")}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+def answer_json_schema() -> dict[str, Any]:
+    """The decoding constraint: CaptionQueries' JSON schema with every $ref inlined."""
+    schema = CaptionQueries.model_json_schema()
+    out = _inline_refs(schema, schema.get("$defs", {}))
+    # Every key present: the model then never has to choose whether to emit a list.
+    out["required"] = list(out["properties"])
+    return out

@@ -1,0 +1,42 @@
+"""One input caption. Extra fields on the input line ride along untouched."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+
+# Longer than any real caption by far (CapRetrieval's longest is 105 characters);
+# anything past this is a concatenation accident or an attack on the prompt budget.
+MAX_CAPTION_CHARS = 4000
+MAX_ID_CHARS = 256
+
+
+class Caption(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Strict: an integer id would silently become "12" and collide with a real "12".
+    id: StrictStr = Field(min_length=1, max_length=MAX_ID_CHARS)
+    text: StrictStr
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_printable(cls, v: str) -> str:
+        if v != v.strip():
+            raise ValueError("id has leading or trailing whitespace")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+            raise ValueError("id contains control characters")
+        return v
+
+    @field_validator("text")
+    @classmethod
+    def _text_is_usable(cls, v: str, info) -> str:
+        limit = (info.context or {}).get("max_chars", MAX_CAPTION_CHARS)
+        if not v.strip():
+            raise ValueError("text is empty or whitespace")
+        if len(v) > limit:
+            raise ValueError(f"text is {len(v)} characters, over the limit of {limit}")
+        bad = [c for c in v if (ord(c) < 0x20 and c not in "\t\n\r") or ord(c) == 0x7F]
+        if bad:
+            raise ValueError(f"text contains control character U+{ord(bad[0]):04X}")
+        return v

@@ -1,0 +1,29 @@
+"""Rows capgen writes: one QueryRecord per accepted query, one Reject per thing not accepted."""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel
+
+
+class QueryRecord(BaseModel):
+    caption_id: str
+    query: str
+    type: str          # one of schemas.answer.QUERY_TYPES
+    subtype: Optional[str]   # entity kind (object/person/place/concept) for entities and hypernyms
+    grade: int         # 2 strongly shown, 1 likely or related
+    salience: int      # rank within its caption and type, 1 = most salient
+    source: Optional[str]    # for a hypernym: the entity it generalises
+    # What produced it: the answer's cache key names model, template, schema, sampling and text.
+    model: str
+    answer_key: str
+
+
+class Reject(BaseModel):
+    stage: Literal["input", "generation"]
+    reason: str
+    file: Optional[str] = None
+    line: Optional[int] = None
+    caption_id: Optional[str] = None
+    # The rejected thing itself: the input line, or the model's last raw answer.
+    raw: Optional[Any] = None
