@@ -1,0 +1,105 @@
+"""Read captions, one at a time, from JSON lines or parquet.
+
+Yields a `Caption` for every good record and a `Reject` (file, line, reason, the raw line)
+for every bad one, so a run goes on past bad input and loses nothing; `strict` turns the
+first bad record into a `CaptionError` instead. Memory stays flat in the file's size, apart
+from the set of ids seen (needed to refuse duplicates).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+from pydantic import ValidationError
+
+from schemas import Caption, Reject
+
+BOM = b"\xef\xbb\xbf"
+
+
+class CaptionError(ValueError):
+    """A bad input record under --strict; the message names file, line and problem."""
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "record"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"field '{field}': {msg}"
+
+
+class _Checker:
+    def __init__(self, path: Path, max_chars: int, strict: bool):
+        self.path, self.max_chars, self.strict = path, max_chars, strict
+        self.seen: dict[str, int] = {}
+
+    def reject(self, line: int, reason: str, raw: Any, caption_id: Any = None) -> Reject:
+        if self.strict:
+            raise CaptionError(f"{self.path}:{line}: {reason}")
+        cid = caption_id if isinstance(caption_id, str) else None
+        return Reject(stage="input", reason=reason, file=str(self.path), line=line,
+                      caption_id=cid, raw=raw)
+
+    def check(self, line: int, record: Any, raw: Any) -> Union[Caption, Reject]:
+        if not isinstance(record, dict):
+            return self.reject(line, f"expected a JSON object, got {type(record).__name__}", raw)
+        for field in ("id", "text"):
+            if field not in record or record[field] is None:
+                return self.reject(line, f"field '{field}' is missing", raw, record.get("id"))
+        extra = {k: v for k, v in record.items() if k not in ("id", "text")}
+        try:
+            caption = Caption.model_validate(
+                {"id": record["id"], "text": record["text"], "extra": extra},
+                context={"max_chars": self.max_chars},
+            )
+        except ValidationError as e:
+            return self.reject(line, _describe(e), raw, record.get("id"))
+        first = self.seen.setdefault(caption.id, line)
+        if first != line:
+            return self.reject(line, f"duplicate id {caption.id!r} (first seen on line {first})",
+                               raw, caption.id)
+        return caption
+
+
+def _read_jsonl(path: Path, checker: _Checker) -> Iterator[Union[Caption, Reject]]:
+    with path.open("rb") as f:
+        for lineno, data in enumerate(f, 1):
+            if lineno == 1 and data.startswith(BOM):
+                data = data[len(BOM):]
+            data = data.rstrip(b"\r\n")
+            if not data.strip():
+                continue  # blank lines separate nothing; not a record
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield checker.reject(lineno, f"invalid UTF-8 at byte {e.start}",
+                                     data.decode("utf-8", errors="replace"))
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield checker.reject(lineno, f"not valid JSON: {e.msg} at column {e.colno}", text)
+                continue
+            except RecursionError:
+                yield checker.reject(lineno, "not valid JSON: nested too deeply", text[:10_000])
+                continue
+            yield checker.check(lineno, record, text)
+
+
+def _read_parquet(path: Path, checker: _Checker) -> Iterator[Union[Caption, Reject]]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for record in batch.to_pylist():
+            row += 1
+            yield checker.check(row, record, record)
+
+
+def read_captions(path: Path, max_chars: int, strict: bool = False) -> Iterator[Union[Caption, Reject]]:
+    """Line numbers are 1-based; for parquet they count rows."""
+    checker = _Checker(path, max_chars, strict)
+    if path.suffix == ".parquet":
+        return _read_parquet(path, checker)
+    return _read_jsonl(path, checker)

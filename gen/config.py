@@ -1,0 +1,89 @@
+"""Every setting of a generation run, and the fingerprint of the ones that change the data.
+
+The fingerprint is defined here and nowhere else. It covers what determines an answer:
+the model's identity, the template sources, the answer schema and the sampling parameters;
+each answer's cache key adds the caption text (see `answer_key`). It leaves out what only
+changes how fast or where the run goes: engine, concurrency, timeouts, retries, paths, URLs.
+So moving from the in-process engine to a server of the same model reuses every answer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gen import localmodel
+from schemas.caption import MAX_CAPTION_CHARS
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    temperature: float = 0.3
+    top_p: float = 0.9
+    # Room for ~30 queries in compact JSON; caps a model that loops inside the grammar.
+    max_tokens: int = 1024
+    seed: int = 0
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    captions: Path
+    out: Optional[Path] = None           # default: outputs/<captions file stem>/
+    cache: Optional[Path] = None         # default: <out>/cache.sqlite
+    engine: Literal["vllm", "openai"] = "vllm"
+    model: str = localmodel.ALIAS
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    prompts: Optional[Path] = None       # a directory of templates replacing the bundled ones
+    sampling: Sampling = Field(default_factory=Sampling)
+
+    concurrency: int = Field(64, ge=1)  # requests in flight; for vLLM the largest batch
+    timeout: float = Field(120.0, gt=0)  # seconds per request
+    max_attempts: int = Field(6, ge=1)  # per request, for transient faults
+    retry_wait: float = Field(1.0, ge=0)  # first backoff in seconds; doubles, with jitter, to 30 s
+    disable_thinking: bool = True
+    max_caption_chars: int = Field(MAX_CAPTION_CHARS, ge=1)
+    max_model_len: int = 4096            # vLLM context: prompt ~1k tokens + answer
+    strict: bool = False
+    force: bool = False
+    log_format: Literal["text", "json"] = "text"
+    progress: bool = True
+
+    @property
+    def out_dir(self) -> Path:
+        return self.out or Path("outputs") / self.captions.stem
+
+    @property
+    def cache_path(self) -> Path:
+        return self.cache or self.out_dir / "cache.sqlite"
+
+
+def model_identity(model: str) -> str:
+    """A name for the model that survives moving its files: a path is not an identity."""
+    if model.startswith("local:"):
+        return model
+    path = Path(model)
+    if path.is_dir():
+        cfg = path / "config.json"
+        digest = hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg.is_file() else "noconfig"
+        return f"dir:{path.name}:{digest}"
+    return model
+
+
+def generation_fingerprint(config: RunConfig, template_digest: str, schema: dict) -> str:
+    parts = {
+        "model": model_identity(config.model),
+        "templates": template_digest,
+        "schema": schema,
+        "sampling": config.sampling.model_dump(),
+    }
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def answer_key(fingerprint: str, caption_text: str) -> str:
+    return hashlib.sha256(f"{fingerprint}\0{caption_text}".encode()).hexdigest()

@@ -1,0 +1,24 @@
+"""Engines turn chat messages into completions; `build_engine` picks one from the config."""
+from __future__ import annotations
+
+from gen.config import RunConfig
+from gen.engines.base import Completion, Engine, EngineError
+from gen.engines.retry import RetryPolicy
+
+
+def build_engine(config: RunConfig, model: str, schema: dict) -> Engine:
+    """`model` is the resolved name or path (the config may hold an alias)."""
+    if config.engine == "openai":
+        from gen.engines.openai import OpenAIEngine
+        return OpenAIEngine(
+            base_url=config.base_url, model=model, schema=schema, sampling=config.sampling,
+            api_key_env=config.api_key_env, timeout=config.timeout,
+            retry=RetryPolicy(max_attempts=config.max_attempts, initial=config.retry_wait),
+            disable_thinking=config.disable_thinking)
+    from gen.engines.vllm import VLLMEngine
+    return VLLMEngine(model=model, schema=schema, sampling=config.sampling,
+                      batch_size=config.concurrency, max_model_len=config.max_model_len,
+                      disable_thinking=config.disable_thinking)
+
+
+__all__ = ["Completion", "Engine", "EngineError", "RetryPolicy", "build_engine"]

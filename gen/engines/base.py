@@ -1,0 +1,40 @@
+"""The one contract every engine meets: messages in, a completion out, asynchronously.
+
+Engines know nothing of captions, validation or the store; gen.generate drives them.
+The decoding constraint (a JSON schema) and sampling parameters are fixed at construction.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str                   # the answer text ("" when the model gave none)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    refusal: Optional[str] = None
+    finish_reason: Optional[str] = None
+
+
+class EngineError(RuntimeError):
+    """A request that could not be answered: retries exhausted or a fatal server reply.
+
+    Not the caption's fault, so nothing is stored and a rerun asks again.
+    """
+
+
+class Engine(ABC):
+    name: str
+
+    @abstractmethod
+    async def complete(self, messages: list[dict[str, str]]) -> Completion: ...
+
+    async def aclose(self) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records about how answers were obtained."""
+        return {"engine": self.name}

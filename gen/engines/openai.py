@@ -1,0 +1,134 @@
+"""Any OpenAI-compatible server (vLLM's, llama.cpp's, a hosted API) through the official client.
+
+Servers differ in what they accept, so the request starts with the strongest options and
+steps down, once for the whole run, when the server refuses one by name (HTTP 400):
+  response_format json_schema -> json_object -> none (the prompt still describes the JSON);
+  chat_template_kwargs {enable_thinking: false} (Qwen3 and other thinking models) -> dropped.
+The API key comes from the environment and is handed to the client only: never logged.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any, Optional
+
+import openai
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
+from gen.config import Sampling
+from gen.engines.base import Completion, Engine, EngineError
+from gen.engines.retry import EmptyAnswer, RetryPolicy, is_transient
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("json_schema", "json_object", "none")
+
+
+def _refuses(exc: openai.BadRequestError, *names: str) -> bool:
+    text = f"{exc.message} {getattr(exc, 'param', '') or ''} {exc.body or ''}".lower()
+    return any(n in text for n in names)
+
+
+class OpenAIEngine(Engine):
+    name = "openai"
+
+    def __init__(self, *, base_url: Optional[str], model: str, schema: dict, sampling: Sampling,
+                 api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
+                 retry: RetryPolicy = RetryPolicy(), disable_thinking: bool = True):
+        self.model, self.schema, self.sampling, self.retry = model, schema, sampling, retry
+        # Local servers need no key; the client insists on one, so a placeholder stands in.
+        api_key = os.environ.get(api_key_env) or "EMPTY"
+        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
+                                         max_retries=0)  # tenacity owns retries
+        self.base_url = base_url
+        self.format_level = 0
+        self.thinking_kwargs = disable_thinking
+        self.attempts = 0
+        self.retries = 0
+        self._downgrade = asyncio.Lock()
+
+    def _request(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(
+            model=self.model, messages=messages, temperature=self.sampling.temperature,
+            top_p=self.sampling.top_p, max_tokens=self.sampling.max_tokens, seed=self.sampling.seed,
+        )
+        fmt = FORMATS[self.format_level]
+        if fmt == "json_schema":
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "caption_queries", "schema": self.schema, "strict": True}}
+        elif fmt == "json_object":
+            kwargs["response_format"] = {"type": "json_object"}
+        if self.thinking_kwargs:
+            kwargs["extra_body"] = {"chat_template_kwargs": {"enable_thinking": False}}
+        return kwargs
+
+    async def _step_down(self, exc: openai.BadRequestError, level: int, thinking: bool) -> bool:
+        """Drop the option the server refused; False when there is nothing left to drop."""
+        async with self._downgrade:
+            if (level, thinking) != (self.format_level, self.thinking_kwargs):
+                return True  # another request already stepped down; just try again
+            if thinking and _refuses(exc, "chat_template_kwargs", "enable_thinking"):
+                self.thinking_kwargs = False
+            elif level + 1 < len(FORMATS) and _refuses(exc, "response_format", "json_schema", "json_object", "structured"):
+                self.format_level = level + 1
+            else:
+                return False
+            log.warning("server refused an option (%s); continuing with response_format=%s, "
+                        "thinking kwargs %s", exc.message, FORMATS[self.format_level],
+                        "on" if self.thinking_kwargs else "off")
+            return True
+
+    async def _once(self, messages: list[dict[str, str]]) -> Completion:
+        while True:
+            level, thinking = self.format_level, self.thinking_kwargs
+            self.attempts += 1
+            try:
+                resp = await self.client.chat.completions.create(**self._request(messages))
+                break
+            except openai.BadRequestError as exc:
+                if not await self._step_down(exc, level, thinking):
+                    raise
+        if not resp.choices:
+            raise EmptyAnswer("server answered 200 with no choices")
+        choice = resp.choices[0]
+        msg = choice.message
+        extra = msg.model_extra or {}
+        # Thinking models behind some servers put the whole answer in the reasoning field.
+        text = msg.content or extra.get("reasoning_content") or extra.get("reasoning") or ""
+        usage = resp.usage
+        return Completion(
+            text=text,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            refusal=getattr(msg, "refusal", None),
+            finish_reason=choice.finish_reason,
+        )
+
+    async def complete(self, messages: list[dict[str, str]]) -> Completion:
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self.retry.max_attempts),
+                wait=self.retry.wait,
+                retry=retry_if_exception(is_transient),
+                reraise=True,
+            ):
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        self.retries += 1
+                    return await self._once(messages)
+        except (openai.OpenAIError, EmptyAnswer) as exc:
+            # The client's messages carry no key; keep only the class and status for the record.
+            status = getattr(exc, "status_code", None)
+            raise EngineError(f"{type(exc).__name__}{f' {status}' if status else ''}: "
+                              f"{getattr(exc, 'message', str(exc))[:300]}") from None
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.name, "base_url": self.base_url,
+                "response_format": FORMATS[self.format_level],
+                "thinking_kwargs": self.thinking_kwargs,
+                "attempts": self.attempts, "retries": self.retries}

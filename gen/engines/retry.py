@@ -1,0 +1,71 @@
+"""When to retry a request and how long to wait: one small frozen policy.
+
+Retried: 429 (rate limit), 408/409/5xx, timeouts, dropped connections, and a 200 with no
+choices; all say "the server could not answer now", not "this request is wrong".
+Not retried: other 4xx (the request itself is wrong; retrying repeats the cost) and
+invalid answers (those get the repair round in gen.generate instead).
+A Retry-After header is honoured, capped so one bad header cannot stall a job for hours;
+otherwise exponential backoff with full jitter spreads many clients' retries apart.
+"""
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import openai
+from tenacity import RetryCallState
+
+
+class EmptyAnswer(Exception):
+    """A 200 reply without choices: a server-side hiccup, worth another try."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 6
+    initial: float = 1.0      # seconds before the first retry (before jitter)
+    maximum: float = 30.0     # cap of the exponential backoff
+    retry_after_cap: float = 120.0
+
+    def wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        hinted = retry_after_seconds(exc)
+        if hinted is not None:
+            return min(hinted, self.retry_after_cap)
+        # Full jitter: uniform in [0, capped exponential], so a fleet of clients spreads out.
+        ceiling = min(self.maximum, self.initial * 2 ** (state.attempt_number - 1))
+        return random.uniform(0, ceiling)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, EmptyAnswer)):
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
+    return False
+
+
+def retry_after_seconds(exc: Optional[BaseException]) -> Optional[float]:
+    response = getattr(exc, "response", None)
+    if response is None:
+        return None
+    value = response.headers.get("retry-after-ms")
+    if value:
+        try:
+            return float(value) / 1000
+        except ValueError:
+            pass
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:  # the HTTP-date form
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,74 @@
+"""The answer store: every finished answer, persisted the moment it arrives.
+
+SQLite in WAL mode, one row per answer key (see gen.config.answer_key). An answer that
+validated is stored with its parsed JSON; one that still failed after the repair round is
+stored as rejected with its raw text and reason, so a rerun does not pay for it again.
+Transient failures (server down after every retry) are not stored: a rerun asks again.
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS answers (
+    key TEXT PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'rejected')),
+    answer TEXT,            -- validated CaptionQueries JSON when ok
+    raw TEXT,               -- the model's last raw text
+    reason TEXT,            -- why it was rejected
+    requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    created REAL NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True)
+class Stored:
+    key: str
+    status: str
+    answer: Optional[str]
+    raw: Optional[str]
+    reason: Optional[str]
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class AnswerStore:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(str(path), isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a killed process (only power loss can drop the tail).
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(_SCHEMA)
+
+    def get(self, key: str) -> Optional[Stored]:
+        row = self.db.execute(
+            "SELECT key, status, answer, raw, reason, requests, prompt_tokens, completion_tokens "
+            "FROM answers WHERE key = ?", (key,)).fetchone()
+        return Stored(*row) if row else None
+
+    def __contains__(self, key: str) -> bool:
+        return self.db.execute("SELECT 1 FROM answers WHERE key = ?", (key,)).fetchone() is not None
+
+    def put(self, key: str, status: str, *, answer: Optional[str], raw: Optional[str],
+            reason: Optional[str], requests: int, prompt_tokens: int, completion_tokens: int) -> None:
+        # REPLACE: --force regenerates an existing key; one row per key either way.
+        self.db.execute(
+            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, status, answer, raw, reason, requests, prompt_tokens, completion_tokens, time.time()),
+        )
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
