@@ -1,0 +1,164 @@
+"""The spine end to end against the fake OpenAI-compatible server: outputs, resume, repair."""
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import read_jsonl, read_rows, write_jsonl
+from fake_openai import FakeOpenAI, default_answer
+
+from gen.run import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, main
+
+
+def run(captions: Path, out: Path, fake: FakeOpenAI, *extra: str) -> int:
+    return main(["--captions", str(captions), "--out", str(out), "--base-url", fake.base_url,
+                 "--model", "fake-model", "--no-progress", "--retry-wait", "0.01",
+                 "--timeout", "2", *extra])
+
+
+@pytest.fixture
+def captions(tmp_path, sample_captions):
+    return write_jsonl(tmp_path / "caps.jsonl", sample_captions[:12])
+
+
+def test_outputs_every_caption_with_records_rejects_and_manifest(tmp_path, captions, sample_captions):
+    bad = tmp_path / "mixed.jsonl"
+    bad.write_text(captions.read_text(encoding="utf-8") + "{broken\n" + '{"id": "cr.0", "text": "重复"}\n',
+                   encoding="utf-8")
+    with FakeOpenAI() as fake:
+        assert run(bad, tmp_path / "out", fake) == EXIT_OK
+        assert len(fake.requests) == 12
+    out = tmp_path / "out"
+    rows = read_rows(out / "queries.parquet")
+    assert {r["caption_id"] for r in rows} == {c["id"] for c in sample_captions[:12]}
+    assert {"entity", "hypernym", "event", "summary"} <= {r["type"] for r in rows}
+    assert all(r["model"] == "fake-model" and r["grade"] in (1, 2) and r["salience"] >= 1 for r in rows)
+    rejects = read_jsonl(out / "rejects.jsonl")
+    assert [(r["line"], r["stage"]) for r in rejects] == [(13, "input"), (14, "input")]
+    assert "duplicate id 'cr.0'" in rejects[1]["reason"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["captions"] == 12 and m["counts"]["input_rejects"] == 2
+    assert m["counts"]["queries"] == len(rows) and m["usage"]["requests"] == 12
+    assert m["engine"]["response_format"] == "json_schema" and m["model"] == "fake-model"
+    assert len(read_rows(out / "captions.parquet")) == 12
+    # the schema went to the server as the decoding constraint
+    rf = fake.requests[0]["response_format"]
+    assert rf["type"] == "json_schema" and "entities" in rf["json_schema"]["schema"]["properties"]
+    assert fake.requests[0]["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def test_rerun_makes_no_calls_and_new_captions_pay_only_for_themselves(tmp_path, captions, sample_captions):
+    out = tmp_path / "out"
+    with FakeOpenAI() as fake:
+        assert run(captions, out, fake) == EXIT_OK
+        first = read_rows(out / "queries.parquet")
+        assert run(captions, out, fake) == EXIT_OK
+        assert len(fake.requests) == 12  # the rerun asked nothing
+        assert read_rows(out / "queries.parquet") == first  # and wrote the same, no duplicates
+        more = write_jsonl(tmp_path / "more.jsonl", sample_captions[:15])
+        assert run(more, out, fake) == EXIT_OK
+        assert len(fake.requests) == 15
+        assert {fake.count_for(c["text"]) for c in sample_captions[:15]} == {1}
+        assert run(more, out, fake, "--force") == EXIT_OK
+        assert len(fake.requests) == 30
+
+
+def test_changing_the_template_or_sampling_pays_again(tmp_path, captions):
+    out = tmp_path / "out"
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for f in Path("prompts").glob("*.j2"):
+        (prompts / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+    with FakeOpenAI() as fake:
+        run(captions, out, fake, "--prompts", str(prompts))
+        run(captions, out, fake, "--prompts", str(prompts), "--concurrency", "3", "--timeout", "9")
+        assert len(fake.requests) == 12  # concurrency and timeouts are not in the fingerprint
+        (prompts / "queries.system.j2").write_text("新的说明", encoding="utf-8")
+        run(captions, out, fake, "--prompts", str(prompts))
+        assert len(fake.requests) == 24
+        run(captions, out, fake, "--prompts", str(prompts), "--temperature", "0.9")
+        assert len(fake.requests) == 36
+
+
+def test_invalid_answer_gets_one_repair_round_with_the_error(tmp_path, captions, sample_captions):
+    target = sample_captions[0]["text"]
+    calls = {"n": 0}
+
+    def answer(caption, body):
+        if caption == target and len(body["messages"]) == 2:
+            return json.dumps({"entities": []})  # wrong: needs at least one
+        return default_answer(caption)
+
+    with FakeOpenAI(answer=answer) as fake:
+        assert run(captions, tmp_path / "out", fake) == EXIT_OK
+        repair = [r for r in fake.requests if len(r["messages"]) == 4]
+    assert len(repair) == 1
+    assert repair[0]["messages"][2]["content"] == json.dumps({"entities": []})
+    assert "entities" in repair[0]["messages"][3]["content"]  # the validation error, fed back
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["counts"]["repaired"] == 1 and m["counts"]["accepted"] == 12
+
+
+def test_twice_invalid_goes_to_rejects_with_raw_and_is_not_asked_again(tmp_path, captions, sample_captions):
+    target = sample_captions[1]
+    bad = '{"queries": ["x"]}'
+    answer = lambda caption, body: bad if caption == target["text"] else default_answer(caption)
+    out = tmp_path / "out"
+    with FakeOpenAI(answer=answer) as fake:
+        assert run(captions, out, fake) == EXIT_OK  # a rejected row is data, not a failed run
+        assert fake.count_for(target["text"]) == 2
+        run(captions, out, fake)
+        assert fake.count_for(target["text"]) == 2
+    (rej,) = read_jsonl(out / "rejects.jsonl")
+    assert rej["caption_id"] == target["id"] and rej["raw"] == bad
+    assert "invalid answer after a repair round" in rej["reason"]
+    assert target["id"] not in {r["caption_id"] for r in read_rows(out / "queries.parquet")}
+
+
+def test_unanswered_captions_exit_3_and_a_rerun_completes_them(tmp_path, captions, sample_captions):
+    down = {sample_captions[2]["text"]}
+    fault = lambda i, caption: "503" if caption in down else None
+    out = tmp_path / "out"
+    with FakeOpenAI(faults=fault) as fake:
+        assert run(captions, out, fake, "--max-attempts", "3") == EXIT_INCOMPLETE
+        assert fake.count_for(sample_captions[2]["text"]) == 3
+        (rej,) = read_jsonl(out / "rejects.jsonl")
+        assert rej["caption_id"] == sample_captions[2]["id"] and "rerun will ask again" in rej["reason"]
+        down.clear()
+        assert run(captions, out, fake) == EXIT_OK
+        assert len(fake.requests) == 12 + 2 + 1  # only the missing caption was asked again
+    assert read_jsonl(out / "rejects.jsonl") == []
+    assert len({r["caption_id"] for r in read_rows(out / "queries.parquet")}) == 12
+
+
+def test_strict_and_missing_file_are_usage_errors(tmp_path, captions):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "猫"}\nnope\n', encoding="utf-8")
+    with FakeOpenAI() as fake:
+        assert run(bad, tmp_path / "o1", fake, "--strict") == EXIT_USAGE
+        assert run(tmp_path / "nope.jsonl", tmp_path / "o2", fake) == EXIT_USAGE
+
+
+def test_json_logs_and_key_never_logged(tmp_path, captions, monkeypatch, capsys):
+    secret = "sk-test-SECRET-123456"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    with FakeOpenAI(faults=lambda i, c: "500" if i == 0 else None) as fake:
+        assert run(captions, tmp_path / "out", fake, "--log-format", "json") == EXIT_OK
+        assert fake.auth_headers[0] == f"Bearer {secret}"  # sent to the server...
+    err = capsys.readouterr().err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any("summary" in line for line in lines)
+    everything = err + "".join(p.read_text(errors="replace") for p in (tmp_path / "out").glob("*.json*"))
+    assert secret not in everything  # ...and nowhere else
+
+
+def test_second_run_on_same_out_dir_is_refused(tmp_path, captions):
+    from gen.run import lock_out_dir, UsageError
+    held = lock_out_dir(tmp_path / "out")
+    try:
+        with FakeOpenAI() as fake:
+            assert run(captions, tmp_path / "out", fake) == EXIT_USAGE
+    finally:
+        held.close()
+    with FakeOpenAI() as fake:  # released with its holder: no stale lock
+        assert run(captions, tmp_path / "out", fake) == EXIT_OK

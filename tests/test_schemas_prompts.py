@@ -1,0 +1,118 @@
+import json
+
+import pytest
+from jinja2 import UndefinedError
+from pydantic import ValidationError
+
+from gen.prompts import PromptSet
+from gen.validate import AnswerError, parse_answer
+from schemas import Caption, CaptionQueries, answer_json_schema
+
+CAPTION = "公园里一位老人在下象棋"
+GOOD = {
+    "entities": [{"text": "老人", "kind": "person", "hypernyms": ["人"], "grade": 2},
+                 {"text": "象棋", "kind": "object", "hypernyms": ["棋类", "游戏"], "grade": 2}],
+    "events": [{"text": "下象棋", "grade": 2}],
+    "conjunctions": [{"text": "老人和象棋", "grade": 2}],
+    "simple_conditions": [{"text": "公园里的老人", "grade": 2}],
+    "complex_conditions": [{"text": "公园里下象棋的老人", "grade": 1}],
+    "summaries": ["老人在公园下棋"],
+}
+
+
+def test_schema_has_no_refs_and_requires_every_key():
+    schema = answer_json_schema()
+    assert "$ref" not in json.dumps(schema) and "$defs" not in schema
+    assert set(schema["required"]) == set(GOOD)
+    ent = schema["properties"]["entities"]["items"]
+    assert ent["properties"]["kind"]["enum"] == ["object", "person", "place", "concept"]
+    assert schema["properties"]["entities"]["maxItems"] == 10
+
+
+def test_flattened_queries_carry_type_grade_and_salience():
+    rows = CaptionQueries.model_validate(GOOD, context={"caption": CAPTION}).queries()
+    by = {(r["type"], r["query"]): r for r in rows}
+    assert by[("entity", "象棋")]["salience"] == 2 and by[("entity", "象棋")]["subtype"] == "object"
+    hyper = by[("hypernym", "游戏")]
+    assert hyper["source"] == "象棋" and hyper["grade"] == 2 and hyper["salience"] == 3
+    assert by[("complex_condition", "公园里下象棋的老人")]["grade"] == 1
+    assert by[("summary", "老人在公园下棋")]["grade"] == 2
+    assert len(rows) == 10
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (lambda a: a["events"].append({"text": "公园里，一位老人在下象棋。", "grade": 2}), "repeats the whole caption"),
+    (lambda a: a["events"].append({"text": "   ", "grade": 2}), "query is empty"),
+    (lambda a: a["events"].append({"text": "长" * 33, "grade": 2}), "at most 32 characters"),
+    (lambda a: a.__setitem__("entities", []), "at least 1 item"),
+    (lambda a: a["entities"][0].__setitem__("kind", "animal"), "'object', 'person', 'place' or 'concept'"),
+    (lambda a: a["events"][0].__setitem__("grade", 3), "Input should be 1 or 2"),
+    (lambda a: a.__setitem__("extra_key", []), "Extra inputs are not permitted"),
+])
+def test_validators_reject_what_the_grammar_cannot_express(mutate, expected):
+    answer = json.loads(json.dumps(GOOD))
+    mutate(answer)
+    with pytest.raises(AnswerError) as err:
+        parse_answer(json.dumps(answer, ensure_ascii=False), CAPTION)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda s: s,
+    lambda s: f"```json\n{s}\n```",
+    lambda s: f"<think>\n先想一想 {{not json}}\n</think>\n{s}",
+])
+def test_answer_found_inside_fences_and_think_blocks(wrap):
+    text = wrap(json.dumps(GOOD, ensure_ascii=False))
+    assert parse_answer(text, CAPTION).events[0].text == "下象棋"
+
+
+def test_refusal_and_truncation_are_explained():
+    with pytest.raises(AnswerError, match="refused: no"):
+        parse_answer("", CAPTION, refusal="no")
+    with pytest.raises(AnswerError, match="not valid JSON"):
+        parse_answer(json.dumps(GOOD)[:-10] + "}", CAPTION)
+
+
+def test_caption_is_data_never_template_source():
+    prompts = PromptSet()
+    hostile = "{{ 7*7 }} {% for x in range(3) %}x{% endfor %} {{ ''.__class__.__mro__ }}"
+    msgs = prompts.messages(Caption(id="x", text=hostile))
+    assert hostile in msgs[-1]["content"]  # rendered literally, nothing evaluated
+    assert "49" not in msgs[-1]["content"]
+
+
+def test_fixed_part_first_caption_last():
+    prompts = PromptSet()
+    a = prompts.messages(Caption(id="a", text="一只猫"))
+    b = prompts.messages(Caption(id="b", text="两只狗"))
+    assert a[0] == b[0] and a[0]["role"] == "system"
+    assert a[-1]["content"].rstrip().endswith("输出：") and "一只猫" in a[-1]["content"]
+    # the shared prefix is nearly the whole prompt: what a prefix cache reuses
+    shared = len(a[0]["content"])
+    assert shared / (shared + len(a[1]["content"])) > 0.9
+
+
+def test_strict_undefined_and_template_digest(tmp_path):
+    for name in ("queries.system.j2", "repair.j2"):
+        (tmp_path / name).write_text("固定说明 {{ error if error is defined else '' }}")
+    (tmp_path / "queries.user.j2").write_text("描述：{{ caption.txt }}")  # typo: txt
+    prompts = PromptSet(tmp_path)
+    with pytest.raises(UndefinedError):
+        prompts.messages(Caption(id="a", text="猫"))
+    before = prompts.digest
+    (tmp_path / "queries.user.j2").write_text("描述：{{ caption.text }}")
+    assert PromptSet(tmp_path).digest != before
+
+
+def test_repair_messages_show_the_error_after_the_bad_answer():
+    prompts = PromptSet()
+    first = prompts.messages(Caption(id="a", text="猫"))
+    msgs = prompts.repair(first, "{bad", "the answer is not valid JSON")
+    assert msgs[:2] == first and msgs[2] == {"role": "assistant", "content": "{bad"}
+    assert "the answer is not valid JSON" in msgs[3]["content"]
+
+
+def test_caption_model_is_strict_about_ids():
+    with pytest.raises(ValidationError):
+        Caption(id=12, text="猫")
