@@ -114,7 +114,8 @@ def test_models_endpoint_and_404():
                 "object": "list", "data": [{"id": "fake-model", "object": "model", "owned_by": "fake"}]}
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(fake.base_url + "/nope", timeout=5)
-        assert err.value.code == 404
+        with err.value:
+            assert err.value.code == 404
     assert fake.base_url.startswith("http://127.0.0.1:")
     with pytest.raises(RuntimeError):  # one run per instance: its records belong to that run
         fake.__enter__()
