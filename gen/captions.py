@@ -8,6 +8,7 @@ from the set of ids seen (needed to refuse duplicates).
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterator, Union
 
@@ -32,7 +33,9 @@ def _describe(err: ValidationError) -> str:
 class _Checker:
     def __init__(self, path: Path, max_chars: int, strict: bool):
         self.path, self.max_chars, self.strict = path, max_chars, strict
-        self.seen: dict[str, int] = {}
+        # Keyed by the NFKC form: "Ａ1" and "A1" (or composed and decomposed accents) look
+        # identical to a person and would silently merge downstream.
+        self.seen: dict[str, tuple[int, str]] = {}
 
     def reject(self, line: int, reason: str, raw: Any, caption_id: Any = None) -> Reject:
         if self.strict:
@@ -55,9 +58,10 @@ class _Checker:
             )
         except ValidationError as e:
             return self.reject(line, _describe(e), raw, record.get("id"))
-        first = self.seen.setdefault(caption.id, line)
+        first, first_id = self.seen.setdefault(unicodedata.normalize("NFKC", caption.id), (line, caption.id))
         if first != line:
-            return self.reject(line, f"duplicate id {caption.id!r} (first seen on line {first})",
+            same = "" if first_id == caption.id else f", as {first_id!r} after Unicode normalisation"
+            return self.reject(line, f"duplicate id {caption.id!r} (first seen on line {first}{same})",
                                raw, caption.id)
         return caption
 

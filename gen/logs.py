@@ -29,5 +29,5 @@ def setup(fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     # Client libraries log every request at INFO; a progress bar says it better.
-    for noisy in ("httpx", "openai", "jieba"):
+    for noisy in ("httpx", "httpx2", "openai", "jieba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -40,9 +40,10 @@ class Progress:
                                  tok=s.prompt_tokens + s.completion_tokens, refresh=False)
         elif time.monotonic() - self.last >= self.every:
             self.last = time.monotonic()
-            log.info("progress", extra={"fields": {
-                "done": done, "accepted": s.accepted, "cached": s.cached, "rejected": s.rejected,
-                "failed": s.failed, "tokens": s.prompt_tokens + s.completion_tokens}})
+            fields = {"done": done, "accepted": s.accepted, "cached": s.cached, "rejected": s.rejected,
+                      "failed": s.failed, "tokens": s.prompt_tokens + s.completion_tokens}
+            log.info("progress: %s", " ".join(f"{k}={v}" for k, v in fields.items()),
+                     extra={"fields": fields})
         self.done = done
 
     def close(self) -> None:

@@ -135,9 +135,16 @@ def lock_out_dir(out_dir: Path):
 async def run(config: RunConfig) -> int:
     if not config.captions.is_file():
         raise UsageError(f"captions file not found: {config.captions}")
+    lock = lock_out_dir(config.out_dir)
+    try:
+        return await _run_locked(config)
+    finally:
+        lock.close()  # also on failure: a library caller may run again in this process
+
+
+async def _run_locked(config: RunConfig) -> int:
     started = time.time()
     out_dir = config.out_dir
-    lock = lock_out_dir(out_dir)
     prompts = PromptSet(config.prompts)
     schema = answer_json_schema()
     fingerprint = generation_fingerprint(config, prompts.digest, schema)
@@ -147,16 +154,18 @@ async def run(config: RunConfig) -> int:
     progress = Progress(count_lines(config.captions), bar=config.progress)
     read = lambda: read_captions(config.captions, config.max_caption_chars, config.strict)
     try:
-        stats = await generate(read(), engine=engine, prompts=prompts, store=store,
-                               fingerprint=fingerprint, concurrency=config.concurrency,
-                               force=config.force, on_progress=progress)
+        try:
+            stats = await generate(read(), engine=engine, prompts=prompts, store=store,
+                                   fingerprint=fingerprint, concurrency=config.concurrency,
+                                   force=config.force, on_progress=progress)
+        finally:
+            progress.close()
+            await engine.aclose()
+        generated_at = time.time()
+        exported = export(read(), store=store, fingerprint=fingerprint,
+                          model=model_identity(config.model), out_dir=out_dir, failures=stats.failures)
     finally:
-        progress.close()
-        await engine.aclose()
-    generated_at = time.time()
-    exported = export(read(), store=store, fingerprint=fingerprint, model=model_identity(config.model),
-                      out_dir=out_dir, failures=stats.failures)
-    store.close()
+        store.close()
     manifest = {
         "capgen_version": __version__,
         "captions_file": str(config.captions),
@@ -197,7 +206,6 @@ async def run(config: RunConfig) -> int:
              c["cached"], c["input_rejects"], c["rejected"], c["failed"], stats.requests,
              stats.prompt_tokens + stats.completion_tokens, out_dir,
              extra={"fields": {"summary": manifest["counts"], "usage": manifest["usage"]}})
-    lock.close()
     return EXIT_INCOMPLETE if stats.failed else EXIT_OK
 
 

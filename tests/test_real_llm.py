@@ -81,11 +81,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def vllm_server(model_dir):
+def vllm_server(model_dir, tmp_path):
     port = _free_port()
     env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE="2",
                VLLM_CPU_OMP_THREADS_BIND=f"0-{(os.cpu_count() or 1) - 1}")
-    log = open(model_dir.parent / f"vllm-server-{port}.log", "w")
+    log = open(tmp_path / "vllm-server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
          "--served-model-name", "qwen-local", "--host", "127.0.0.1", "--port", str(port),

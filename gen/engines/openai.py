@@ -39,6 +39,7 @@ class OpenAIEngine(Engine):
         self.model, self.schema, self.sampling, self.retry = model, schema, sampling, retry
         # Local servers need no key; the client insists on one, so a placeholder stands in.
         api_key = os.environ.get(api_key_env) or "EMPTY"
+        self._secret = api_key if api_key != "EMPTY" else None
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
                                          max_retries=0)  # tenacity owns retries
         self.base_url = base_url
@@ -75,7 +76,7 @@ class OpenAIEngine(Engine):
             else:
                 return False
             log.warning("server refused an option (%s); continuing with response_format=%s, "
-                        "thinking kwargs %s", exc.message, FORMATS[self.format_level],
+                        "thinking kwargs %s", self.redact(exc.message), FORMATS[self.format_level],
                         "on" if self.thinking_kwargs else "off")
             return True
 
@@ -120,9 +121,13 @@ class OpenAIEngine(Engine):
         except (openai.OpenAIError, EmptyAnswer) as exc:
             # The client's messages carry no key; keep only the class and status for the record.
             status = getattr(exc, "status_code", None)
-            raise EngineError(f"{type(exc).__name__}{f' {status}' if status else ''}: "
-                              f"{getattr(exc, 'message', str(exc))[:300]}") from None
+            detail = self.redact(getattr(exc, "message", str(exc)))[:300]
+            raise EngineError(f"{type(exc).__name__}{f' {status}' if status else ''}: {detail}") from None
         raise AssertionError("unreachable")
+
+    def redact(self, text: str) -> str:
+        """Some servers echo the key in a 401 message; it must not reach logs or rejects."""
+        return text.replace(self._secret, "***") if self._secret else text
 
     async def aclose(self) -> None:
         await self.client.close()
