@@ -11,6 +11,10 @@ MAX_CAPTION_CHARS = 4000
 MAX_ID_CHARS = 256
 
 
+def _has_surrogate(v: str) -> bool:
+    return any(0xD800 <= ord(c) <= 0xDFFF for c in v)
+
+
 class Caption(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -26,6 +30,8 @@ class Caption(BaseModel):
             raise ValueError("id has leading or trailing whitespace")
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
             raise ValueError("id contains control characters")
+        if _has_surrogate(v):
+            raise ValueError("id contains an unpaired surrogate (not encodable as UTF-8)")
         return v
 
     @field_validator("text")
@@ -39,4 +45,7 @@ class Caption(BaseModel):
         bad = [c for c in v if (ord(c) < 0x20 and c not in "\t\n\r") or ord(c) == 0x7F]
         if bad:
             raise ValueError(f"text contains control character U+{ord(bad[0]):04X}")
+        if _has_surrogate(v):
+            # json.loads accepts "\ud800"; the parquet writer would not, much later.
+            raise ValueError("text contains an unpaired surrogate (not encodable as UTF-8)")
         return v

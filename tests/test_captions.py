@@ -81,3 +81,65 @@ def test_reader_streams(tmp_path):
     path.write_text("".join(json.dumps({"id": str(i), "text": "猫"}) + "\n" for i in range(1000)))
     it = read_captions(path, 4000)
     assert next(it).id == "0"
+
+
+# The hostile-input corpus: every kind of line we have seen or can imagine, with what the
+# reader must say (None: accepted as a caption). Counted in docs/reliability.md.
+OK = b'{"id": "ok", "text": "\xe4\xb8\x80\xe5\x8f\xaa\xe7\x8c\xab"}'
+HOSTILE = {
+    "not json": (b"hello", "not valid JSON"),
+    "truncated json": (b'{"id": "t", "text": "\xe7\x8c', "invalid UTF-8"),
+    "truncated object": (b'{"id": "t", "text": "abc', "not valid JSON"),
+    "json string": (b'"just text"', "expected a JSON object, got str"),
+    "json number": (b"42", "expected a JSON object, got int"),
+    "json list": (b'[{"id": "a", "text": "b"}]', "expected a JSON object, got list"),
+    "missing text": (b'{"id": "a"}', "field 'text' is missing"),
+    "null text": (b'{"id": "a", "text": null}', "field 'text' is missing"),
+    "missing id": (b'{"text": "b"}', "field 'id' is missing"),
+    "empty text": (b'{"id": "a", "text": ""}', "text is empty or whitespace"),
+    "whitespace text": (b'{"id": "a", "text": "\\u3000 \\t"}', "text is empty or whitespace"),
+    "number id": (b'{"id": 12, "text": "b"}', "field 'id': Input should be a valid string"),
+    "float id": (b'{"id": 1.5, "text": "b"}', "field 'id': Input should be a valid string"),
+    "NaN id": (b'{"id": NaN, "text": "b"}', "field 'id': Input should be a valid string"),
+    "bool id": (b'{"id": true, "text": "b"}', "field 'id': Input should be a valid string"),
+    "empty id": (b'{"id": "", "text": "b"}', "field 'id': String should have at least 1 character"),
+    "padded id": (b'{"id": " a", "text": "b"}', "id has leading or trailing whitespace"),
+    "newline in id": (b'{"id": "a\\nb", "text": "b"}', "id contains control characters"),
+    "300-char id": (b'{"id": "' + b"i" * 300 + b'", "text": "b"}', "at most 256 characters"),
+    "object text": (b'{"id": "a", "text": {"zh": "b"}}', "field 'text': Input should be a valid string"),
+    "invalid utf-8": (b'{"id": "a", "text": "\xc3\x28"}', "invalid UTF-8 at byte"),
+    "latin-1 line": ('{"id": "a", "text": "café"}'.encode("latin-1"), "invalid UTF-8"),
+    "NUL in text": (b'{"id": "a", "text": "x\\u0000y"}', "control character U+0000"),
+    "raw NUL bytes": (b'\x00\x00{"id": "a", "text": "b"}', "not valid JSON"),
+    "escape sequence": (b'{"id": "a", "text": "\\u001b[31mred"}', "control character U+001B"),
+    "lone surrogate": (b'{"id": "a", "text": "\\ud800x"}', "unpaired surrogate"),
+    "1 MB caption": (b'{"id": "a", "text": "' + b"x" * 1_000_000 + b'"}', "over the limit of 4000"),
+    "deeply nested": (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
+    "duplicate id": (OK, "duplicate id 'ok' (first seen on line 1)"),
+    "id equal after NFKC": ('{"id": "ｏｋ", "text": "猫"}'.encode(), "as 'ok' after Unicode normalisation"),
+    # accepted: odd but real captions
+    "emoji only": ('{"id": "e", "text": "🐱🐶🌸"}'.encode(), None),
+    "traditional Chinese": ('{"id": "t", "text": "圖片顯示一隻貓在陽台上曬太陽"}'.encode(), None),
+    "HTML": (b'{"id": "h", "text": "<b>\\u732b</b><script>alert(1)</script>"}', None),
+    "template syntax": (b'{"id": "j", "text": "{{ 7*7 }} {% raw %}"}', None),
+    "extra fields": (b'{"id": "x", "text": "b", "url": "http://e/1.jpg", "n": [1, 2]}', None),
+    "tabs and newlines in text": (b'{"id": "n", "text": "line1\\nline2\\tend"}', None),
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE))
+def test_hostile_input_corpus(tmp_path, kind):
+    line, expected = HOSTILE[kind]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(OK + b"\n" + line + b"\n")
+    out = _read(path)
+    assert isinstance(out[0], Caption) and len(out) == 2
+    if expected is None:
+        assert isinstance(out[1], Caption)
+    else:
+        assert isinstance(out[1], Reject) and out[1].line == 2, out[1]
+        assert expected in out[1].reason
+
+
+def test_corpus_is_at_least_25_kinds_of_bad_line():
+    assert sum(expected is not None for _, expected in HOSTILE.values()) >= 25

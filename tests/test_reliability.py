@@ -240,3 +240,16 @@ def test_unwritable_output_is_a_clear_error_and_leaves_no_partial_files(tmp_path
         monkeypatch.setattr(pq.ParquetWriter, "write_table", real)
         assert main(cli(path, out, fake.base_url)) == EXIT_OK  # and the answers were kept
         assert len(fake.requests) == 5
+
+
+def test_the_whole_hostile_corpus_in_one_file_runs_to_the_end(tmp_path):
+    from test_captions import HOSTILE, OK
+    path = tmp_path / "hostile.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + OK + b"\r\n" + b"\n".join(line for line, _ in HOSTILE.values()) + b"\n")
+    with FakeOpenAI() as fake:
+        assert main(cli(path, tmp_path / "out", fake.base_url)) == EXIT_OK
+    rejects = read_jsonl(tmp_path / "out" / "rejects.jsonl")
+    bad = sum(expected is not None for _, expected in HOSTILE.values())
+    assert len(rejects) == bad and all(r["stage"] == "input" and r["line"] for r in rejects)
+    accepted = {r["caption_id"] for r in read_rows(tmp_path / "out" / "queries.parquet")}
+    assert accepted == {"ok", "e", "t", "h", "j", "x", "n"}
