@@ -36,7 +36,8 @@ class RunConfig(BaseModel):
     cache: Optional[Path] = None         # default: <out>/cache.sqlite
     engine: Literal["vllm", "openai"] = "vllm"
     model: str = localmodel.ALIAS
-    base_url: Optional[str] = None
+    # Several servers share the load (least outstanding requests first); see engines/pool.py.
+    base_urls: list[str] = Field(default_factory=list)
     api_key_env: str = "OPENAI_API_KEY"
     prompts: Optional[Path] = None       # a directory of templates replacing the bundled ones
     sampling: Sampling = Field(default_factory=Sampling)

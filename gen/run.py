@@ -51,7 +51,8 @@ def parse_args(argv: Optional[list[str]]) -> RunConfig:
     ap.add_argument("--cache", type=Path, help="answer store (default: <out>/cache.sqlite); share it across outputs to reuse answers")
     ap.add_argument("--engine", choices=["vllm", "openai"], help="default: openai when --base-url is given, else vllm")
     ap.add_argument("--model", help=f"model name or path (default: {d['model'].default}, the bundled local model)")
-    ap.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    ap.add_argument("--base-url", action="append", default=[],
+                    help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; repeat it to spread requests over several servers")
     ap.add_argument("--api-key-env", default=d["api_key_env"].default, help="environment variable holding the API key")
     ap.add_argument("--prompts", type=Path, help="directory of templates replacing the bundled prompts/")
     ap.add_argument("--concurrency", type=int, default=d["concurrency"].default, help="requests in flight (vLLM: largest batch)")
@@ -73,7 +74,7 @@ def parse_args(argv: Optional[list[str]]) -> RunConfig:
     engine = a.engine or ("openai" if a.base_url else "vllm")
     return RunConfig(
         captions=a.captions, out=a.out, cache=a.cache, engine=engine,
-        model=a.model or d["model"].default, base_url=a.base_url, api_key_env=a.api_key_env,
+        model=a.model or d["model"].default, base_urls=a.base_url, api_key_env=a.api_key_env,
         prompts=a.prompts,
         sampling=Sampling(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed),
         concurrency=a.concurrency, timeout=a.timeout, max_attempts=a.max_attempts, retry_wait=a.retry_wait,

@@ -21,7 +21,7 @@ MESSAGES = [{"role": "system", "content": "说明"}, {"role": "user", "content":
 
 def complete(fake, n=1, timeout=5.0, attempts=4, **kw):
     async def go():
-        engine = OpenAIEngine(base_url=fake.base_url, model="fake-model", schema=answer_json_schema(),
+        engine = OpenAIEngine(base_urls=[fake.base_url], model="fake-model", schema=answer_json_schema(),
                               sampling=Sampling(), timeout=timeout,
                               retry=RetryPolicy(max_attempts=attempts, initial=0.01), **kw)
         try:

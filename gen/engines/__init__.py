@@ -11,7 +11,7 @@ def build_engine(config: RunConfig, model: str, schema: dict) -> Engine:
     if config.engine == "openai":
         from gen.engines.openai import OpenAIEngine
         return OpenAIEngine(
-            base_url=config.base_url, model=model, schema=schema, sampling=config.sampling,
+            base_urls=list(config.base_urls), model=model, schema=schema, sampling=config.sampling,
             api_key_env=config.api_key_env, timeout=config.timeout,
             retry=RetryPolicy(max_attempts=config.max_attempts, initial=config.retry_wait),
             disable_thinking=config.disable_thinking)

@@ -18,6 +18,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from gen.config import Sampling
 from gen.engines.base import Completion, Engine, EngineError
+from gen.engines.pool import Server, ServerPool
 from gen.engines.retry import EmptyAnswer, RetryPolicy, is_transient
 
 log = logging.getLogger(__name__)
@@ -33,16 +34,19 @@ def _refuses(exc: openai.BadRequestError, *names: str) -> bool:
 class OpenAIEngine(Engine):
     name = "openai"
 
-    def __init__(self, *, base_url: Optional[str], model: str, schema: dict, sampling: Sampling,
+    def __init__(self, *, base_urls: list[Optional[str]], model: str, schema: dict, sampling: Sampling,
                  api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
-                 retry: RetryPolicy = RetryPolicy(), disable_thinking: bool = True):
+                 retry: RetryPolicy = RetryPolicy(), disable_thinking: bool = True,
+                 cooldown: float = 30.0):
         self.model, self.schema, self.sampling, self.retry = model, schema, sampling, retry
         # Local servers need no key; the client insists on one, so a placeholder stands in.
         api_key = os.environ.get(api_key_env) or "EMPTY"
         self._secret = api_key if api_key != "EMPTY" else None
-        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
-                                         max_retries=0)  # tenacity owns retries
-        self.base_url = base_url
+        # None: the client's own default (OPENAI_BASE_URL, else the OpenAI API).
+        self.pool = ServerPool([
+            Server(url=url or "default", client=openai.AsyncOpenAI(
+                base_url=url, api_key=api_key, timeout=timeout, max_retries=0))  # tenacity retries
+            for url in (base_urls or [None])], cooldown=cooldown)
         self.format_level = 0
         self.thinking_kwargs = disable_thinking
         self.attempts = 0
@@ -81,15 +85,26 @@ class OpenAIEngine(Engine):
             return True
 
     async def _once(self, messages: list[dict[str, str]]) -> Completion:
-        while True:
-            level, thinking = self.format_level, self.thinking_kwargs
-            self.attempts += 1
-            try:
-                resp = await self.client.chat.completions.create(**self._request(messages))
-                break
-            except openai.BadRequestError as exc:
-                if not await self._step_down(exc, level, thinking):
-                    raise
+        server = self.pool.pick()
+        self.pool.started(server)
+        ok = False
+        try:
+            while True:
+                level, thinking = self.format_level, self.thinking_kwargs
+                self.attempts += 1
+                try:
+                    resp = await server.client.chat.completions.create(**self._request(messages))
+                    break
+                except openai.BadRequestError as exc:
+                    if not await self._step_down(exc, level, thinking):
+                        raise
+            ok = bool(resp.choices)
+        except BaseException as exc:
+            # Only the server's own trouble counts against it, not a request it rightly refused.
+            ok = not is_transient(exc)
+            raise
+        finally:
+            self.pool.finished(server, ok)
         if not resp.choices:
             raise EmptyAnswer("server answered 200 with no choices")
         choice = resp.choices[0]
@@ -130,10 +145,11 @@ class OpenAIEngine(Engine):
         return text.replace(self._secret, "***") if self._secret else text
 
     async def aclose(self) -> None:
-        await self.client.close()
+        for server in self.pool.servers:
+            await server.client.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "base_url": self.base_url,
+        return {"engine": self.name, "servers": self.pool.describe(),
                 "response_format": FORMATS[self.format_level],
                 "thinking_kwargs": self.thinking_kwargs,
                 "attempts": self.attempts, "retries": self.retries}

@@ -18,6 +18,8 @@ from gen.engines.base import Completion, Engine, EngineError
 
 
 def _cpu_defaults() -> None:
+    # vLLM logs hundreds of INFO lines at start-up; capgen's progress bar says what matters.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import torch
         if torch.cuda.is_available():
