@@ -51,6 +51,7 @@ class RunConfig(BaseModel):
     max_model_len: int = 4096            # vLLM context: prompt ~1k tokens + answer
     strict: bool = False
     force: bool = False
+    dry_run: bool = False
     log_format: Literal["text", "json"] = "text"
     progress: bool = True
 

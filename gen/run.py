@@ -10,7 +10,6 @@ after every retry (a rerun asks only for those).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import fcntl
 import json
@@ -24,7 +23,8 @@ from typing import Any, Optional
 from gen import __version__, localmodel
 from gen.atomic import atomic_path
 from gen.captions import CaptionError, read_captions
-from gen.config import RunConfig, Sampling, generation_fingerprint, model_identity
+from gen.cli import ConfigError, load_config
+from gen.config import RunConfig, generation_fingerprint, model_identity
 from gen.engines import Completion, Engine, EngineError, build_engine
 from gen.export import export
 from gen.generate import generate
@@ -40,48 +40,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 class UsageError(Exception):
     pass
-
-
-def parse_args(argv: Optional[list[str]]) -> RunConfig:
-    d = RunConfig.model_fields
-    s = Sampling()
-    ap = argparse.ArgumentParser(prog="python -m gen.run", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--captions", type=Path, required=True, help="JSON lines or parquet with id and text")
-    ap.add_argument("--out", type=Path, help="output directory (default: outputs/<captions stem>/)")
-    ap.add_argument("--cache", type=Path, help="answer store (default: <out>/cache.sqlite); share it across outputs to reuse answers")
-    ap.add_argument("--engine", choices=["vllm", "openai"], help="default: openai when --base-url is given, else vllm")
-    ap.add_argument("--model", help=f"model name or path (default: {d['model'].default}, the bundled local model)")
-    ap.add_argument("--base-url", action="append", default=[],
-                    help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; repeat it to spread requests over several servers")
-    ap.add_argument("--api-key-env", default=d["api_key_env"].default, help="environment variable holding the API key")
-    ap.add_argument("--prompts", type=Path, help="directory of templates replacing the bundled prompts/")
-    ap.add_argument("--concurrency", type=int, default=d["concurrency"].default, help="requests in flight (vLLM: largest batch)")
-    ap.add_argument("--timeout", type=float, default=d["timeout"].default, help="seconds per request")
-    ap.add_argument("--max-attempts", type=int, default=d["max_attempts"].default, help="tries per request on transient faults")
-    ap.add_argument("--retry-wait", type=float, default=d["retry_wait"].default, help="first backoff in seconds (doubles, with jitter)")
-    ap.add_argument("--temperature", type=float, default=s.temperature)
-    ap.add_argument("--top-p", type=float, default=s.top_p)
-    ap.add_argument("--max-tokens", type=int, default=s.max_tokens)
-    ap.add_argument("--seed", type=int, default=s.seed)
-    ap.add_argument("--max-caption-chars", type=int, default=d["max_caption_chars"].default)
-    ap.add_argument("--max-model-len", type=int, default=d["max_model_len"].default, help="vLLM context length")
-    ap.add_argument("--allow-thinking", action="store_true", help="do not ask thinking models (Qwen3) to skip thinking")
-    ap.add_argument("--strict", action="store_true", help="stop at the first bad input line")
-    ap.add_argument("--force", action="store_true", help="regenerate answers already in the store")
-    ap.add_argument("--log-format", choices=["text", "json"], default="text")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
-    engine = a.engine or ("openai" if a.base_url else "vllm")
-    return RunConfig(
-        captions=a.captions, out=a.out, cache=a.cache, engine=engine,
-        model=a.model or d["model"].default, base_urls=a.base_url, api_key_env=a.api_key_env,
-        prompts=a.prompts,
-        sampling=Sampling(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed),
-        concurrency=a.concurrency, timeout=a.timeout, max_attempts=a.max_attempts, retry_wait=a.retry_wait,
-        disable_thinking=not a.allow_thinking, max_caption_chars=a.max_caption_chars,
-        max_model_len=a.max_model_len, strict=a.strict, force=a.force,
-        log_format=a.log_format, progress=not a.no_progress and a.log_format == "text",
-    )
 
 
 def resolve_model(config: RunConfig) -> str:
@@ -136,11 +94,26 @@ def lock_out_dir(out_dir: Path):
 async def run(config: RunConfig) -> int:
     if not config.captions.is_file():
         raise UsageError(f"captions file not found: {config.captions}")
+    if config.dry_run:
+        return dry_run(config)
     lock = lock_out_dir(config.out_dir)
     try:
         return await _run_locked(config)
     finally:
         lock.close()  # also on failure: a library caller may run again in this process
+
+
+def dry_run(config: RunConfig) -> int:
+    from gen.plan import plan
+    prompts = PromptSet(config.prompts)
+    fingerprint = generation_fingerprint(config, prompts.digest, answer_json_schema())
+    records = read_captions(config.captions, config.max_caption_chars, config.strict)
+    result = plan(records, config, prompts, fingerprint)
+    log.info("dry run: %d captions, %d cached, %d to request (%d-%d requests), ~%s prompt tokens",
+             result["captions"], result["cached"], result["to_request"], result["requests_at_least"],
+             result["requests_at_most"], result["prompt_tokens_estimate"], extra={"fields": {"plan": result}})
+    print(json.dumps(result, ensure_ascii=False, indent=2))
+    return EXIT_OK
 
 
 async def _run_locked(config: RunConfig) -> int:
@@ -211,8 +184,13 @@ async def _run_locked(config: RunConfig) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    config = parse_args(argv)
     from gen import logs
+    try:
+        config = load_config(argv)
+    except ConfigError as e:
+        logs.setup("text")
+        log.error("%s", e)
+        return EXIT_USAGE
     logs.setup(config.log_format)
     try:
         return asyncio.run(run(config))

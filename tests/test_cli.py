@@ -1,0 +1,71 @@
+"""Settings from a TOML file, the environment and flags, in that order; and --dry-run."""
+import json
+
+import pytest
+from conftest import write_jsonl
+from fake_openai import FakeOpenAI
+
+from gen.cli import ConfigError, load_config
+from gen.run import EXIT_OK, EXIT_USAGE, main
+
+
+def test_file_then_environment_then_flags(tmp_path):
+    job = tmp_path / "jobs" / "nightly.toml"
+    job.parent.mkdir()
+    job.write_text('captions = "data/caps.jsonl"\nmodel = "from-file"\nconcurrency = 8\n'
+                   'base_urls = ["http://127.0.0.1:1/v1"]\n[sampling]\ntemperature = 0.5\nseed = 3\n')
+    c = load_config(["--config", str(job)], env={})
+    assert c.captions == tmp_path / "jobs" / "data" / "caps.jsonl"  # relative to the file
+    assert (c.model, c.concurrency, c.engine) == ("from-file", 8, "openai")
+    assert (c.sampling.temperature, c.sampling.seed, c.sampling.top_p) == (0.5, 3, 0.9)
+    env = {"CAPGEN_MODEL": "from-env", "CAPGEN_TEMPERATURE": "0.1",
+           "CAPGEN_BASE_URLS": "http://a/v1, http://b/v1"}
+    c = load_config(["--config", str(job)], env=env)
+    assert (c.model, c.sampling.temperature, c.base_urls) == ("from-env", 0.1, ["http://a/v1", "http://b/v1"])
+    c = load_config(["--config", str(job), "--model", "from-flag", "--seed", "9"], env=env)
+    assert (c.model, c.sampling.seed, c.sampling.temperature) == ("from-flag", 9, 0.1)
+
+
+def test_defaults_without_file():
+    c = load_config(["--captions", "x.jsonl"], env={})
+    assert c.engine == "vllm" and c.model.startswith("local:") and c.progress
+    assert load_config(["--captions", "x.jsonl", "--log-format", "json"], env={}).progress is False
+
+
+@pytest.mark.parametrize("text,match", [
+    ('captions = "x"\nconcurency = 4\n', "concurency"),  # a typo is named, not ignored
+    ('captions = "x"\nconcurrency = "many"\n', "concurrency"),
+    ('captions = \n', "nightly.toml"),
+])
+def test_bad_config_is_a_clear_usage_error(tmp_path, text, match):
+    job = tmp_path / "nightly.toml"
+    job.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(["--config", str(job)], env={})
+    assert main(["--config", str(job)]) == EXIT_USAGE
+
+
+def test_no_captions_anywhere():
+    with pytest.raises(ConfigError, match="no captions"):
+        load_config([], env={})
+
+
+def test_dry_run_counts_exactly_and_calls_nothing(tmp_path, sample_captions, capsys):
+    path = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:10] + [{"id": "bad"}])
+    out = tmp_path / "out"
+    args = ["--captions", str(path), "--out", str(out), "--model", "fake-model", "--no-progress"]
+    with FakeOpenAI() as fake:
+        assert main([*args, "--base-url", fake.base_url, "--dry-run"]) == EXIT_OK
+        first = json.loads(capsys.readouterr().out)
+        assert fake.requests == [] and not out.exists()  # nothing called, nothing written
+        assert (first["captions"], first["input_rejects"], first["to_request"]) == (10, 1, 10)
+        assert first["completion_tokens_estimate"] is None and first["prompt_tokens_estimate"] > 0
+        write_jsonl(path, sample_captions[:6])
+        assert main([*args, "--base-url", fake.base_url]) == EXIT_OK
+        capsys.readouterr()
+        write_jsonl(path, sample_captions[:10])
+        assert main([*args, "--base-url", fake.base_url, "--dry-run"]) == EXIT_OK
+        second = json.loads(capsys.readouterr().out)
+        assert (second["cached"], second["to_request"]) == (6, 4)
+        assert second["completion_tokens_estimate"] > 0  # now from the store's history
+        assert len(fake.requests) == 6
