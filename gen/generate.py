@@ -1,4 +1,4 @@
-"""Captions -> engine -> validated answers in the store.
+"""Captions -> engine -> validated answers in the store (the local executor).
 
 One coroutine per caption, at most `concurrency` alive at once (so memory does not grow
 with the input). Each caption costs one request; an invalid answer gets one repair round
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 from gen.config import answer_key
 from gen.engines import Completion, Engine, EngineError
@@ -39,18 +39,30 @@ class GenStats:
     failures: dict[str, str] = field(default_factory=dict)  # key -> engine error
 
 
-async def _answer(caption: Caption, key: str, engine: Engine, prompts: PromptSet,
-                  store: AnswerStore, stats: GenStats) -> None:
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one caption; plain data, so it can cross a process (Ray) boundary."""
+    key: str
+    caption_id: str
+    status: str               # ok | rejected | failed
+    answer: Optional[str]     # validated CaptionQueries JSON when ok
+    raw: Optional[str]        # the model's last text
+    reason: Optional[str]
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+async def answer_caption(caption: Caption, key: str, engine: Engine, prompts: PromptSet) -> Outcome:
+    """One request, and one repair round if the answer does not validate."""
     messages = prompts.messages(caption)
     completions: list[Completion] = []
     error: Optional[str] = None
+    answer = None
     try:
-        for attempt in range(2):
+        for _ in range(2):
             done = await engine.complete(messages)
             completions.append(done)
-            stats.requests += 1
-            stats.prompt_tokens += done.prompt_tokens
-            stats.completion_tokens += done.completion_tokens
             try:
                 answer = parse_answer(done.text, caption.text, done.refusal)
                 error = None
@@ -59,54 +71,79 @@ async def _answer(caption: Caption, key: str, engine: Engine, prompts: PromptSet
                 error = str(e)
                 messages = prompts.repair(messages, done.text, error)
     except EngineError as e:
-        stats.failed += 1
-        stats.failures[key] = str(e)
-        log.warning("caption %s: no answer (%s); a rerun will ask again", caption.id, e)
-        return
-    usage = dict(requests=len(completions),
-                 prompt_tokens=sum(c.prompt_tokens for c in completions),
-                 completion_tokens=sum(c.completion_tokens for c in completions))
-    raw = completions[-1].text
-    if error is None:
-        store.put(key, "ok", answer=answer.model_dump_json(), raw=raw, reason=None, **usage)
-        stats.accepted += 1
-        stats.repaired += len(completions) > 1
+        status, reason = "failed", str(e)
     else:
-        store.put(key, "rejected", answer=None, raw=raw,
-                  reason=f"invalid answer after a repair round: {error}", **usage)
+        status = "ok" if error is None else "rejected"
+        reason = None if error is None else f"invalid answer after a repair round: {error}"
+    return Outcome(
+        key=key, caption_id=caption.id, status=status,
+        answer=answer.model_dump_json() if status == "ok" else None,
+        raw=completions[-1].text if completions else None, reason=reason,
+        requests=len(completions),
+        prompt_tokens=sum(c.prompt_tokens for c in completions),
+        completion_tokens=sum(c.completion_tokens for c in completions))
+
+
+def record(outcome: Outcome, store: AnswerStore, stats: GenStats) -> None:
+    """Persist at once (this is what makes a kill harmless) and count."""
+    stats.requests += outcome.requests
+    stats.prompt_tokens += outcome.prompt_tokens
+    stats.completion_tokens += outcome.completion_tokens
+    if outcome.status == "failed":
+        stats.failed += 1
+        stats.failures[outcome.key] = outcome.reason or "unknown"
+        log.warning("caption %s: no answer (%s); a rerun will ask again", outcome.caption_id, outcome.reason)
+        return
+    store.put(outcome.key, outcome.status, answer=outcome.answer, raw=outcome.raw, reason=outcome.reason,
+              requests=outcome.requests, prompt_tokens=outcome.prompt_tokens,
+              completion_tokens=outcome.completion_tokens)
+    if outcome.status == "ok":
+        stats.accepted += 1
+        stats.repaired += outcome.requests > 1
+    else:
         stats.rejected += 1
+
+
+def pending(records: Iterable[Union[Caption, Reject]], store: AnswerStore, fingerprint: str,
+            force: bool, stats: GenStats, on_progress: Callable[[GenStats], None]
+            ) -> Iterator[tuple[Caption, str]]:
+    """The captions that need a request, with their keys; counts the rest as it goes."""
+    seen: set[str] = set()   # identical texts under different ids cost one request
+    for rec in records:
+        if isinstance(rec, Reject):
+            stats.input_rejects += 1
+            log.warning("%s:%s: %s", rec.file, rec.line, rec.reason)
+            on_progress(stats)
+            continue
+        stats.captions += 1
+        key = answer_key(fingerprint, rec.text)
+        if key in seen or (not force and key in store):
+            stats.cached += 1
+            on_progress(stats)
+            continue
+        seen.add(key)
+        stats.requested += 1
+        yield rec, key
 
 
 async def generate(records: Iterable[Union[Caption, Reject]], *, engine: Engine, prompts: PromptSet,
                    store: AnswerStore, fingerprint: str, concurrency: int, force: bool = False,
                    on_progress: Callable[[GenStats], None] = lambda s: None) -> GenStats:
+    """The local executor: one coroutine per caption, `concurrency` at a time."""
     stats = GenStats()
     slots = asyncio.Semaphore(concurrency)
-    in_flight: set[str] = set()   # identical texts under different ids cost one request
     tasks: set[asyncio.Task] = set()
 
     async def run(caption: Caption, key: str) -> None:
         try:
-            await _answer(caption, key, engine, prompts, store, stats)
+            record(await answer_caption(caption, key, engine, prompts), store, stats)
         finally:
             slots.release()
             on_progress(stats)
 
-    for record in records:
-        if isinstance(record, Reject):
-            stats.input_rejects += 1
-            log.warning("%s:%s: %s", record.file, record.line, record.reason)
-            continue
-        stats.captions += 1
-        key = answer_key(fingerprint, record.text)
-        if key in in_flight or (not force and key in store):
-            stats.cached += 1
-            on_progress(stats)
-            continue
-        in_flight.add(key)
-        stats.requested += 1
+    for caption, key in pending(records, store, fingerprint, force, stats, on_progress):
         await slots.acquire()
-        task = asyncio.create_task(run(record, key))
+        task = asyncio.create_task(run(caption, key))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     if tasks:
