@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
       help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; repeat it to spread requests over several servers")
     a("--api-key-env", help=f"environment variable holding the API key (default: {d['api_key_env'].default})")
     a("--prompts", type=Path, help="directory of templates replacing the bundled prompts/")
+    a("--executor", choices=["local", "ray"], help="where generation runs (default: local; ray: a Ray cluster, see docs/ray.md)")
+    a("--ray-actors", type=int, help=f"--executor ray: actor pool size (default: {d['ray_actors'].default})")
     a("--concurrency", type=int, help=f"requests in flight; for vLLM the largest batch (default: {d['concurrency'].default})")
     a("--timeout", type=float, help=f"seconds per request (default: {d['timeout'].default})")
     a("--max-attempts", type=int, help=f"tries per request on transient faults (default: {d['max_attempts'].default})")

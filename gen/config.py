@@ -43,6 +43,8 @@ class RunConfig(BaseModel):
     sampling: Sampling = Field(default_factory=Sampling)
 
     concurrency: int = Field(64, ge=1)  # requests in flight; for vLLM the largest batch
+    executor: Literal["local", "ray"] = "local"
+    ray_actors: int = Field(2, ge=1)     # --executor ray: actors, each with `concurrency` in flight
     timeout: float = Field(120.0, gt=0)  # seconds per request
     max_attempts: int = Field(6, ge=1)  # per request, for transient faults
     retry_wait: float = Field(1.0, ge=0)  # first backoff in seconds; doubles, with jitter, to 30 s

@@ -129,9 +129,17 @@ async def _run_locked(config: RunConfig) -> int:
     read = lambda: read_captions(config.captions, config.max_caption_chars, config.strict)
     try:
         try:
-            stats = await generate(read(), engine=engine, prompts=prompts, store=store,
-                                   fingerprint=fingerprint, concurrency=config.concurrency,
-                                   force=config.force, on_progress=progress)
+            if config.executor == "ray":
+                from gen.ray_executor import ExecutorUnavailable, generate_ray
+                try:  # blocks this loop; nothing else runs on it meanwhile
+                    stats = generate_ray(read(), config=config, model=model, schema=schema,
+                                         store=store, fingerprint=fingerprint, on_progress=progress)
+                except ExecutorUnavailable as e:
+                    raise UsageError(str(e)) from None
+            else:
+                stats = await generate(read(), engine=engine, prompts=prompts, store=store,
+                                       fingerprint=fingerprint, concurrency=config.concurrency,
+                                       force=config.force, on_progress=progress)
         finally:
             progress.close()
             await engine.aclose()

