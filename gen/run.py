@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from gen import __version__, localmodel
+from gen import __version__, localmodel, report
 from gen.atomic import atomic_path
 from gen.captions import CaptionError, read_captions
 from gen.cli import ConfigError, load_config
@@ -177,8 +177,13 @@ async def _run_locked(config: RunConfig) -> int:
                     "export_s": round(time.time() - generated_at, 3),
                     "total_s": round(time.time() - started, 3)},
         "outputs": {"queries": "queries.parquet", "captions": "captions.parquet",
-                    "rejects": "rejects.jsonl", "cache": str(config.cache_path)},
+                    "rejects": "rejects.jsonl", "report": "report.html", "cache": str(config.cache_path)},
     }
+    summary = report.summarize(out_dir)
+    manifest["report"] = {k: v for k, v in summary.items() if k != "sample"}
+    with atomic_path(out_dir / "report.html") as tmp:
+        tmp.write_text(report.render(manifest, summary), encoding="utf-8")
+    # Last: a manifest says the files beside it are complete.
     with atomic_path(out_dir / "manifest.json") as tmp:
         tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     c = manifest["counts"]
