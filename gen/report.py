@@ -28,13 +28,14 @@ def summarize(out_dir: Path) -> dict[str, Any]:
     by_type_grade = Counter({(t, g): n for t, g, n in
                              lengths.group_by("type", "grade").len().iter_rows()})
     reasons = Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects)
-    hist = Counter(min(n, 40) for n in lengths["n"].to_list())
+    hist = Counter(min(n, 25) for n in lengths["n"].to_list())
     sample_ids = caps["id"].head(SAMPLE_CAPTIONS).to_list()
     sample = []
     for cid, text in caps.filter(pl.col("id").is_in(sample_ids)).iter_rows():
-        rows = q.filter(pl.col("caption_id") == cid).sort("type", "salience")
+        rows = q.filter(pl.col("caption_id") == cid).select("type", "query", "grade", "salience").rows()
+        rows.sort(key=lambda r: (QUERY_TYPES.index(r[0]) if r[0] in QUERY_TYPES else 99, r[3]))
         sample.append({"id": cid, "text": text, "queries": [
-            {"type": t, "query": s, "grade": g} for t, s, g in rows.select("type", "query", "grade").iter_rows()]})
+            {"type": t, "query": s, "grade": g} for t, s, g, _ in rows]})
     return {
         "queries_by_type_and_grade": {f"{t}/{g}": n for (t, g), n in sorted(by_type_grade.items())},
         "query_chars": {"mean": round(lengths["n"].mean() or 0, 2), "p50": lengths["n"].median(),
@@ -72,7 +73,7 @@ def render(manifest: dict[str, Any], summary: dict[str, Any]) -> str:
     grade = Counter()
     for key, n in summary["queries_by_type_and_grade"].items():
         grade[f"grade {key.split('/')[1]}"] += n
-    hist = [(f"{k}{'+' if k == '40' else ''} chars", v) for k, v in summary["query_chars_histogram"].items()]
+    hist = [(f"{k}{'+' if k == '25' else ''} chars", v) for k, v in summary["query_chars_histogram"].items()]
     sections = [
         ("Run", _table([("captions file", manifest["captions_file"]), ("model", manifest["model"]),
                         ("engine", manifest["engine"].get("engine")), ("fingerprint", manifest["fingerprint"][:16]),
