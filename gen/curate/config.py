@@ -1,0 +1,117 @@
+"""Curation settings: one frozen pydantic model, and a fingerprint of the ones that change the data."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Queries that would match almost any caption of an image data set. Written for capgen (not
+# taken from any evaluation set); compared after schemas.text.normalize, so punctuation,
+# width and case variants are covered.
+DEFAULT_STOPLIST = (
+    "图片", "照片", "图像", "图", "画面", "这张图", "这张图片", "这张照片", "一张图片", "一张照片",
+    "图片内容", "图片中", "图中", "画面中", "场景", "内容", "东西", "物品", "物体", "事物",
+    "背景", "细节", "信息", "文字", "截图", "屏幕截图", "图片描述", "描述", "展示", "显示",
+    "其他", "一些东西", "某物", "某人", "有人", "人", "人们", "东西和人", "一个场景", "一个画面",
+    "image", "picture", "photo", "photograph", "screenshot", "scene", "something",
+)
+
+# Settings that decide how the job runs or how the same rows are cut into files, not which
+# rows come out: a re-curation with only these changed keeps the fingerprint.
+RUNTIME_FIELDS = frozenset({"workers", "bm25_backend", "rows_per_shard"})
+
+
+class CurateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- cleaning ---------------------------------------------------------------------
+    # Jaccard of character 2- and 3-gram sets at or above which two queries of one caption
+    # are near-duplicates (the worse one goes).
+    near_dup_threshold: float = Field(0.6, gt=0, le=1)
+    # Lengths of the normalised query (punctuation and spaces removed).
+    min_chars: int = Field(2, ge=1)
+    max_chars: int = Field(64, ge=1)
+    # Lengths in jieba words.
+    min_words: int = Field(1, ge=1)
+    max_words: int = Field(32, ge=1)
+    # Share of Han characters in the normalised query.
+    min_cjk_share: float = Field(0.5, ge=0, le=1)
+    # A query whose longest common subsequence with its caption covers this share of the
+    # caption copies it.
+    copy_ratio: float = Field(0.8, gt=0, le=1)
+    stoplist: tuple[str, ...] = DEFAULT_STOPLIST
+    # Types whose grade-2 queries must share a character bigram or a word with the caption.
+    # Hypernyms, events and summaries may rightly use words the caption does not.
+    grounding_types: tuple[str, ...] = ("entity", "simple_condition", "complex_condition")
+
+    # --- decontamination --------------------------------------------------------------
+    # JSON lines files with a `text` field; captions too close to any line are dropped.
+    decontaminate_against: tuple[Path, ...] = ()
+    # Character-level ROUGE-L F1 above which a caption is contaminated (the paper's 0.6).
+    decontam_threshold: float = Field(0.6, gt=0, le=1)
+    # Candidate pairs come from character n-grams this long shared with an eval text.
+    decontam_ngram: int = Field(3, ge=1)
+
+    # --- positives --------------------------------------------------------------------
+    # A query with more positive captions than max(generic_share * captions,
+    # generic_min_positives) is generic (a false negative for most in-batch partners): dropped.
+    generic_share: float = Field(0.01, gt=0, le=1)
+    generic_min_positives: int = Field(5, ge=1)
+    # Of a query that is not generic, keep at most this many positives (the best graded).
+    max_positives: int = Field(16, ge=1)
+    # Share of summary queries among all (query, caption) pairs; None keeps the generated
+    # mix. Lower it for keyword-heavy data, raise it for more overall summaries (the paper's
+    # SM/KW granularity dilemma: a mix did best).
+    summary_share: Optional[float] = Field(None, ge=0, le=1)
+
+    # --- negatives --------------------------------------------------------------------
+    # Hard negatives per query row (FlagEmbedding's train_group_size - 1 is the usual pick).
+    negatives: int = Field(7, ge=0)
+    # BM25 candidates looked at per query, beyond k, by the false-negative guard; rows left
+    # short look on, down to 4 * (negatives + mine_depth).
+    mine_depth: int = Field(32, ge=1)
+    # Fill rows that BM25 leaves short of `negatives` with guarded random captions of the
+    # split (neg_bm25 0.0); one-word queries have no BM25 negative that is not a false one.
+    random_fill: bool = True
+    # Query rows with fewer negatives than this (capped at `negatives`) are dropped:
+    # FlagEmbedding fails on an empty `neg` list.
+    min_negatives: int = Field(1, ge=0)
+    # Query words found in more than this share of a split's captions are left out of the
+    # BM25 query (near-zero IDF, yet most of the work); only for splits of 1,000+ captions.
+    bm25_prune_df: float = Field(0.05, gt=0, le=1)
+
+    # --- split and shards -------------------------------------------------------------
+    dev_fraction: float = Field(0.05, ge=0, le=1)
+    rows_per_shard: int = Field(100_000, ge=1)
+
+    # --- runtime ----------------------------------------------------------------------
+    workers: int = Field(2, ge=1)
+    bm25_backend: Literal["auto", "numpy", "numba"] = "auto"
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> "CurateConfig":
+        if self.min_chars > self.max_chars or self.min_words > self.max_words:
+            raise ValueError("min_chars/min_words must not exceed max_chars/max_words")
+        return self
+
+    def data_settings(self) -> dict:
+        """The settings that change the rows, eval files named by their content."""
+        out = self.model_dump(mode="json", exclude=set(RUNTIME_FIELDS))
+        out["decontaminate_against"] = [_file_sha256(Path(p)) for p in self.decontaminate_against]
+        return out
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.data_settings(), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    # The same eval set under another name decontaminates the same; an edited file does not.
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

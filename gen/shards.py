@@ -1,0 +1,65 @@
+"""Writers for curated shards. Every file is written beside its target under a temporary
+name and renamed into place (gen.atomic), so a crash never leaves a half shard that looks
+whole; callers write the manifest last, so a shard set without a manifest is unfinished."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import polars as pl
+
+from gen.atomic import atomic_path
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> dict[str, Any]:
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def write_parquet(df: pl.DataFrame, path: Path) -> dict[str, Any]:
+    return _atomic(path, lambda tmp: df.write_parquet(tmp, compression="zstd", statistics=False))
+
+
+def write_jsonl(df: pl.DataFrame, path: Path) -> dict[str, Any]:
+    # polars writes lists as JSON arrays and text as UTF-8, which is what trainers read.
+    return _atomic(path, lambda tmp: df.write_ndjson(tmp))
+
+
+def write_text(text: str, path: Path) -> dict[str, Any]:
+    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(obj: Any, path: Path) -> dict[str, Any]:
+    return write_text(json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=False) + "\n", path)
+
+
+def write_tsv(df: pl.DataFrame, path: Path) -> dict[str, Any]:
+    return _atomic(path, lambda tmp: df.write_csv(tmp, separator="\t"))
+
+
+WRITERS = {"parquet": write_parquet, "jsonl": write_jsonl}
+
+
+def write_sharded(df: pl.DataFrame, folder: Path, stem: str, fmt: str, rows_per_shard: int,
+                  root: Path) -> list[dict[str, Any]]:
+    """`stem-00000.fmt`, ... of at most rows_per_shard rows each (one empty shard for an
+    empty frame, so a reader always finds the schema). Returns one manifest entry a shard."""
+    entries = []
+    n_shards = max(1, -(-df.height // rows_per_shard))
+    for i in range(n_shards):
+        part = df.slice(i * rows_per_shard, rows_per_shard)
+        path = folder / f"{stem}-{i:05d}.{fmt}"
+        info = WRITERS[fmt](part, path)
+        entries.append({"file": path.relative_to(root).as_posix(), "rows": part.height, **info})
+    return entries
