@@ -19,6 +19,8 @@ from gen.config import RunConfig, Sampling
 
 PATH_FIELDS = ("captions", "out", "cache", "prompts")
 SAMPLING_FIELDS = tuple(Sampling.model_fields)
+# Curation settings reachable by flag; the rest go in the file's [curation] table.
+CURATION_FLAGS = ("decontaminate_against",)
 
 
 class ConfigError(ValueError):
@@ -57,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
       help="do not ask thinking models (Qwen3) to skip thinking")
     a("--strict", action="store_true", help="stop at the first bad input line")
     a("--force", action="store_true", help="regenerate answers already in the store")
+    a("--no-curate", dest="curate", action="store_false",
+      help="stop after generation (curate later with python -m gen.curate)")
+    a("--decontaminate-against", action="append", type=Path,
+      help="drop captions too close (ROUGE-L > 0.6) to this evaluation set (JSON lines with text); repeatable")
     a("--dry-run", action="store_true", help="say what would be generated and its cost; call no LLM, write nothing")
     a("--log-format", choices=["text", "json"], help="json: one object per line, for scheduled jobs")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -68,6 +74,8 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in flat.items():
         if key in SAMPLING_FIELDS:
             out.setdefault("sampling", {})[key] = value
+        elif key in CURATION_FLAGS:
+            out.setdefault("curation", {})[key] = value
         else:
             out[key] = value
     return out
@@ -92,6 +100,9 @@ def _from_file(path: Path) -> dict[str, Any]:
     for key in PATH_FIELDS:
         if isinstance(data.get(key), str):
             data[key] = str((path.parent / data[key]).resolve())
+    evals = data.get("curation", {}).get("decontaminate_against")
+    if isinstance(evals, list):
+        data["curation"]["decontaminate_against"] = [str((path.parent / p).resolve()) for p in evals]
     return data
 
 

@@ -16,6 +16,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from gen import localmodel
+from gen.curate.config import CurateConfig
 from schemas.caption import MAX_CAPTION_CHARS
 
 
@@ -54,6 +55,9 @@ class RunConfig(BaseModel):
     strict: bool = False
     force: bool = False
     dry_run: bool = False
+    # After generation, curate into versioned training shards (see gen/publish.py).
+    curate: bool = True
+    curation: CurateConfig = Field(default_factory=CurateConfig)
     log_format: Literal["text", "json"] = "text"
     progress: bool = True
 

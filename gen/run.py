@@ -179,6 +179,16 @@ async def _run_locked(config: RunConfig) -> int:
         "outputs": {"queries": "queries.parquet", "captions": "captions.parquet",
                     "rejects": "rejects.jsonl", "report": "report.html", "cache": str(config.cache_path)},
     }
+    if config.curate and exported.queries:
+        from gen.publish import curate_versioned
+        t = time.time()
+        cur = curate_versioned(out_dir, config.curation)
+        manifest["curation"] = {k: cur[k] for k in ("version", "reused", "fingerprint", "stats", "files")}
+        manifest["curation"]["dir"] = f"shards/{cur['version']}"
+        manifest["timings"]["curate_s"] = round(time.time() - t, 3)
+        manifest["timings"]["total_s"] = round(time.time() - started, 3)
+        log.info("curated: %s pairs in shards/%s%s", cur["stats"]["pairs_out"], cur["version"],
+                 " (unchanged inputs: latest version reused)" if cur["reused"] else "")
     summary = report.summarize(out_dir)
     manifest["report"] = {k: v for k, v in summary.items() if k != "sample"}
     with atomic_path(out_dir / "report.html") as tmp:

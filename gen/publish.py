@@ -1,0 +1,63 @@
+"""Versioned curation: each curation goes to shards/<version>/ beside the older ones, and
+shards/latest points at the newest good one. The pointer is a symlink swapped atomically,
+and only after a curation finished, so a trainer reading shards/latest never sees a half
+version; a failed curation leaves it where it was.
+
+A rerun whose inputs (the run's queries and captions, and the curation settings) are those
+of the latest version makes no new version: scheduled jobs pay only for what changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from gen.atomic import atomic_path
+from gen.curate import CurateConfig, curate
+
+KEEP_VERSIONS = 5
+
+
+def _inputs_digest(run_dir: Path, config: CurateConfig) -> str:
+    h = hashlib.sha256(config.fingerprint().encode())
+    for name in ("queries.parquet", "captions.parquet"):
+        with (run_dir / name).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _point(latest: Path, version: str) -> None:
+    tmp = latest.with_name(f".latest.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(version, tmp)        # relative: the tree can move as a whole
+    os.replace(tmp, latest)
+
+
+def _prune(root: Path, keep: int, current: str) -> None:
+    versions = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name[0].isdigit())
+    for old in versions[:-keep]:
+        if old.name != current:
+            shutil.rmtree(old)
+
+
+def curate_versioned(run_dir: Path, config: CurateConfig, keep: int = KEEP_VERSIONS) -> dict[str, Any]:
+    root = run_dir / "shards"
+    root.mkdir(parents=True, exist_ok=True)
+    latest = root / "latest"
+    digest = _inputs_digest(run_dir, config)
+    if (latest / "inputs.json").is_file() and (latest / "manifest.json").is_file():
+        if json.loads((latest / "inputs.json").read_text())["digest"] == digest:
+            manifest = json.loads((latest / "manifest.json").read_text())
+            return {"version": os.readlink(latest), "reused": True, **manifest}
+    version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest[:8]
+    manifest = curate(run_dir, config, out_dir=root / version)
+    with atomic_path(root / version / "inputs.json") as tmp:
+        tmp.write_text(json.dumps({"digest": digest, "curation_fingerprint": config.fingerprint()}) + "\n")
+    _point(latest, version)
+    _prune(root, keep, version)
+    return {"version": version, "reused": False, **manifest}
