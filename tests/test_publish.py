@@ -63,3 +63,21 @@ def test_decontaminate_flag_reaches_curation(tmp_path, sample_captions):
         assert run(path, tmp_path / "out", fake, "--decontaminate-against", str(evals)) == EXIT_OK
     cur = json.loads((tmp_path / "out" / "manifest.json").read_text())["curation"]
     assert cur["stats"]["decontamination"]["captions_dropped"] == 1
+
+
+def test_recurating_alone_makes_a_new_version_without_the_llm(tmp_path, sample_captions):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    path = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:20])
+    out = tmp_path / "out"
+    with FakeOpenAI() as fake:
+        assert run(path, out, fake) == EXIT_OK
+    first = os.readlink(out / "shards" / "latest")
+    p = subprocess.run([sys.executable, "-m", "gen.curate", "--queries", str(out), "--negatives", "3"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    second = os.readlink(out / "shards" / "latest")
+    assert second != first
+    manifest = json.loads((out / "shards" / "latest" / "manifest.json").read_text())
+    assert manifest["settings"]["negatives"] == 3

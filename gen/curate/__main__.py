@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queries", required=True, type=Path, metavar="RUN_DIR",
                    help="run directory with queries.parquet and captions.parquet")
-    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/shards)")
+    p.add_argument("--out", type=Path, help="output folder (default: a new version under "
+                   "RUN_DIR/shards/, and shards/latest moved to it, as gen.run does)")
     for name, field in CurateConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         is_tuple = typing.get_origin(field.annotation) is tuple
@@ -52,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"invalid settings:\n{e}", file=sys.stderr)
         return 2
-    manifest = curate(args.queries, config, args.out)
+    if args.out is None:
+        from gen.publish import curate_versioned  # the same versions and pointer as gen.run
+        manifest = curate_versioned(args.queries, config)
+    else:
+        manifest = curate(args.queries, config, args.out)
     summary = {k: manifest["stats"][k] for k in ("queries_in", "pairs_out", "dropped_by_reason", "splits")}
     print(json.dumps({"fingerprint": manifest["fingerprint"], **summary,
                       "timings_s": manifest["timings_s"]}, ensure_ascii=False, indent=2))
