@@ -25,3 +25,12 @@ def test_wheel_contains_templates_and_schemas(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "猫" in out.stdout
+
+
+def test_importing_the_cli_keeps_numba_out():
+    # numba's llvmlite in a process that starts vLLM's CPU workers breaks them (they
+    # re-import gen.run); curation's heavy imports must wait until curation runs.
+    code = ("import sys, gen.run; bad = [m for m in ('numba', 'llvmlite', 'bm25s') if m in sys.modules]; "
+            "assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

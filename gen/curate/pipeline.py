@@ -1,0 +1,206 @@
+"""Curation: generated query records -> training shards that trainers load directly.
+
+    curate(run_dir, config) reads RUN_DIR/queries.parquet and captions.parquet and writes
+    RUN_DIR/shards/ (or out_dir). Steps, in order: normalise, decontaminate captions, exact
+    duplicates, filters, near duplicates, SM/KW mix, positives, split, negatives, write.
+
+Every input record ends as a (query, positive) pair in a shard or as a row of
+dropped.parquet with its reason; curate() checks that the two add up.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import polars as pl
+
+from gen.curate import dedup, filters, negatives, positives, split
+from gen.curate.config import CurateConfig
+from gen.curate.decontaminate import contaminated, load_eval_texts
+from gen.curate.normalize import normalized, tokenize
+from gen.curate.steps import split_off, with_rank
+from gen.curate.write import write_outputs
+
+
+
+INPUT_COLUMNS = ("caption_id", "query", "type", "subtype", "grade", "salience", "source",
+                 "model", "answer_key")
+
+
+class _Timer:
+    """Wall seconds per step, and the process's peak memory once each step is done (so the
+    step that raised it shows)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.peak_gib: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - t0
+        self.peak_gib[step] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
+def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Optional[Path] = None) -> dict:
+    """Curate one generation run; returns the manifest written to out_dir/manifest.json."""
+    config = config or CurateConfig()
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "shards"
+    out.mkdir(parents=True, exist_ok=True)
+    # Until the new manifest is written last, the folder must not claim to be complete.
+    (out / "manifest.json").unlink(missing_ok=True)
+    timer, stats, drops = _Timer(), {}, []
+    t_start = time.perf_counter()
+
+    with timer("load"):
+        raw = (pl.read_parquet(run_dir / "queries.parquet", columns=list(INPUT_COLUMNS))
+               .with_row_index("row")
+               .cast({"grade": pl.Int64, "salience": pl.Int64}))
+        caps = (pl.read_parquet(run_dir / "captions.parquet", columns=["id", "text"])
+                .unique("id", keep="first", maintain_order=True))
+    stats["queries_in"], stats["captions_in"] = raw.height, caps.height
+    stats["queries_in_by_type"] = _counts(raw, "type")
+
+    with timer("normalize"):
+        recs = with_rank(raw.with_columns(q_norm=normalized(raw["query"])))
+        caps = caps.with_columns(c_norm=normalized(caps["text"]))
+        # Every (caption, query) the run generated, before any drop: the false-negative guard.
+        known = recs.select("caption_id", "q_norm").unique()
+
+    with timer("decontaminate"):
+        evals = load_eval_texts(config.decontaminate_against)
+        hits, n_scored = contaminated(caps, evals, config.decontam_threshold, config.decontam_ngram)
+        caps = caps.join(hits.select("id"), on="id", how="anti")
+        recs = recs.join(hits.rename({"id": "caption_id"}), on="caption_id", how="left")
+        recs, d = split_off(recs, pl.col("rouge_l").is_not_null(), "decontaminated",
+                            pl.format("rouge_l={} eval_text={}", pl.col("rouge_l").round(3), pl.col("eval_index")))
+        recs = recs.drop("rouge_l", "eval_index")
+        drops.append(d)
+        recs, d = split_off(recs, ~pl.col("caption_id").is_in(caps["id"].implode()), "unknown_caption")
+        drops.append(d)
+    stats["decontamination"] = {"eval_texts": len(evals), "pairs_scored": n_scored,
+                                "captions_dropped": hits.height}
+
+    with timer("dedup_exact"):
+        recs, d = dedup.exact(recs)
+        drops.append(d)
+
+    with timer("tokenize_queries"):
+        words = _words_table(recs["q_norm"], "q_norm", "q_words", config.workers)
+        recs = recs.join(words, on="q_norm").join(caps.select(caption_id="id", c_norm="c_norm"), on="caption_id")
+
+    with timer("filters"):
+        recs, d = filters.apply(recs, config)
+        drops.append(d)
+
+    with timer("dedup_near"):
+        recs, d = dedup.near(recs, config.near_dup_threshold)
+        drops.append(d)
+
+    with timer("mix"):
+        recs, d = positives.mix(recs, config.summary_share)
+        drops.append(d)
+
+    with timer("positives"):
+        recs, d = positives.group(recs, caps.height, config)
+        drops.append(d)
+
+    with timer("split"):
+        caps = split.assign(caps, config.dev_fraction)
+        recs = recs.join(caps.select(caption_id="id", split="split", pos_text="text"), on="caption_id")
+        rows = _query_rows(recs)
+
+    with timer("tokenize_captions"):
+        caps = caps.join(_words_table(caps["c_norm"], "c_norm", "c_words", config.workers, search=True),
+                         on="c_norm")
+
+    with timer("negatives"):
+        guard: Counter = Counter()
+        rows = negatives.attach(rows, caps, known, config, guard)
+        # negatives=0 asks for none, so it cannot fall short of them.
+        least = min(config.min_negatives, config.negatives)
+        few = rows.filter(pl.col("neg").list.len() < least).select("query_id", "split")
+        rows = rows.join(few, on=["query_id", "split"], how="anti")
+        recs = recs.join(few.with_columns(_few=pl.lit(True)), on=["query_id", "split"], how="left")
+        recs, d = split_off(recs, pl.col("_few").is_not_null(), "too_few_negatives",
+                            pl.format("fewer than {} negatives", pl.lit(least)))
+        recs, d = recs.drop("_few"), d.drop("_few")
+        drops.append(d)
+
+    with timer("write"):
+        dropped = pl.concat([x.select("row", *INPUT_COLUMNS, "reason", "detail") for x in drops],
+                            how="vertical_relaxed").sort("row")
+        stats.update(_stats(rows, recs, dropped, guard, config))
+        stats["peak_rss_gib_after_step"] = timer.peak_gib
+        if stats["pairs_out"] + dropped.height != raw.height:
+            raise AssertionError(f"curation lost records: {raw.height} in, {stats['pairs_out']} "
+                                 f"out, {dropped.height} dropped")
+        manifest = write_outputs(out, rows, caps, dropped, config, stats, timer.seconds, t_start)
+    return manifest
+
+
+def _words_table(texts: pl.Series, key: str, name: str, workers: int, search: bool = False) -> pl.DataFrame:
+    uniq = texts.unique().sort()
+    return pl.DataFrame({key: uniq, name: pl.Series(tokenize(uniq.to_list(), workers, search),
+                                                    dtype=pl.List(pl.String))})
+
+
+def _query_rows(recs: pl.DataFrame) -> pl.DataFrame:
+    """One row per (query, split); positives best-ranked first."""
+    return (
+        recs.sort("rank")
+        .group_by("query_id", "split", maintain_order=True)
+        .agg(query=pl.col("q_text").first(), type=pl.col("q_type").first(),
+             subtype=pl.col("q_subtype").first(), q_norm=pl.col("q_norm").first(),
+             q_words=pl.col("q_words").first(), pos=pl.col("pos_text"),
+             pos_ids=pl.col("caption_id"), pos_scores=pl.col("grade").cast(pl.Float64))
+        .sort("split", "query_id")
+        .with_row_index("qrow")
+    )
+
+
+def _counts(df: pl.DataFrame, col: str) -> dict:
+    return dict(sorted(Counter(df[col].to_list()).items(), key=lambda kv: str(kv[0])))
+
+
+def _stats(rows: pl.DataFrame, recs: pl.DataFrame, dropped: pl.DataFrame, guard: Counter,
+           config: CurateConfig) -> dict:
+    n_neg = rows["neg"].list.len()
+    from_bm25 = int(rows["neg_bm25"].list.eval((pl.element() > 0).sum()).explode().sum() or 0)
+    by_reason = _counts(dropped, "reason")
+    per_split = {}
+    for name in ("train", "dev"):
+        part = rows.filter(pl.col("split") == name)
+        full = part.filter(pl.col("neg").list.len() >= config.negatives)
+        per_split[name] = {
+            "query_rows": part.height,
+            "pairs": int(part["pos"].list.len().sum() or 0),
+            "st_rows": int(full["pos"].list.len().sum() or 0),
+            "st_query_rows_short_of_negatives": part.height - full.height,
+        }
+    return {
+        "pairs_out": int(rows["pos"].list.len().sum() or 0),
+        "query_rows_by_type": _counts(rows, "type"),
+        "pairs_by_type": _counts(recs, "type"),
+        "dropped_by_reason": by_reason,
+        "duplicates_removed": {"exact": by_reason.get("duplicate_exact", 0),
+                               "near": by_reason.get("duplicate_near", 0)},
+        "splits": per_split,
+        "negatives_per_query": {
+            "mean": round(float(n_neg.mean()), 3) if rows.height else 0.0,
+            "min": int(n_neg.min()) if rows.height else 0,
+            "max": int(n_neg.max()) if rows.height else 0,
+        },
+        # Of the negatives written: found by BM25, or random fill (BM25 score 0.0).
+        "negatives_from_bm25": from_bm25,
+        "negatives_random_fill": int(n_neg.sum() or 0) - from_bm25,
+        "bm25_backend": sorted(k.removeprefix("bm25_backend_") for k in guard if k.startswith("bm25_backend_")),
+        "false_negative_candidates_excluded": {
+            k: v for k, v in sorted(guard.items()) if k in ("known_positive", "contains_query", "contains_all_words")},
+    }
