@@ -13,6 +13,7 @@ import re
 from pydantic import ValidationError
 
 from schemas import CaptionQueries
+from schemas.text import normalize
 
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 MAX_ERRORS_SHOWN = 6
@@ -49,6 +50,7 @@ def parse_answer(text: str, caption: str, refusal: str | None = None) -> Caption
     except json.JSONDecodeError as e:
         raise AnswerError(f"the answer is not valid JSON: {e.msg} at position {e.pos}") from None
     try:
-        return CaptionQueries.model_validate(data, context={"caption": caption})
+        return CaptionQueries.model_validate(
+            data, context={"caption": caption, "caption_norm": normalize(caption)})
     except ValidationError as e:
         raise AnswerError("the answer does not match the schema:\n" + _explain(e)) from None

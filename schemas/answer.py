@@ -32,8 +32,10 @@ def _check_query(value: str, info: ValidationInfo) -> str:
     value = value.strip()
     if not value:
         raise ValueError("query is empty")
-    caption = (info.context or {}).get("caption")
-    if caption is not None and normalize(value) == normalize(caption):
+    ctx = info.context or {}
+    caption = ctx.get("caption")
+    # caption_norm: normalised once per answer, not once for each of its ~20 queries.
+    if caption is not None and normalize(value) == ctx.get("caption_norm", normalize(caption)):
         raise ValueError(f"query {value!r} repeats the whole caption; ask for a part of it")
     return value
 

@@ -193,6 +193,8 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 keep-alive, as the openai client (httpx) expects; every response sets Content-Length.
     protocol_version = "HTTP/1.1"
+    # Without TCP_NODELAY each keep-alive reply waits ~40 ms for the client's delayed ACK.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format, *args):  # noqa: A002 - keep test output clean
