@@ -43,7 +43,9 @@ class RunConfig(BaseModel):
     prompts: Optional[Path] = None       # a directory of templates replacing the bundled ones
     sampling: Sampling = Field(default_factory=Sampling)
 
-    concurrency: int = Field(64, ge=1)  # requests in flight; for vLLM the largest batch
+    # Requests in flight; for vLLM the largest batch. At least the server's max_num_seqs (vLLM:
+    # 256), or it idles in proportion: 64 against 256 slots ran 4.3x the limit (BENCHMARKS.md).
+    concurrency: int = Field(256, ge=1)
     executor: Literal["local", "ray"] = "local"
     ray_actors: int = Field(2, ge=1)     # --executor ray: actors, each with `concurrency` in flight
     timeout: float = Field(120.0, gt=0)  # seconds per request
