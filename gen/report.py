@@ -21,27 +21,34 @@ SAMPLE_CAPTIONS = 8
 
 
 def summarize(out_dir: Path) -> dict[str, Any]:
-    q = pl.read_parquet(out_dir / "queries.parquet")
-    caps = pl.read_parquet(out_dir / "captions.parquet", columns=["id", "text"])
-    rejects = [json.loads(line) for line in (out_dir / "rejects.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    lengths = q.with_columns(pl.col("query").str.len_chars().alias("n"))
-    by_type_grade = Counter({(t, g): n for t, g, n in
-                             lengths.group_by("type", "grade").len().iter_rows()})
-    reasons = Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects)
-    hist = Counter(min(n, 25) for n in lengths["n"].to_list())
-    sample_ids = caps["id"].head(SAMPLE_CAPTIONS).to_list()
+    """Aggregates over lazy scans: memory stays flat however many queries the run made."""
+    q = pl.scan_parquet(out_dir / "queries.parquet")
+    n_captions = pl.scan_parquet(out_dir / "captions.parquet").select(pl.len()).collect().item()
+    n_queries = q.select(pl.len()).collect().item()
+    by_type_grade = q.group_by("type", "grade").len().collect().rows()
+    n = pl.col("query").str.len_chars()
+    stats = q.select(mean=n.mean(), p50=n.median(), p90=n.quantile(0.9), max=n.max()).collect().row(0, named=True)
+    hist = q.group_by(b=pl.min_horizontal(n, pl.lit(25))).len().collect().rows()
+    reasons: Counter = Counter()
+    with (out_dir / "rejects.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                reasons[json.loads(line)["reason"].split(":")[0].split(" (")[0]] += 1
+    sample_caps = pl.scan_parquet(out_dir / "captions.parquet").select("id", "text").head(SAMPLE_CAPTIONS).collect()
+    sample_rows = (q.filter(pl.col("caption_id").is_in(sample_caps["id"].implode()))
+                   .select("caption_id", "type", "query", "grade", "salience").collect())
     sample = []
-    for cid, text in caps.filter(pl.col("id").is_in(sample_ids)).iter_rows():
-        rows = q.filter(pl.col("caption_id") == cid).select("type", "query", "grade", "salience").rows()
+    for cid, text in sample_caps.iter_rows():
+        rows = sample_rows.filter(pl.col("caption_id") == cid).drop("caption_id").rows()
         rows.sort(key=lambda r: (QUERY_TYPES.index(r[0]) if r[0] in QUERY_TYPES else 99, r[3]))
         sample.append({"id": cid, "text": text, "queries": [
             {"type": t, "query": s, "grade": g} for t, s, g, _ in rows]})
     return {
-        "queries_by_type_and_grade": {f"{t}/{g}": n for (t, g), n in sorted(by_type_grade.items())},
-        "query_chars": {"mean": round(lengths["n"].mean() or 0, 2), "p50": lengths["n"].median(),
-                        "p90": lengths["n"].quantile(0.9), "max": lengths["n"].max()},
-        "query_chars_histogram": {str(k): v for k, v in sorted(hist.items())},
-        "queries_per_caption": round(q.height / caps.height, 2) if caps.height else 0,
+        "queries_by_type_and_grade": {f"{t}/{g}": c for t, g, c in sorted(by_type_grade)},
+        "query_chars": {"mean": round(stats["mean"] or 0, 2), "p50": stats["p50"],
+                        "p90": stats["p90"], "max": stats["max"]},
+        "query_chars_histogram": {str(k): v for k, v in sorted(hist)},
+        "queries_per_caption": round(n_queries / n_captions, 2) if n_captions else 0,
         "rejects_by_reason": dict(reasons.most_common()),
         "sample": sample,
     }
