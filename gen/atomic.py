@@ -1,7 +1,9 @@
-"""Write-then-rename, so a crash never leaves a file that looks complete but is not."""
+"""File helpers: write-then-rename, so a crash never leaves a file that looks complete but is
+not; and the sha256 of a file's content, read in blocks."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -22,3 +24,11 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

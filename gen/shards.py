@@ -3,22 +3,13 @@ name and renamed into place (gen.atomic), so a crash never leaves a half shard t
 whole; callers write the manifest last, so a shard set without a manifest is unfinished."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
 
 import polars as pl
 
-from gen.atomic import atomic_path
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from gen.atomic import atomic_path, sha256_file
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gen.atomic import sha256_file
+
 # Queries that would match almost any caption of an image data set. Written for capgen (not
 # taken from any evaluation set); compared after schemas.text.normalize, so punctuation,
 # width and case variants are covered.
@@ -100,18 +102,10 @@ class CurateConfig(BaseModel):
     def data_settings(self) -> dict:
         """The settings that change the rows, eval files named by their content."""
         out = self.model_dump(mode="json", exclude=set(RUNTIME_FIELDS))
-        out["decontaminate_against"] = [_file_sha256(Path(p)) for p in self.decontaminate_against]
+        # The same eval set under another name decontaminates the same; an edited file does not.
+        out["decontaminate_against"] = [sha256_file(Path(p)) for p in self.decontaminate_against]
         return out
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.data_settings(), sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    # The same eval set under another name decontaminates the same; an edited file does not.
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
