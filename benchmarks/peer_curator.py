@@ -37,14 +37,11 @@ answer, how fast the client drains the server) and tail (last answer -> exit: wr
 from __future__ import annotations
 
 import argparse
-import heapq
-import importlib.util
 import json
 import math
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -60,68 +57,15 @@ CURATOR_PYTHON = Path("/tmp/curator-venv/bin/python")
 PYTHON = sys.executable
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, mod)
-    spec.loader.exec_module(mod)
-    return mod
+# The same captions, limit and server as gen_bench.py: one definition, imported.
+from gen_bench import (  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+    base_captions, cycled as _cycle, extra_flags, fifo_makespan, lower_bound, service_times,
+    start_server, stop_server,
+)
 
-
-fake_openai = _load("fake_openai", ROOT / "tests" / "fake_openai.py")
-
-
-# --------------------------------------------------------------------------- inputs and the limit
 
 def cycled(path: Path, n: int) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        base = [json.loads(line) for line in f if line.strip()]
-    out = []
-    for i in range(n):
-        k, j = divmod(i, len(base))
-        row = base[j]
-        out.append({"id": row["id"], "text": row["text"]} if k == 0 else
-                   {"id": f"{row['id']}#{k}", "text": f"{row['text']}（第{k + 1}组）"})
-    return out
-
-
-def service_times(rows: list[dict], latency: float, per_token: float) -> list[float]:
-    return [latency + per_token * fake_openai._tokens(fake_openai.default_answer(r["text"].strip()))
-            for r in rows]
-
-
-def lower_bound(s: list[float], c: int) -> float:
-    return max(max(s), sum(s) / c)
-
-
-def fifo_makespan(s: list[float], c: int) -> float:
-    slots = [0.0] * min(c, len(s))
-    end = 0.0
-    for x in s:
-        t = heapq.heappop(slots) + x
-        end = max(end, t)
-        heapq.heappush(slots, t)
-    return end
-
-
-# --------------------------------------------------------------------------- server
-
-def start_server(c: int, latency: float, per_token: float, timings_out: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [PYTHON, str(ROOT / "benchmarks" / "sim_server.py"), "--capacity", str(c), "--latency", str(latency),
-         "--per-token-latency", str(per_token), "--timings-out", str(timings_out)],
-        stdout=subprocess.PIPE, text=True)
-    proc.base_url = proc.stdout.readline().strip()
-    if not proc.base_url.startswith("http"):
-        proc.kill()
-        raise RuntimeError("sim_server did not start")
-    return proc
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    os.wait4(proc.pid, 0)
-    proc.returncode = 0
+    return _cycle(base_captions(path), n)
 
 
 def server_view(timings: list[dict], t0: float, skip: int = 0) -> dict:
@@ -168,7 +112,8 @@ def measure(side: str, cap_file: Path, *, c: int, latency: float, per_token: flo
     env = dict(os.environ, OPENAI_API_KEY="bench", PYTHONHASHSEED="0")
     if side == "capgen":
         cmd = [PYTHON, "-m", "gen.run", "--captions", str(cap_file), "--out", str(d / "out"),
-               "--base-url", server.base_url, "--model", "fake-model", "--concurrency", str(c), "--no-progress"]
+               "--base-url", server.base_url, "--model", "fake-model", "--concurrency", str(c), "--no-progress",
+               *extra_flags()]  # --no-curate: curator has no curation stage to match
     else:
         cmd = [str(curator_python), str(ROOT / "benchmarks" / "peer_curator_job.py"), "--captions", str(cap_file),
                "--base-url", server.base_url, "--model", "fake-model", "--concurrency", str(c),
