@@ -8,6 +8,7 @@ overridden for a single run. Relative paths in the file are relative to the file
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -55,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--seed", type=int, help=f"(default: {s.seed})")
     a("--max-caption-chars", type=int, help=f"longer captions are rejected (default: {d['max_caption_chars'].default})")
     a("--max-model-len", type=int, help=f"vLLM context length (default: {d['max_model_len'].default})")
+    a("--vllm-arg", dest="vllm_args", action="append", type=_key_value, metavar="KEY=VALUE",
+      help="passed to vllm.LLM, e.g. tensor_parallel_size=2 (VALUE read as JSON when it parses); repeatable")
     a("--allow-thinking", dest="disable_thinking", action="store_false",
       help="do not ask thinking models (Qwen3) to skip thinking")
     a("--strict", action="store_true", help="stop at the first bad input line")
@@ -69,11 +72,24 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare word: a string, as a user would mean it
+    return key.strip(), value
+
+
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in flat.items():
         if key in SAMPLING_FIELDS:
             out.setdefault("sampling", {})[key] = value
+        elif key == "vllm_args":
+            out[key] = dict(value)
         elif key in CURATION_FLAGS:
             out.setdefault("curation", {})[key] = value
         else:
@@ -86,7 +102,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     names = [*RunConfig.model_fields, *SAMPLING_FIELDS]
     for name in names:
         value = env.get(f"CAPGEN_{name.upper()}")
-        if value is None or name == "sampling":
+        if value is None or name in ("sampling", "vllm_args"):  # tables: the file or flags
             continue
         flat[name] = [u.strip() for u in value.split(",") if u.strip()] if name == "base_urls" else value
     return _nest(flat)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +54,9 @@ class RunConfig(BaseModel):
     disable_thinking: bool = True
     max_caption_chars: int = Field(MAX_CAPTION_CHARS, ge=1)
     max_model_len: int = 4096            # vLLM context: prompt ~1k tokens + answer
+    # Passed to vllm.LLM as they are (tensor_parallel_size, gpu_memory_utilization, ...): how
+    # the engine runs, never what it answers, so they stay out of the fingerprint.
+    vllm_args: dict[str, Any] = Field(default_factory=dict)
     strict: bool = False
     force: bool = False
     dry_run: bool = False

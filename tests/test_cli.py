@@ -45,6 +45,16 @@ def test_bad_config_is_a_clear_usage_error(tmp_path, text, match):
     assert main(["--config", str(job)]) == EXIT_USAGE
 
 
+def test_vllm_args_from_file_and_flags(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('captions = "c.jsonl"\n[vllm_args]\ntensor_parallel_size = 2\nquantization = "awq"\n')
+    c = load_config(["--config", str(job), "--vllm-arg", "gpu_memory_utilization=0.8",
+                     "--vllm-arg", "quantization=fp8"], env={})
+    assert c.vllm_args == {"tensor_parallel_size": 2, "quantization": "fp8", "gpu_memory_utilization": 0.8}
+    with pytest.raises(SystemExit):
+        load_config(["--captions", "c.jsonl", "--vllm-arg", "no-equals-sign"], env={})
+
+
 def test_no_captions_anywhere():
     with pytest.raises(ConfigError, match="no captions"):
         load_config([], env={})

@@ -18,7 +18,7 @@ def build_engine(config: RunConfig, model: str, schema: dict) -> Engine:
     from gen.engines.vllm import VLLMEngine
     return VLLMEngine(model=model, schema=schema, sampling=config.sampling,
                       batch_size=config.concurrency, max_model_len=config.max_model_len,
-                      disable_thinking=config.disable_thinking)
+                      disable_thinking=config.disable_thinking, **config.vllm_args)
 
 
 __all__ = ["Completion", "Engine", "EngineError", "RetryPolicy", "build_engine"]

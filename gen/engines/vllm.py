@@ -55,9 +55,12 @@ class VLLMEngine(Engine):
         llm_kwargs.setdefault("enforce_eager", on_cpu)
         self.llm = LLM(model=model, enable_prefix_caching=True, max_model_len=max_model_len,
                        seed=sampling.seed, **llm_kwargs)
+        # A per-request seed crashes vLLM's CPU build as soon as a prompt is prefilled in
+        # chunks, which large batches always cause ("CPU Generator does not use offset"). On
+        # a CPU the engine-wide seed above is all there is; on a GPU each request keeps its own.
         self.params = SamplingParams(
             temperature=sampling.temperature, top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens, seed=sampling.seed,
+            max_tokens=sampling.max_tokens, seed=None if on_cpu else sampling.seed,
             structured_outputs=StructuredOutputsParams(json=schema),
         )
         self.chat_kwargs = {"chat_template_kwargs": {"enable_thinking": False}} if disable_thinking else {}
