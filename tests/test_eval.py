@@ -1,0 +1,143 @@
+"""gen.eval: the coverage match, nDCG, the pair sources and sample, the jieba baseline, the CLI.
+
+Labels here are made up for the fixture captions (never the benchmark's dev queries)."""
+import json
+import math
+
+import polars as pl
+import pytest
+from conftest import write_jsonl
+
+from gen.eval.__main__ import main
+from gen.eval.baselines import jieba_pairs
+from gen.eval.coverage import Matcher, coverage
+from gen.eval.labels import LabelError, LabelledQuery, load_corpus, load_labels
+from gen.eval.pairs import load_pairs, sample
+from gen.eval.retrieval import ndcg_at_k
+
+
+@pytest.mark.parametrize("human,generated,expected", [
+    ("健身房", "健身房", True),
+    ("健身房", "健身房。", True),             # punctuation and width do not matter
+    ("健身房", "健身房里", True),              # 3 of 4 characters
+    ("学校", "学校操场", False),               # a different thing that contains it
+    ("燃气表", "图片中显示了一个安装在墙上的燃气表", False),  # a summary that merely contains it
+    ("女孩和狗", "狗和女孩", True),            # same words, another order
+    ("红色的车", "红色车", True),
+    ("红色的车", "蓝色的车", False),
+    ("", "车", False),
+])
+def test_match_is_strict(human, generated, expected):
+    assert Matcher(human).matches(generated) is expected
+
+
+def test_coverage_counts_strong_pairs_of_generated_captions_only():
+    labels = [LabelledQuery("q1", "燃气表", "singleton_object", {"c1": 2, "c2": 2, "c3": 1}),
+              LabelledQuery("q2", "结婚证", "singleton_object", {"c2": 2}),
+              LabelledQuery("q3", "墙上的燃气表", "simple_condition", {"c1": 2, "c9": 2})]
+    gen = [("c1", "燃气表", "entity"), ("c1", "管道", "entity"), ("c2", "结婚证书照片", "entity"),
+           ("c3", "燃气表", "entity")]  # c3 is grade 1: not a strong pair; c9 was not generated
+    r = coverage(labels, gen)
+    assert (r["strong_pairs"], r["covered"], r["captions"]) == (4, 1, 3)
+    assert r["by_type"]["singleton_object"] == {"pairs": 3, "coverage": round(1 / 3, 4)}
+    assert r["by_type"]["simple_condition"]["coverage"] == 0.0
+    assert r["matched_by_generated_type"] == {"entity": 1}
+
+
+def test_ndcg_linear_gains():
+    pos = {"a": 2, "b": 1}
+    assert ndcg_at_k(["a", "b", "x"], pos) == pytest.approx(1.0)
+    swapped = (1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3))
+    assert ndcg_at_k(["b", "a"], pos) == pytest.approx(swapped)
+    assert ndcg_at_k(["x"] * 10 + ["a"], pos) == 0.0  # beyond 10 counts nothing
+
+
+def test_labels_name_file_line_and_field(tmp_path):
+    corpus = load_corpus(write_jsonl(tmp_path / "c.jsonl", [{"id": "c1", "text": "一只猫"}]))
+    good = write_jsonl(tmp_path / "ok.jsonl", [{"id": "q", "query": "猫", "type": "t", "positives": [{"id": "c1", "score": 2}]}])
+    assert load_labels(good, corpus)[0].positives == {"c1": 2}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "q", "query": "猫", "positives": [{"id": "c1", "score": 2}]},
+                                               {"id": "q2", "query": "狗", "positives": [{"id": "c7", "score": 2}]}])
+    with pytest.raises(LabelError, match=r"bad.jsonl:2: field positives: caption 'c7'"):
+        load_labels(bad, corpus)
+
+
+def test_pairs_from_run_shards_and_files(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    pl.DataFrame({"caption_id": ["c1", "c1"], "query": ["猫", "睡觉"], "type": ["entity", "event"],
+                  "grade": [2, 2]}).write_parquet(run / "queries.parquet")
+    assert load_pairs(run).rows() == [("猫", "c1", "entity"), ("睡觉", "c1", "event")]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pl.DataFrame({"query": ["猫"], "pos_ids": [["c1", "c2"]], "type": ["entity"]}).write_parquet(shards / "train-00000.parquet")
+    pl.DataFrame({"query": ["狗"], "pos_ids": [["c3"]], "type": ["entity"]}).write_parquet(shards / "dev-00000.parquet")
+    assert sorted(load_pairs(shards)["caption_id"]) == ["c1", "c2", "c3"]
+    f = write_jsonl(tmp_path / "p.jsonl", [{"query": "猫", "caption_id": "c1"}])
+    assert load_pairs(f).rows() == [("猫", "c1", "unknown")]
+    with pytest.raises(ValueError, match="caption_id"):
+        load_pairs(write_jsonl(tmp_path / "x.jsonl", [{"query": "猫"}]))
+
+
+def test_sample_is_exact_seeded_and_distinct_first():
+    df = pl.DataFrame({"query": [f"q{i}" for i in range(10)] + ["q0"], "caption_id": ["c"] * 11, "type": ["t"] * 11})
+    s = sample(df, 5, seed=1)
+    assert s.height == 5 and s["query"].n_unique() == 5 and s.equals(sample(df, 5, seed=1))
+    big = sample(df, 25, seed=1)  # 10 distinct pairs, topped up to 25
+    assert big.height == 25 and set(big["query"]) == {f"q{i}" for i in range(10)}
+
+
+def test_jieba_baseline_nouns_and_verbs(sample_captions):
+    corpus = {c["id"]: c["text"] for c in sample_captions[:5]}
+    df = jieba_pairs(corpus)
+    assert set(df["type"]) <= {"noun", "verb"} and df["query"].str.len_chars().min() >= 2
+    assert "燃气表" in df.filter(pl.col("caption_id") == "cr.0")["query"].to_list()
+    assert df.unique(["query", "caption_id"]).height == df.height
+
+
+def test_cli_coverage_and_bad_pairs(tmp_path, sample_captions, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_captions[:3])
+    labels = write_jsonl(tmp_path / "l.jsonl", [{"id": "q", "query": "燃气表", "type": "singleton_object",
+                                                 "positives": [{"id": "cr.0", "score": 2}]}])
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"query": "燃气表", "caption_id": "cr.0"}])
+    results = tmp_path / "results.jsonl"
+    assert main(["coverage", "--corpus", str(corpus), "--labels", str(labels), "--pairs", str(pairs),
+                 "--name", "t", "--results", str(results)]) == 0
+    rec = json.loads(results.read_text())
+    assert rec["name"] == "t" and rec["coverage"]["coverage"] == 1.0 and rec["machine"]
+    stray = write_jsonl(tmp_path / "s.jsonl", [{"query": "燃气表", "caption_id": "cr.404"}])
+    assert main(["coverage", "--corpus", str(corpus), "--labels", str(labels), "--pairs", str(stray)]) == 2
+    assert "cr.404" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_finetune_protocol_end_to_end_moves_the_encoder(tmp_path, sample_captions):
+    """The real encoder (m3e-small) through the real protocol, on 64 pairs: the command
+    records protocol, coverage and nDCG, and training changes the scores. Minutes, not
+    the 12,000-pair run: that one is a benchmark (docs/quality.md)."""
+    pytest.importorskip("sentence_transformers")
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_captions)
+    labels = write_jsonl(tmp_path / "l.jsonl", [
+        {"id": "q1", "query": "燃气表", "type": "singleton_object", "positives": [{"id": "cr.0", "score": 2}]},
+        {"id": "q2", "query": "结婚证", "type": "singleton_object", "positives": [{"id": "cr.1", "score": 2}]},
+    ])
+    pairs = tmp_path / "pairs.jsonl"
+    assert main(["jieba", "--corpus", str(corpus), "--out", str(pairs)]) == 0
+    results = tmp_path / "r.jsonl"
+    common = ["--corpus", str(corpus), "--labels", str(labels), "--results", str(results)]
+    assert main(["zeroshot", *common, "--name", "zero"]) == 0
+    assert main(["finetune", *common, "--pairs", str(pairs), "--n-pairs", "64", "--name", "ft"]) == 0
+    zero, ft = [json.loads(line) for line in results.read_text().splitlines()]
+    assert ft["protocol"]["pairs"] == 64 and ft["protocol"]["batch_size"] == 32
+    assert 0 <= ft["retrieval"]["ndcg@10"] <= 100 and ft["coverage"]["strong_pairs"] == 2
+    assert zero["encoder"] == "m3e-small" and ft["train_s"] > 0
+
+    # Training moves the encoder: a query's embedding is not what it was zero-shot.
+    from gen.eval.finetune import Protocol, load_encoder, train
+    from gen.eval.pairs import load_pairs
+    texts = {c["id"]: c["text"] for c in sample_captions}
+    before = load_encoder().encode(["燃气表"])[0]
+    proto = Protocol(pairs=64)
+    model = train(load_encoder(), sample(load_pairs(pairs), 64, 0), texts, proto, tmp_path / "w")
+    after = model.encode(["燃气表"])[0]
+    assert abs(after - before).max() > 1e-4
