@@ -69,6 +69,11 @@ class CurateConfig(BaseModel):
     # SM/KW granularity dilemma: a mix did best).
     summary_share: Optional[float] = Field(None, ge=0, le=1)
 
+    # Other captions of the split containing the whole query become grade-1 positives
+    # (gen/curate/cross.py); cross_depth BM25 candidates per query are looked at.
+    cross_positives: bool = True
+    cross_depth: int = Field(64, ge=1)
+
     # --- negatives --------------------------------------------------------------------
     # Hard negatives per query row (FlagEmbedding's train_group_size - 1 is the usual pick).
     negatives: int = Field(7, ge=0)

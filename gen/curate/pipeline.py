@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 
 import polars as pl
 
-from gen.curate import dedup, filters, negatives, positives, split
+from gen.curate import cross, dedup, filters, negatives, positives, split
 from gen.curate.config import CurateConfig
 from gen.curate.decontaminate import contaminated, load_eval_texts
 from gen.curate.normalize import normalized, tokenize
@@ -120,6 +120,9 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
         caps = caps.join(_words_table(caps["c_norm"], "c_norm", "c_words", config.workers, search=True),
                          on="c_norm")
 
+    with timer("cross_positives"):
+        rows = cross.extend(rows, caps, config)
+
     with timer("negatives"):
         guard: Counter = Counter()
         rows = negatives.attach(rows, caps, known, config, guard)
@@ -159,7 +162,8 @@ def _query_rows(recs: pl.DataFrame) -> pl.DataFrame:
         .agg(query=pl.col("q_text").first(), type=pl.col("q_type").first(),
              subtype=pl.col("q_subtype").first(), q_norm=pl.col("q_norm").first(),
              q_words=pl.col("q_words").first(), pos=pl.col("pos_text"),
-             pos_ids=pl.col("caption_id"), pos_scores=pl.col("grade").cast(pl.Float64))
+             pos_ids=pl.col("caption_id"), pos_scores=pl.col("grade").cast(pl.Float64),
+             n_generated=pl.len())
         .sort("split", "query_id")
         .with_row_index("qrow")
     )
@@ -180,12 +184,15 @@ def _stats(rows: pl.DataFrame, recs: pl.DataFrame, dropped: pl.DataFrame, guard:
         full = part.filter(pl.col("neg").list.len() >= config.negatives)
         per_split[name] = {
             "query_rows": part.height,
-            "pairs": int(part["pos"].list.len().sum() or 0),
+            "pairs": int(part["pos"].list.len().sum() or 0),  # cross positives included
             "st_rows": int(full["pos"].list.len().sum() or 0),
             "st_query_rows_short_of_negatives": part.height - full.height,
         }
     return {
-        "pairs_out": int(rows["pos"].list.len().sum() or 0),
+        # Generated (query, caption) pairs written: the records' side of the accounting.
+        "pairs_out": int(rows["n_generated"].sum() or 0),
+        # Positives added by cross.py on top of them.
+        "cross_positives": int(rows["pos"].list.len().sum() or 0) - int(rows["n_generated"].sum() or 0),
         "query_rows_by_type": _counts(rows, "type"),
         "pairs_by_type": _counts(recs, "type"),
         "dropped_by_reason": by_reason,

@@ -1,0 +1,61 @@
+"""Cross-caption positives: other captions that plainly show a query become its positives.
+
+A query generated for one caption is often just as true of others ("燃气表" fits every
+caption with a gas meter). Left alone, those captions are false negatives in every batch
+that holds them. This step looks at each query row's BM25 candidates in its own split
+and adds, as grade-1 positives ("likely shown"), the captions whose normalised text
+contains the whole normalised query; queries of one character are too ambiguous and get
+none. Positives stay capped at max_positives. The negatives step already refuses such
+captions as negatives, so the two never disagree.
+
+Added positives are not generated records: the manifest counts them apart
+(`cross_positives`; `pairs_out` stays the generated pairs that dropped.parquet accounts for).
+"""
+from __future__ import annotations
+
+import polars as pl
+
+from gen.curate.config import CurateConfig
+from gen.curate.negatives import SplitIndex, _candidates
+
+CROSS_GRADE = 1.0
+MIN_QUERY_CHARS = 2
+
+
+def _found(rows: pl.DataFrame, caps: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
+    """(qrow, caption_id, text) of one split: contained, not yet a positive."""
+    index = SplitIndex(caps["c_words"].to_list(), config, rows.height)
+    cand = _candidates(index, rows, config.cross_depth)
+    hits = (cand.join(caps.select("doc", caption_id="id", text="text", c_norm="c_norm"), on="doc")
+            .join(rows.select("qrow", "q_norm"), on="qrow")
+            .filter(pl.col("q_norm").str.len_chars() >= MIN_QUERY_CHARS)
+            .filter(pl.col("c_norm").str.contains(pl.col("q_norm"), literal=True)))
+    have = rows.select("qrow", caption_id="pos_ids").explode("caption_id")
+    return (hits.join(have, on=["qrow", "caption_id"], how="anti")
+            .sort(["qrow", "score", "doc"], descending=[False, True, False])
+            .select("qrow", "caption_id", "text"))
+
+
+def extend(rows: pl.DataFrame, caps: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
+    """rows (query rows of all splits: qrow, split, q_norm, q_words, pos, pos_ids, pos_scores)
+    with contained captions of the same split appended to pos, pos_ids and pos_scores."""
+    if not config.cross_positives or rows.height == 0:
+        return rows
+    found = []
+    for name in ("train", "dev"):
+        split_caps = caps.filter(pl.col("split") == name).sort("id").with_row_index("doc")
+        part = rows.filter(pl.col("split") == name)
+        if part.height and split_caps.height:
+            found.append(_found(part, split_caps, config))
+    if not found:
+        return rows
+    room = rows.select("qrow", room=config.max_positives - pl.col("pos_ids").list.len())
+    added = (pl.concat(found).join(room, on="qrow")
+             .filter(pl.int_range(pl.len()).over("qrow") < pl.col("room"))
+             .group_by("qrow").agg(x_ids=pl.col("caption_id"), x_text=pl.col("text")))
+    out = rows.join(added, on="qrow", how="left", maintain_order="left")
+    return out.with_columns(
+        pos=pl.concat_list("pos", pl.col("x_text").fill_null([])),
+        pos_ids=pl.concat_list("pos_ids", pl.col("x_ids").fill_null([])),
+        pos_scores=pl.concat_list("pos_scores", pl.col("x_ids").fill_null([]).list.eval(pl.lit(CROSS_GRADE))),
+    ).drop("x_ids", "x_text")
