@@ -49,6 +49,11 @@ class CurateConfig(BaseModel):
     # Hypernyms, events and summaries may rightly use words the caption does not.
     grounding_types: tuple[str, ...] = ("entity", "simple_condition", "complex_condition")
 
+    # Round-trip filter (gen/curate/roundtrip.py): drop a record whose caption is not in
+    # the BM25 top roundtrip_k for its query nor contains it; None turns it off.
+    roundtrip_k: Optional[int] = Field(None, ge=1)
+    roundtrip_exempt: tuple[str, ...] = ("hypernym",)
+
     # --- decontamination --------------------------------------------------------------
     # JSON lines files with a `text` field; captions too close to any line are dropped.
     decontaminate_against: tuple[Path, ...] = ()

@@ -2,7 +2,8 @@
 
     curate(run_dir, config) reads RUN_DIR/queries.parquet and captions.parquet and writes
     RUN_DIR/shards/ (or out_dir). Steps, in order: normalise, decontaminate captions, exact
-    duplicates, filters, near duplicates, SM/KW mix, positives, split, negatives, write.
+    duplicates, filters, near duplicates, round trip, SM/KW mix, positives, split, cross-caption
+    positives, negatives, write.
 
 Every input record ends as a (query, positive) pair in a shard or as a row of
 dropped.parquet with its reason; curate() checks that the two add up.
@@ -18,7 +19,7 @@ from typing import Iterator, Optional
 
 import polars as pl
 
-from gen.curate import cross, dedup, filters, negatives, positives, split
+from gen.curate import cross, dedup, filters, negatives, positives, roundtrip, split
 from gen.curate.config import CurateConfig
 from gen.curate.decontaminate import contaminated, load_eval_texts
 from gen.curate.normalize import normalized, tokenize
@@ -103,6 +104,14 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
         recs, d = dedup.near(recs, config.near_dup_threshold)
         drops.append(d)
 
+    with timer("tokenize_captions"):
+        caps = caps.join(_words_table(caps["c_norm"], "c_norm", "c_words", config.workers, search=True),
+                         on="c_norm")
+
+    with timer("roundtrip"):
+        recs, d = roundtrip.apply(recs, caps, config)
+        drops.append(d)
+
     with timer("mix"):
         recs, d = positives.mix(recs, config.summary_share)
         drops.append(d)
@@ -115,10 +124,6 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
         caps = split.assign(caps, config.dev_fraction)
         recs = recs.join(caps.select(caption_id="id", split="split", pos_text="text"), on="caption_id")
         rows = _query_rows(recs)
-
-    with timer("tokenize_captions"):
-        caps = caps.join(_words_table(caps["c_norm"], "c_norm", "c_words", config.workers, search=True),
-                         on="c_norm")
 
     with timer("cross_positives"):
         rows = cross.extend(rows, caps, config)

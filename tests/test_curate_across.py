@@ -1,4 +1,5 @@
-"""Cross-caption positives: captions that contain a query's whole text join its positives."""
+"""Steps that look across captions: cross-caption positives (cross.py) and the round-trip
+filter (roundtrip.py)."""
 from curate_helpers import rec, rows, run_curate
 
 CAPS = [
@@ -31,3 +32,18 @@ def test_cross_positives_respect_the_cap_and_can_be_turned_off(tmp_path):
     manifest, shards = run_curate(tmp_path / "b", caps, [rec("c0", "燃气表")], negatives=0,
                                   cross_positives=False)
     assert rows(shards)[0]["pos_ids"] == ["c0"] and manifest["stats"]["cross_positives"] == 0
+
+
+def test_roundtrip_drops_queries_that_cannot_find_their_caption(tmp_path):
+    from curate_helpers import reason_of
+    recs = [rec("c3", "猫在窗台", type="simple_condition"),    # not literal, BM25 finds c3 first
+            rec("c3", "飞机起飞", type="event"),               # invented: finds nothing
+            rec("c3", "宠物", type="hypernym"),                # exempt: hypernyms rarely appear
+            rec("c2", "燃气表", type="entity")]                # literal: kept whatever its rank
+    manifest, shards = run_curate(tmp_path / "on", CAPS, recs, roundtrip_k=1, negatives=0)
+    assert reason_of(shards, "c3", "飞机起飞") == "roundtrip_miss"
+    kept = {r["query"] for r in rows(shards)}
+    assert kept == {"猫在窗台", "宠物", "燃气表"}
+    assert manifest["stats"]["dropped_by_reason"]["roundtrip_miss"] == 1
+    _, shards = run_curate(tmp_path / "off", CAPS, recs, negatives=0)   # off by default
+    assert len(rows(shards)) == 4
