@@ -49,6 +49,9 @@ class CurateConfig(BaseModel):
     # Hypernyms, events and summaries may rightly use words the caption does not.
     grounding_types: tuple[str, ...] = ("entity", "simple_condition", "complex_condition")
 
+    # Use the judge's grades (python -m gen.judge writes judgements.parquet): "drop" removes
+    # pairs it graded 0; "regrade" also puts its 1/2 in place of the generator's grade.
+    judge: Literal["off", "drop", "regrade"] = "off"
     # Round-trip filter (gen/curate/roundtrip.py): drop a record whose caption is not in
     # the BM25 top roundtrip_k for its query nor contains it; None turns it off.
     roundtrip_k: Optional[int] = Field(None, ge=1)

@@ -1,7 +1,7 @@
 """Curation: generated query records -> training shards that trainers load directly.
 
     curate(run_dir, config) reads RUN_DIR/queries.parquet and captions.parquet and writes
-    RUN_DIR/shards/ (or out_dir). Steps, in order: normalise, decontaminate captions, exact
+    RUN_DIR/shards/ (or out_dir). Steps, in order: normalise, decontaminate captions, judge, exact
     duplicates, filters, near duplicates, round trip, SM/KW mix, positives, split, cross-caption
     positives, negatives, write.
 
@@ -88,6 +88,10 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
     stats["decontamination"] = {"eval_texts": len(evals), "pairs_scored": n_scored,
                                 "captions_dropped": hits.height}
 
+    with timer("judge"):
+        recs, d = _apply_judge(recs, run_dir, config.judge)
+        drops.append(d)
+
     with timer("dedup_exact"):
         recs, d = dedup.exact(recs)
         drops.append(d)
@@ -151,6 +155,21 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
                                  f"out, {dropped.height} dropped")
         manifest = write_outputs(out, rows, caps, dropped, config, stats, timer.seconds, t_start)
     return manifest
+
+
+def _apply_judge(recs: pl.DataFrame, run_dir: Path, mode: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    if mode == "off":
+        return split_off(recs, pl.lit(False), "judged_irrelevant")
+    path = run_dir / "judgements.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"judge = {mode!r} needs {path}: run python -m gen.judge first")
+    grades = pl.read_parquet(path).unique(["caption_id", "query"], keep="first")
+    recs = recs.join(grades, on=["caption_id", "query"], how="left", maintain_order="left")
+    kept, dropped = split_off(recs, pl.col("judge_grade") == 0, "judged_irrelevant")
+    if mode == "regrade":  # an unjudged pair keeps the generator's grade
+        kept = kept.with_columns(grade=pl.coalesce(pl.col("judge_grade").cast(pl.Int64), "grade"))
+        kept = with_rank(kept.drop("rank"))  # rank orders by grade first
+    return kept.drop("judge_grade"), dropped.drop("judge_grade")
 
 
 def _words_table(texts: pl.Series, key: str, name: str, workers: int, search: bool = False) -> pl.DataFrame:
