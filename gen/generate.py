@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Union
 
@@ -105,10 +106,16 @@ def record(outcome: Outcome, store: AnswerStore, stats: GenStats) -> None:
 
 
 def pending(records: Iterable[Union[Caption, Reject]], store: AnswerStore, fingerprint: str,
-            force: bool, stats: GenStats, on_progress: Callable[[GenStats], None]
-            ) -> Iterator[tuple[Caption, str]]:
-    """The captions that need a request, with their keys; counts the rest as it goes."""
-    seen: set[str] = set()   # identical texts under different ids cost one request
+            force: bool, stats: GenStats, on_progress: Callable[[GenStats], None],
+            in_flight: set[str]) -> Iterator[tuple[Caption, str]]:
+    """The captions that need a request, with their keys; counts the rest as it goes.
+
+    Identical texts under different ids cost one request: a key is skipped while it is in
+    `in_flight` (added here, discarded by the caller once its outcome is recorded) and once
+    the store has it, so no set grows with the input. With `force` only what this run
+    stored counts.
+    """
+    since = time.time() if force else 0.0
     for rec in records:
         if isinstance(rec, Reject):
             stats.input_rejects += 1
@@ -117,11 +124,11 @@ def pending(records: Iterable[Union[Caption, Reject]], store: AnswerStore, finge
             continue
         stats.captions += 1
         key = answer_key(fingerprint, rec.text)
-        if key in seen or (not force and key in store):
+        if key in in_flight or store.has(key, since):
             stats.cached += 1
             on_progress(stats)
             continue
-        seen.add(key)
+        in_flight.add(key)
         stats.requested += 1
         yield rec, key
 
@@ -133,15 +140,17 @@ async def generate(records: Iterable[Union[Caption, Reject]], *, engine: Engine,
     stats = GenStats()
     slots = asyncio.Semaphore(concurrency)
     tasks: set[asyncio.Task] = set()
+    in_flight: set[str] = set()
 
     async def run(caption: Caption, key: str) -> None:
         try:
             record(await answer_caption(caption, key, engine, prompts), store, stats)
         finally:
+            in_flight.discard(key)
             slots.release()
             on_progress(stats)
 
-    for caption, key in pending(records, store, fingerprint, force, stats, on_progress):
+    for caption, key in pending(records, store, fingerprint, force, stats, on_progress, in_flight):
         await slots.acquire()
         task = asyncio.create_task(run(caption, key))
         tasks.add(task)

@@ -86,11 +86,13 @@ def generate_ray(records: Iterable[Union[Caption, Reject]], *, config: RunConfig
                 on_progress(stats)
 
     window: list[dict[str, str]] = []
-    for caption, key in pending(records, store, fingerprint, config.force, stats, on_progress):
+    in_flight: set[str] = set()  # the window's keys; all recorded once run_window returns
+    for caption, key in pending(records, store, fingerprint, config.force, stats, on_progress, in_flight):
         window.append({"id": caption.id, "text": caption.text, "key": key})
         if len(window) >= WINDOW:
             run_window(window)
             window = []
+            in_flight.clear()
     if window:
         run_window(window)
     return stats

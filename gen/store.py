@@ -56,8 +56,10 @@ class AnswerStore:
             "FROM answers WHERE key = ?", (key,)).fetchone()
         return Stored(*row) if row else None
 
-    def __contains__(self, key: str) -> bool:
-        return self.db.execute("SELECT 1 FROM answers WHERE key = ?", (key,)).fetchone() is not None
+    def has(self, key: str, since: float = 0.0) -> bool:
+        """Whether `key` has an answer stored at or after `since` (a time.time())."""
+        return self.db.execute("SELECT 1 FROM answers WHERE key = ? AND created >= ?",
+                               (key, since)).fetchone() is not None
 
     def put(self, key: str, status: str, *, answer: Optional[str], raw: Optional[str],
             reason: Optional[str], requests: int, prompt_tokens: int, completion_tokens: int) -> None:

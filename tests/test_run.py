@@ -63,6 +63,21 @@ def test_rerun_makes_no_calls_and_new_captions_pay_only_for_themselves(tmp_path,
         assert len(fake.requests) == 30
 
 
+
+@pytest.mark.parametrize("concurrency", ["1", "8"])  # duplicates after the first is stored / while in flight
+def test_identical_texts_under_different_ids_cost_one_request(tmp_path, sample_captions, concurrency):
+    texts = [c["text"] for c in sample_captions[:4]]
+    caps = write_jsonl(tmp_path / "caps.jsonl", [{"id": f"{i}-{t}", "text": texts[t]}
+                                                 for i in range(3) for t in range(4)])
+    out = tmp_path / "out"
+    with FakeOpenAI(latency=0.05) as fake:
+        assert run(caps, out, fake, "--concurrency", concurrency) == EXIT_OK
+        assert len(fake.requests) == 4
+        assert run(caps, out, fake, "--concurrency", concurrency, "--force") == EXIT_OK
+        assert len(fake.requests) == 8  # forced: each text once more, not once per id
+    assert len({r["caption_id"] for r in read_rows(out / "queries.parquet")}) == 12
+    assert json.loads((out / "manifest.json").read_text())["counts"]["cached"] == 8
+
 def test_changing_the_template_or_sampling_pays_again(tmp_path, captions):
     out = tmp_path / "out"
     prompts = tmp_path / "prompts"
