@@ -8,11 +8,12 @@ schema included) to benchmarks/sim_server.py (own process, short service time, c
 concurrency) through several HTTP client set-ups, K in flight, and reports this process's CPU
 seconds per request (time.process_time over the timed loop; the server's CPU is not in it):
 
-  engine         capgen's OpenAIEngine as it is (openai SDK, default httpx transport)
-  sdk+keepalive  the SDK with an httpx pool keeping K connections alive (default keeps 100)
-  sdk+aiohttp    the SDK with its aiohttp transport (openai.DefaultAioHttpClient), pool of K
-  sdk+aiohttp+post   same, request sent with client.post(...) (skips the SDK's params transform)
-  aiohttp        a bare aiohttp.ClientSession: json.dumps body, json.loads reply
+  engine         capgen's OpenAIEngine as it is (one aiohttp session, retries, server pool)
+  sdk            the openai SDK, default httpx transport: how capgen's engine sent requests before
+  keepalive      the SDK with an httpx pool keeping K connections alive (default keeps 100)
+  aiohttp_sdk    the SDK with its aiohttp transport (openai.DefaultAioHttpClient), pool of K
+  aiohttp_post   same, request sent with client.post(...) (skips the SDK's params transform)
+  aiohttp        a bare aiohttp.ClientSession: json.dumps body, json.loads reply (the floor)
 
 Part 2 times capgen's per-caption work outside HTTP, in a loop: rendering the messages,
 validating an answer (gen.validate.parse_answer), the answer key, and the store write.
@@ -73,48 +74,40 @@ async def part1(messages: list, k: int, base_url: str, only: list[str] | None) -
 
     schema = answer_json_schema()
     os.environ.setdefault("OPENAI_API_KEY", "bench")
-    out = []
+    # The request capgen sends, split the way the SDK takes it (chat_template_kwargs is not
+    # an SDK parameter).
+    request = OpenAIEngine(base_urls=[base_url], model="fake-model", schema=schema, sampling=Sampling())._request
 
-    def engine() -> OpenAIEngine:
-        return OpenAIEngine(base_urls=[base_url], model="fake-model", schema=schema, sampling=Sampling())
-
-    def swap_client(e: OpenAIEngine, http_client) -> None:
-        for server in e.pool.servers if hasattr(e.pool, "servers") else e.pool._servers:
-            server.client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0,
-                                               timeout=120, http_client=http_client)
+    def sdk_kwargs(m) -> dict:
+        kw = request(m)
+        extra = {"chat_template_kwargs": kw.pop("chat_template_kwargs")}
+        return {**kw, "extra_body": extra}
 
     limits = httpx2.Limits(max_connections=k, max_keepalive_connections=k)
-    variants = {}
 
     async def v_engine():
-        e = engine()
+        e = OpenAIEngine(base_urls=[base_url], model="fake-model", schema=schema, sampling=Sampling())
         r = await timed("engine (as is)", lambda m: _text(e.complete(m)), messages, k)
         await e.aclose()
         return r
 
-    async def v_keepalive():
-        e = engine()
-        swap_client(e, openai.DefaultAsyncHttpxClient(limits=limits, timeout=120))
-        r = await timed("sdk+keepalive", lambda m: _text(e.complete(m)), messages, k)
-        await e.aclose()
-        return r
+    async def sdk(name, http_client=None):
+        client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=120,
+                                    **({"http_client": http_client} if http_client else {}))
 
-    async def v_aiohttp_sdk():
-        e = engine()
-        swap_client(e, openai.DefaultAioHttpClient(limits=limits, timeout=120))
-        r = await timed("sdk+aiohttp", lambda m: _text(e.complete(m)), messages, k)
-        await e.aclose()
+        async def send(m):
+            resp = await client.chat.completions.create(**sdk_kwargs(m))
+            return resp.choices[0].message.content
+        r = await timed(name, send, messages, k)
+        await client.close()
         return r
 
     async def v_aiohttp_post():
-        e = engine()
         client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=120,
                                     http_client=openai.DefaultAioHttpClient(limits=limits, timeout=120))
 
         async def send(m):
-            kw = e._request(m)
-            body = {**kw, **kw.pop("extra_body", {})}
-            resp = await client.post("/chat/completions", body=body, cast_to=ChatCompletion,
+            resp = await client.post("/chat/completions", body=request(m), cast_to=ChatCompletion,
                                      options={"security": {"bearer_auth": True}})
             return resp.choices[0].message.content
         r = await timed("sdk+aiohttp+post", send, messages, k)
@@ -122,15 +115,12 @@ async def part1(messages: list, k: int, base_url: str, only: list[str] | None) -
         return r
 
     async def v_aiohttp():
-        e = engine()
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=k),
                                         headers={"Authorization": "Bearer bench"})
         url = base_url.rstrip("/") + "/chat/completions"
 
         async def send(m):
-            kw = e._request(m)
-            body = {**kw, **kw.pop("extra_body", {})}
-            async with session.post(url, data=json.dumps(body, ensure_ascii=False).encode(),
+            async with session.post(url, data=json.dumps(request(m), ensure_ascii=False).encode(),
                                     headers={"Content-Type": "application/json"}) as resp:
                 data = json.loads(await resp.read())
             return data["choices"][0]["message"]["content"]
@@ -138,13 +128,20 @@ async def part1(messages: list, k: int, base_url: str, only: list[str] | None) -
         await session.close()
         return r
 
-    variants = {"engine": v_engine, "keepalive": v_keepalive, "aiohttp_sdk": v_aiohttp_sdk,
-                "aiohttp_post": v_aiohttp_post, "aiohttp": v_aiohttp}
+    variants = {
+        "engine": v_engine,
+        "sdk": lambda: sdk("sdk (as capgen was)"),
+        "keepalive": lambda: sdk("sdk+keepalive", openai.DefaultAsyncHttpxClient(limits=limits, timeout=120)),
+        "aiohttp_sdk": lambda: sdk("sdk+aiohttp", openai.DefaultAioHttpClient(limits=limits, timeout=120)),
+        "aiohttp_post": v_aiohttp_post,
+        "aiohttp": v_aiohttp,
+    }
+    out = []
     for name, fn in variants.items():
         if only and name not in only:
             continue
         r = await fn()
-        print(f"  {r['variant']:<18} {r['cpu_ms_per_request']:6.3f} ms CPU/request  "
+        print(f"  {r['variant']:<20} {r['cpu_ms_per_request']:6.3f} ms CPU/request  "
               f"({r['requests']} requests, {r['wall_s']:.1f} s wall)", file=sys.stderr, flush=True)
         out.append(r)
     return out
@@ -193,7 +190,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--latency", type=float, default=0.05)
-    ap.add_argument("--only", nargs="*", help="variants: engine keepalive aiohttp_sdk aiohttp_post aiohttp")
+    ap.add_argument("--only", nargs="*", help="variants: engine sdk keepalive aiohttp_sdk aiohttp_post aiohttp")
     ap.add_argument("--json-out", type=Path)
     a = ap.parse_args()
 

@@ -2,16 +2,18 @@
 what the server refuses, and find the answer wherever the server put it."""
 import asyncio
 import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
-import httpx
-import openai
 import pytest
 from fake_openai import FakeOpenAI
 
 from gen.config import Sampling
 from gen.engines import EngineError, RetryPolicy
 from gen.engines.openai import OpenAIEngine
+from gen.engines.retry import StatusError
 from gen.validate import parse_answer
 from schemas import answer_json_schema
 
@@ -48,7 +50,7 @@ def test_transient_faults_are_retried_until_an_answer(fault):
 
 def test_retries_are_bounded_and_end_in_engine_error():
     with FakeOpenAI(faults={"500": 1.0}) as fake:
-        with pytest.raises(EngineError, match="InternalServerError 500"):
+        with pytest.raises(EngineError, match="HTTP 500 Internal Server Error"):
             complete(fake, attempts=3)
         assert len(fake.requests) == 3
 
@@ -57,7 +59,7 @@ def test_other_4xx_is_not_retried():
     # A 404 (wrong URL) says the request itself is wrong: retrying would only repeat it.
     with FakeOpenAI() as fake:
         fake.base_url = fake.base_url.replace("/v1", "/wrong")
-        with pytest.raises(EngineError, match="NotFoundError 404"):
+        with pytest.raises(EngineError, match="HTTP 404 Not Found: no route POST"):
             complete(fake, attempts=5)
         assert fake.requests == []
 
@@ -66,11 +68,10 @@ def test_retry_after_header_is_honoured_and_capped():
     policy = RetryPolicy(initial=0.01, retry_after_cap=60)
 
     def state(headers):
-        resp = httpx.Response(429, headers=headers, request=httpx.Request("POST", "http://x"))
-        exc = openai.RateLimitError("slow down", response=resp, body=None)
+        exc = StatusError(429, headers, '{"error": {"message": "slow down"}}')
         return SimpleNamespace(outcome=SimpleNamespace(exception=lambda: exc), attempt_number=1)
 
-    assert policy.wait(state({"retry-after": "7"})) == 7
+    assert policy.wait(state({"Retry-After": "7"})) == 7
     assert policy.wait(state({"retry-after-ms": "250"})) == 0.25
     assert policy.wait(state({"retry-after": "99999"})) == 60
     assert policy.wait(state({})) <= 0.01  # no header: jittered backoff
@@ -113,3 +114,126 @@ def test_refusal_and_broken_content_reach_validation_not_retry():
             assert len(fake.requests) == 1 and info["retries"] == 0
         if fault == "refusal":
             assert done.text == "" and done.refusal
+
+
+def test_request_body_and_auth_header_are_the_chat_completions_api(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with FakeOpenAI() as fake:
+        (done,), _ = complete(fake)
+        body, auth = fake.requests[0], fake.auth_headers[0]
+    assert auth == "Bearer EMPTY"  # local servers need no key; vLLM's docs use this placeholder
+    assert set(body) == {"model", "messages", "temperature", "top_p", "max_tokens", "seed",
+                         "response_format", "chat_template_kwargs"}
+    sampling = Sampling()
+    assert (body["model"], body["messages"]) == ("fake-model", MESSAGES)
+    assert (body["temperature"], body["top_p"], body["max_tokens"], body["seed"]) == \
+        (sampling.temperature, sampling.top_p, sampling.max_tokens, sampling.seed)
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "caption_queries", "schema": answer_json_schema(), "strict": True}}
+    assert body["chat_template_kwargs"] == {"enable_thinking": False}
+    assert done.finish_reason == "stop" and done.prompt_tokens > 0 and done.completion_tokens > 0
+
+
+class Scripted:
+    """A server whose every reply comes from `reply(body, auth) -> (status, payload)`: for the
+    refusals and echoes FakeOpenAI does not make. Records the request bodies and paths."""
+
+    def __init__(self, reply):
+        self.reply, self.requests, self.paths = reply, [], []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                outer.paths.append(self.path)
+                status, payload = outer.reply(body, self.headers.get("Authorization", ""))
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def refusal(message: str, param=None) -> tuple[int, dict]:
+    return 400, {"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}}
+
+
+def test_every_response_format_refused_steps_down_to_plain_prompting():
+    def reply(body, auth):
+        if "response_format" in body:  # vLLM-style wording, naming the field in the message only
+            return refusal(f"Unsupported 'response_format' type: {body['response_format']['type']}")
+        return 200, {"choices": [{"message": {"content": "{}"}, "finish_reason": "length"}]}
+
+    with Scripted(reply) as server:
+        (done,), info = complete(server)
+    formats = [r.get("response_format", {}).get("type") for r in server.requests]
+    assert formats == ["json_schema", "json_object", None]
+    assert info["response_format"] == "none" and info["attempts"] == 3 and info["retries"] == 0
+    assert (done.text, done.finish_reason, done.prompt_tokens) == ("{}", "length", 0)  # no usage: 0
+
+
+def test_a_400_naming_no_option_is_an_error_at_once():
+    with Scripted(lambda body, auth: refusal("messages: too long for this model")) as server:
+        with pytest.raises(EngineError, match="HTTP 400 Bad Request: messages: too long"):
+            complete(server, attempts=5)
+    assert len(server.requests) == 1
+
+
+def test_api_key_echoed_in_a_refusal_never_reaches_errors_or_logs(monkeypatch, caplog):
+    secret = "sk-live-0123456789abcdef"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+
+    def reply(body, auth):
+        if "response_format" in body:
+            return refusal(f"response_format not allowed for key {auth}")
+        return 401, {"error": {"message": f"Incorrect API key provided: {auth}"}}
+
+    with Scripted(reply) as server, pytest.raises(EngineError) as err:
+        complete(server)
+    assert "HTTP 401 Unauthorized" in str(err.value) and "***" in str(err.value)
+    assert secret not in str(err.value) and secret not in caplog.text
+    assert "***" in caplog.text  # the step-down warning, redacted
+
+
+@pytest.mark.parametrize("broken", [b"<html>bad gateway</html>", b'{"choices": []}', b"[1, 2]"])
+def test_an_unreadable_or_empty_200_is_retried(broken):
+    good = {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+    with Scripted(lambda body, auth: (200, broken) if len(server.requests) == 1 else (200, good)) as server:
+        (done,), info = complete(server)
+    assert (done.text, done.prompt_tokens, done.completion_tokens) == ("ok", 3, 1) and info["retries"] == 1
+
+
+def test_a_refused_connection_is_retried_then_an_engine_error():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(EngineError, match="connection failed"):
+        complete(SimpleNamespace(base_url=f"http://127.0.0.1:{port}/v1"), attempts=2)
+
+
+def test_proxy_from_the_environment_is_used_and_no_proxy_bypasses_it(monkeypatch):
+    ok = {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}
+    with Scripted(lambda body, auth: (200, ok)) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.base_url.removesuffix("/v1"))
+        (done,), _ = complete(SimpleNamespace(base_url="http://llm.capgen-test.invalid/v1"))
+        assert done.text == "ok" and proxy.paths == ["http://llm.capgen-test.invalid/v1/chat/completions"]
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        with FakeOpenAI() as fake:
+            complete(fake)
+            assert len(fake.requests) == 1 and len(proxy.paths) == 1

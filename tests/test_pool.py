@@ -40,8 +40,10 @@ def test_a_lone_server_is_never_taken_out():
 
 def test_run_spreads_over_servers_and_finishes_on_the_healthy_one(tmp_path, sample_captions):
     path = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:30])
-    with FakeOpenAI(latency=0.01) as good, FakeOpenAI(faults={"503": 1.0}) as bad, \
-         FakeOpenAI(latency=0.01) as good2:
+    # 50 ms a request: at 10 ms the whole run took ~0.1 s, and one stall of the fake's threads
+    # on a busy box could hand nearly every caption to the other server.
+    with FakeOpenAI(latency=0.05) as good, FakeOpenAI(faults={"503": 1.0}) as bad, \
+         FakeOpenAI(latency=0.05) as good2:
         code = main(["--captions", str(path), "--out", str(tmp_path / "out"), "--model", "fake-model",
                      "--base-url", good.base_url, "--base-url", bad.base_url, "--base-url", good2.base_url,
                      "--no-progress", "--retry-wait", "0.01", "--concurrency", "8"])

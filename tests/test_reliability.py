@@ -210,7 +210,7 @@ def test_api_key_echoed_by_a_server_is_redacted_everywhere(tmp_path, monkeypatch
         server.shutdown()
         server.server_close()
     rejects = (tmp_path / "out" / "rejects.jsonl").read_text()
-    assert "AuthenticationError 401" in rejects and "***" in rejects
+    assert "HTTP 401 Unauthorized" in rejects and "***" in rejects
     everything = capsys.readouterr().err + rejects + (tmp_path / "out" / "manifest.json").read_text()
     assert secret not in everything
 

@@ -1,7 +1,7 @@
-"""When to retry a request and how long to wait: one small frozen policy.
+"""When to retry a request and how long to wait: one small frozen policy, and the errors it judges.
 
-Retried: 429 (rate limit), 408/409/5xx, timeouts, dropped connections, and a 200 with no
-choices; all say "the server could not answer now", not "this request is wrong".
+Retried: 429 (rate limit), 408/409/5xx, timeouts, dropped connections, unreadable replies, and
+a 200 with no choices; all say "the server could not answer now", not "this request is wrong".
 Not retried: other 4xx (the request itself is wrong; retrying repeats the cost) and
 invalid answers (those get the repair round in gen.generate instead).
 A Retry-After header is honoured, capped so one bad header cannot stall a job for hours;
@@ -10,17 +10,48 @@ otherwise exponential backoff with full jitter spreads many clients' retries apa
 from __future__ import annotations
 
 import email.utils
+import json
 import random
 import time
 from dataclasses import dataclass
-from typing import Optional
+from http import HTTPStatus
+from typing import Mapping, Optional
 
-import openai
 from tenacity import RetryCallState
 
 
-class EmptyAnswer(Exception):
+class RequestFailed(Exception):
+    """A request that got no answer; the subclass says why."""
+
+
+class EmptyAnswer(RequestFailed):
     """A 200 reply without choices: a server-side hiccup, worth another try."""
+
+
+class TransportError(RequestFailed):
+    """No usable HTTP reply: a timeout, a refused or dropped connection, a body that is not JSON."""
+
+
+class StatusError(RequestFailed):
+    """The server answered with an error status; status, headers and body decide what follows."""
+
+    def __init__(self, status: int, headers: Mapping[str, str], text: str):
+        self.status, self.text = status, text
+        self.headers = {k.lower(): v for k, v in headers.items()}
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "error"
+        super().__init__(f"HTTP {status} {phrase}: {_server_message(text)}")
+
+
+def _server_message(text: str) -> str:
+    """The message of an OpenAI-style error body ({"error": {"message": ...}}), else the body."""
+    try:
+        error = json.loads(text)["error"]
+        return str(error["message"] if isinstance(error, dict) else error)
+    except (ValueError, KeyError, TypeError):
+        return text.strip()
 
 
 @dataclass(frozen=True)
@@ -41,24 +72,23 @@ class RetryPolicy:
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, EmptyAnswer)):
+    if isinstance(exc, (TransportError, EmptyAnswer)):
         return True
-    if isinstance(exc, openai.APIStatusError):
-        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
+    if isinstance(exc, StatusError):
+        return exc.status in (408, 409, 429) or exc.status >= 500
     return False
 
 
 def retry_after_seconds(exc: Optional[BaseException]) -> Optional[float]:
-    response = getattr(exc, "response", None)
-    if response is None:
+    if not isinstance(exc, StatusError):
         return None
-    value = response.headers.get("retry-after-ms")
+    value = exc.headers.get("retry-after-ms")
     if value:
         try:
             return float(value) / 1000
         except ValueError:
             pass
-    value = response.headers.get("retry-after")
+    value = exc.headers.get("retry-after")
     if not value:
         return None
     try:
