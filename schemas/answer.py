@@ -34,8 +34,12 @@ def _check_query(value: str, info: ValidationInfo) -> str:
         raise ValueError("query is empty")
     ctx = info.context or {}
     caption = ctx.get("caption")
-    # caption_norm: normalised once per answer, not once for each of its ~20 queries.
-    if caption is not None and normalize(value) == ctx.get("caption_norm", normalize(caption)):
+    if caption is None:
+        return value
+    # caption_norm: normalised once per answer, not once for each of its ~20 queries (a
+    # dict.get default would be computed on every call).
+    caption_norm = ctx["caption_norm"] if "caption_norm" in ctx else normalize(caption)
+    if normalize(value) == caption_norm:
         raise ValueError(f"query {value!r} repeats the whole caption; ask for a part of it")
     return value
 

@@ -1,4 +1,8 @@
-"""Rows capgen writes: one QueryRecord per accepted query, one Reject per thing not accepted."""
+"""Rows capgen writes: one QueryRecord per accepted query, one Reject per thing not accepted.
+
+QueryRecord documents a row of queries.parquet; gen/export.py writes the columns directly
+(a model per row cost more than the rest of the export), and a test keeps the two in step.
+"""
 from __future__ import annotations
 
 from typing import Any, Literal, Optional

@@ -116,3 +116,10 @@ def test_repair_messages_show_the_error_after_the_bad_answer():
 def test_caption_model_is_strict_about_ids():
     with pytest.raises(ValidationError):
         Caption(id=12, text="猫")
+
+
+def test_query_record_documents_the_written_columns():
+    # export.py builds columns directly for speed; QueryRecord stays the documented row.
+    from gen.export import QUERY_SCHEMA
+    from schemas import QueryRecord
+    assert QUERY_SCHEMA.names == list(QueryRecord.model_fields)
