@@ -13,7 +13,7 @@ CR0 = CAPS[0]["text"]   # 图片中显示了一个安装在墙上的燃气表，
     ("图片", {}, "stoplist"),
     ("这张图片。", {}, "stoplist"),                     # punctuation does not hide it
     ("ＰＨＯＴＯ", {}, "stoplist"),                     # nor width or case
-    ("表", {}, "too_short"),
+    ("表", {"min_chars": 2}, "too_short"),
     ("墙上的燃气表旁边有管道和电源适配器", {"max_chars": 10}, "too_long"),
     ("管道", {"min_words": 2}, "too_few_words"),
     ("墙上的燃气表旁边有管道", {"max_words": 3}, "too_many_words"),

@@ -33,8 +33,9 @@ class CurateConfig(BaseModel):
     # Jaccard of character 2- and 3-gram sets at or above which two queries of one caption
     # are near-duplicates (the worse one goes).
     near_dup_threshold: float = Field(0.6, gt=0, le=1)
-    # Lengths of the normalised query (punctuation and spaces removed).
-    min_chars: int = Field(2, ge=1)
+    # Lengths of the normalised query (punctuation and spaces removed). One character is a
+    # real search in Chinese (猫, 书); min_chars 2 cost 4% of coverage (docs/quality.md).
+    min_chars: int = Field(1, ge=1)
     max_chars: int = Field(64, ge=1)
     # Lengths in jieba words.
     min_words: int = Field(1, ge=1)
@@ -68,7 +69,9 @@ class CurateConfig(BaseModel):
     # --- positives --------------------------------------------------------------------
     # A query with more positive captions than max(generic_share * captions,
     # generic_min_positives) is generic (a false negative for most in-batch partners): dropped.
-    generic_share: float = Field(0.01, gt=0, le=1)
+    # Only truly generic ones: people search with broad words (男子, 学校), and at 1% the
+    # filter removed most of what matched the benchmark's queries (docs/quality.md).
+    generic_share: float = Field(0.1, gt=0, le=1)
     generic_min_positives: int = Field(5, ge=1)
     # Of a query that is not generic, keep at most this many positives (the best graded).
     max_positives: int = Field(16, ge=1)
