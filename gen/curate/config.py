@@ -34,7 +34,7 @@ class CurateConfig(BaseModel):
     # are near-duplicates (the worse one goes).
     near_dup_threshold: float = Field(0.6, gt=0, le=1)
     # Lengths of the normalised query (punctuation and spaces removed). One character is a
-    # real search in Chinese (猫, 书); min_chars 2 cost 4% of coverage (docs/quality.md).
+    # real search in Chinese (猫, 鱼); min_chars 2 cost 4% of coverage (docs/quality.md).
     min_chars: int = Field(1, ge=1)
     max_chars: int = Field(64, ge=1)
     # Lengths in jieba words.
@@ -69,7 +69,7 @@ class CurateConfig(BaseModel):
     # --- positives --------------------------------------------------------------------
     # A query with more positive captions than max(generic_share * captions,
     # generic_min_positives) is generic (a false negative for most in-batch partners): dropped.
-    # Only truly generic ones: people search with broad words (男子, 学校), and at 1% the
+    # Only truly generic ones: people search with broad words (男子, 公园), and at 1% the
     # filter removed most of what matched the benchmark's queries (docs/quality.md).
     generic_share: float = Field(0.1, gt=0, le=1)
     generic_min_positives: int = Field(5, ge=1)

@@ -6,7 +6,7 @@ long query which merely contains h does not count:
 
   1. equal after normalisation (NFKC, case, punctuation and spaces dropped); or
   2. one contains the other and the shorter has at least 75% of the longer's characters
-     ("健身房" ~ "健身房里", but not "学校" ~ "学校操场", nor h inside a summary); or
+     ("体育馆" ~ "体育馆里", but not "公园" ~ "公园门口", nor h inside a summary); or
   3. the same multiset of jieba words once function words are dropped ("女孩和狗" ~ "狗和女孩").
 
 Reported overall and per human query type, with which generated type matched first.
