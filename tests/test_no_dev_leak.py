@@ -1,0 +1,28 @@
+"""The benchmark's dev queries tune capgen but must never be inside it: no labelled query in
+a bundled prompt, example or filter list (an independent half checks that gains generalise)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from gen.curate.config import DEFAULT_STOPLIST
+from prompts import TEMPLATE_DIR
+
+DEV = Path(__file__).resolve().parents[1].parent / "shared/data/capretrieval/dev_queries.jsonl"
+
+
+@pytest.fixture(scope="module")
+def dev_queries() -> set[str]:
+    if not DEV.is_file():
+        pytest.skip(f"{DEV} not on this machine")
+    return {json.loads(line)["query"] for line in DEV.open(encoding="utf-8") if line.strip()}
+
+
+@pytest.mark.parametrize("template", sorted(p.name for p in TEMPLATE_DIR.glob("*.j2")))
+def test_no_dev_query_in_prompts(dev_queries, template):
+    text = (TEMPLATE_DIR / template).read_text(encoding="utf-8")
+    assert not sorted(q for q in dev_queries if q in text)
+
+
+def test_no_dev_query_in_filter_lists(dev_queries):
+    assert not dev_queries & set(DEFAULT_STOPLIST)
