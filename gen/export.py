@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from gen.atomic import atomic_path
 from gen.config import answer_key
 from gen.store import AnswerStore
-from schemas import Caption, CaptionQueries, Reject
+from schemas import Caption, Reject
+from schemas.answer import flatten
 
 QUERY_SCHEMA = pa.schema([
     ("caption_id", pa.string()), ("query", pa.string()), ("type", pa.string()),
@@ -28,7 +29,7 @@ QUERY_SCHEMA = pa.schema([
 ])
 # `extra` holds the input line's other fields as JSON text, carried through untouched.
 CAPTION_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("extra", pa.string())])
-# The QUERY_SCHEMA columns that come from CaptionQueries.queries(); the rest name the caption.
+# The QUERY_SCHEMA columns that come from schemas.answer.flatten(); the rest name the caption.
 ROW_FIELDS = ("query", "type", "subtype", "grade", "salience", "source")
 BATCH_ROWS = 20_000
 
@@ -99,7 +100,7 @@ def export(records: Iterable[Union[Caption, Reject]], *, store: AnswerStore, fin
                 c["text"].append(record.text)
                 c["extra"].append(json.dumps(record.extra, ensure_ascii=False) if record.extra else None)
                 captions.flush_if_full()
-                rows = CaptionQueries.model_validate_json(stored.answer).queries()
+                rows = flatten(json.loads(stored.answer))
                 q = queries.columns
                 q["caption_id"].extend([record.id] * len(rows))
                 q["model"].extend([model] * len(rows))

@@ -123,3 +123,9 @@ def test_query_record_documents_the_written_columns():
     from gen.export import QUERY_SCHEMA
     from schemas import QueryRecord
     assert QUERY_SCHEMA.names == list(QueryRecord.model_fields)
+
+
+def test_flatten_of_the_stored_json_equals_the_models_rows():
+    from schemas.answer import flatten
+    model = CaptionQueries.model_validate(GOOD, context={"caption": CAPTION})
+    assert flatten(json.loads(model.model_dump_json())) == model.queries() != []
