@@ -156,13 +156,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     from gen import logs
     from gen.cli import ConfigError, load_config
     from gen.run import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, UsageError
-    logs.setup("text")
     try:
         config = load_config(argv)
+    except ConfigError as e:
+        logs.setup("text")
+        log.error("%s", e)
+        return EXIT_USAGE
+    logs.setup(config.log_format)
+    try:
         if not (config.out_dir / "queries.parquet").is_file():
             raise UsageError(f"{config.out_dir}/queries.parquet not found: run gen.run first (same --out)")
         stats = asyncio.run(judge(config))
-    except (ConfigError, UsageError) as e:
+    except UsageError as e:
         log.error("%s", e)
         return EXIT_USAGE
     except EngineError as e:

@@ -63,3 +63,12 @@ def test_judge_grades_resumes_and_curation_drops_or_regrades(tmp_path, sample_ca
     curate(out, CurateConfig(judge="drop", dev_fraction=0.0, cross_positives=False), out / "s_d")
     curate(out, CurateConfig(judge="regrade", dev_fraction=0.0, cross_positives=False), out / "s_re")
     assert scores(out / "s_d") == {1.0, 2.0} and scores(out / "s_re") == {2.0}
+
+
+def test_judge_before_generation_is_a_usage_error(tmp_path, sample_captions, capsys):
+    caps = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:2])
+    rc = judge_main(["--captions", str(caps), "--out", str(tmp_path / "none"), "--base-url",
+                     "http://127.0.0.1:9/v1", "--model", "m", "--log-format", "json"])
+    assert rc == 2
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])   # JSON logs, as asked
+    assert line["level"] == "error" and "run gen.run first" in line["message"]
