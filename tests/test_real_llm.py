@@ -92,7 +92,11 @@ def vllm_server(model_dir, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
          "--served-model-name", "qwen-local", "--host", "127.0.0.1", "--port", str(port),
-         "--max-model-len", "4096", "--enforce-eager"],
+         "--max-model-len", "4096", "--enforce-eager",
+         # vLLM's CPU build kills its engine when a request with a seed (capgen sends one)
+         # is prefilled in chunks ("CPU Generator does not use offset"); a step budget above
+         # 20 prompts of ~1k tokens keeps every prefill whole. README says the same to users.
+         "--max-num-batched-tokens", "32768"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/v1"
     try:
