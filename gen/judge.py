@@ -152,29 +152,18 @@ async def judge(config: RunConfig) -> dict:
     return stats
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    from gen import logs
-    from gen.cli import ConfigError, load_config
-    from gen.run import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, UsageError
-    try:
-        config = load_config(argv)
-    except ConfigError as e:
-        logs.setup("text")
-        log.error("%s", e)
-        return EXIT_USAGE
-    logs.setup(config.log_format)
-    try:
-        if not (config.out_dir / "queries.parquet").is_file():
-            raise UsageError(f"{config.out_dir}/queries.parquet not found: run gen.run first (same --out)")
-        stats = asyncio.run(judge(config))
-    except UsageError as e:
-        log.error("%s", e)
-        return EXIT_USAGE
-    except EngineError as e:
-        log.error("engine failed: %s", e)
-        return EXIT_FAILED
+def _main(config: RunConfig) -> int:
+    from gen.run import EXIT_INCOMPLETE, EXIT_OK, UsageError
+    if not (config.out_dir / "queries.parquet").is_file():
+        raise UsageError(f"{config.out_dir}/queries.parquet not found: run gen.run first (same --out)")
+    stats = asyncio.run(judge(config))
     print(json.dumps(stats, ensure_ascii=False, indent=2))
     return EXIT_INCOMPLETE if stats["failed"] else EXIT_OK
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from gen.run import entry
+    return entry(argv, _main)
 
 
 if __name__ == "__main__":

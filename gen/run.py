@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from gen import __version__, localmodel, report
 from gen.atomic import atomic_path
@@ -206,7 +206,8 @@ async def _run_locked(config: RunConfig) -> int:
     return EXIT_INCOMPLETE if stats.failed else EXIT_OK
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int]) -> int:
+    """What every capgen command shares: settings, logging, and errors turned into exit codes."""
     from gen import logs
     try:
         config = load_config(argv)
@@ -216,7 +217,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_USAGE
     logs.setup(config.log_format)
     try:
-        return asyncio.run(run(config))
+        return work(config)
     except (UsageError, CaptionError) as e:
         log.error("%s", e)
         return EXIT_USAGE
@@ -226,6 +227,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except OSError as e:
         log.error("cannot read or write: %s", e)
         return EXIT_FAILED
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return entry(argv, lambda config: asyncio.run(run(config)))
 
 
 if __name__ == "__main__":
