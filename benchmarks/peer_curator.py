@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -57,10 +56,10 @@ CURATOR_PYTHON = Path("/tmp/curator-venv/bin/python")
 PYTHON = sys.executable
 
 
-# The same captions, limit and server as gen_bench.py: one definition, imported.
+# The same captions, limit, server and machine record as gen_bench.py: one definition, imported.
 from gen_bench import (  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-    base_captions, cycled as _cycle, extra_flags, fifo_makespan, lower_bound, service_times,
-    start_server, stop_server,
+    base_captions, cycled as _cycle, extra_flags, fifo_makespan, lower_bound, machine,
+    service_times, start_server, stop_server,
 )
 
 
@@ -169,19 +168,6 @@ def measure(side: str, cap_file: Path, *, c: int, latency: float, per_token: flo
 
 
 # --------------------------------------------------------------------------- report
-
-def machine() -> dict:
-    def sh(cmd: str) -> str:
-        try:
-            return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return ""
-    model = next((l.split(":", 1)[1].strip() for l in sh("lscpu").splitlines() if l.startswith("Model name")), "")
-    mem = next((l.split()[1] for l in sh("free -g").splitlines() if l.startswith("Mem:")), "?")
-    return {"nproc": sh("nproc"), "cpu": model, "arch": platform.machine(), "mem_gib": mem,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "git": sh(f"git -C {ROOT} rev-parse --short HEAD")}
-
 
 def curator_version(py: Path) -> str:
     out = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('bespokelabs-curator'))"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from gen.eval.labels import LabelError, load_corpus, load_labels
 
 def _record(args, result: dict) -> None:
     result = {"name": args.name, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": f"{platform.machine()} {platform.node()} ({__import__('os').cpu_count()} cores)"} | result
+              "machine": f"{platform.machine()} {platform.node()} ({os.cpu_count()} cores)"} | result
     print(json.dumps(result, ensure_ascii=False, indent=1))
     if args.results:
         with open(args.results, "a", encoding="utf-8") as f:
