@@ -16,16 +16,15 @@ from __future__ import annotations
 import polars as pl
 
 from gen.curate.config import CurateConfig
-from gen.curate.negatives import SplitIndex, _candidates
+from gen.curate.negatives import SplitIndex, SplitIndexes, candidates
 
 CROSS_GRADE = 1.0
 MIN_QUERY_CHARS = 2
 
 
-def _found(rows: pl.DataFrame, caps: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
+def _found(rows: pl.DataFrame, caps: pl.DataFrame, index: SplitIndex, config: CurateConfig) -> pl.DataFrame:
     """(qrow, caption_id, text) of one split: contained, not yet a positive."""
-    index = SplitIndex(caps["c_words"].to_list(), config, rows.height)
-    cand = _candidates(index, rows, config.cross_depth)
+    cand = candidates(index, rows, config.cross_depth)
     hits = (cand.join(caps.select("doc", caption_id="id", text="text", c_norm="c_norm"), on="doc")
             .join(rows.select("qrow", "q_norm"), on="qrow")
             .filter(pl.col("q_norm").str.len_chars() >= MIN_QUERY_CHARS)
@@ -36,17 +35,17 @@ def _found(rows: pl.DataFrame, caps: pl.DataFrame, config: CurateConfig) -> pl.D
             .select("qrow", "caption_id", "text"))
 
 
-def extend(rows: pl.DataFrame, caps: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
+def extend(rows: pl.DataFrame, indexes: SplitIndexes, config: CurateConfig) -> pl.DataFrame:
     """rows (query rows of all splits: qrow, split, q_norm, q_words, pos, pos_ids, pos_scores)
     with contained captions of the same split appended to pos, pos_ids and pos_scores."""
     if not config.cross_positives or rows.height == 0:
         return rows
     found = []
     for name in ("train", "dev"):
-        split_caps = caps.filter(pl.col("split") == name).sort("id").with_row_index("doc")
+        split_caps = indexes.captions(name)
         part = rows.filter(pl.col("split") == name)
         if part.height and split_caps.height:
-            found.append(_found(part, split_caps, config))
+            found.append(_found(part, split_caps, indexes.index(name), config))
     if not found:
         return rows
     room = rows.select("qrow", room=config.max_positives - pl.col("pos_ids").list.len())

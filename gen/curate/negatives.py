@@ -74,7 +74,28 @@ class SplitIndex:
         return np.asarray(docs), np.asarray(scores)
 
 
-def _candidates(index: SplitIndex, rows: pl.DataFrame, depth: int) -> pl.DataFrame:
+
+class SplitIndexes:
+    """Each split's captions (doc = position) and its BM25 index, each built once when first
+    asked for: cross-caption positives and negatives search the same index."""
+
+    def __init__(self, caps: pl.DataFrame, rows: pl.DataFrame, config: CurateConfig):
+        self.all_caps, self.rows, self.config = caps, rows, config
+        self._caps: dict[str, pl.DataFrame] = {}
+        self._index: dict[str, SplitIndex] = {}
+
+    def captions(self, name: str) -> pl.DataFrame:
+        if name not in self._caps:
+            self._caps[name] = self.all_caps.filter(pl.col("split") == name).sort("id").with_row_index("doc")
+        return self._caps[name]
+
+    def index(self, name: str) -> SplitIndex:
+        if name not in self._index:
+            n_queries = self.rows.filter(pl.col("split") == name).height
+            self._index[name] = SplitIndex(self.captions(name)["c_words"].to_list(), self.config, n_queries)
+        return self._index[name]
+
+def candidates(index: SplitIndex, rows: pl.DataFrame, depth: int) -> pl.DataFrame:
     """(qrow, pos, doc, score): each query row's top `depth` captions (pos 0 = best) with a
     score above 0."""
     tokens = [tuple(index.query_tokens(q)) for q in rows["q_words"].to_list()]
@@ -161,7 +182,7 @@ def _mine_batch(index: SplitIndex, rows: pl.DataFrame, caps: pl.DataFrame, known
     # One search, deep enough for the hard cases; the guard (string work) then looks at the
     # first k + mine_depth candidates of every row, and further down only for rows still short.
     first = k + config.mine_depth
-    cand = _candidates(index, rows, 4 * first)
+    cand = candidates(index, rows, 4 * first)
     found, todo = [], rows.select("qrow")
     for lo, hi in ((0, first), (first, 4 * first)):
         window = cand.filter((pl.col("pos") >= lo) & (pl.col("pos") < hi)).join(todo, on="qrow")
@@ -177,18 +198,20 @@ def _mine_batch(index: SplitIndex, rows: pl.DataFrame, caps: pl.DataFrame, known
     return found
 
 
-def mine(rows: pl.DataFrame, caps: pl.DataFrame, known: pl.DataFrame, config: CurateConfig,
-         stats: Counter) -> pl.DataFrame:
+def mine(rows: pl.DataFrame, indexes: SplitIndexes, name: str, known: pl.DataFrame,
+         config: CurateConfig, stats: Counter) -> pl.DataFrame:
     """Negatives of each query row of one split.
 
-    rows: qrow, q_norm, q_words. caps: that split's captions (doc = 0.., id, c_norm, c_words).
+    rows: qrow, q_norm, q_words of split `name`; indexes: its captions (doc = 0.., id, c_norm,
+    c_words) and BM25 index.
     known: every (caption_id, q_norm) the run generated, dropped or not. Returns qrow, neg_ids, neg_bm25 (lists,
     best first; ties broken by caption order so the result is deterministic)."""
     out_schema = {"qrow": pl.UInt32, "neg_ids": pl.List(pl.String), "neg_bm25": pl.List(pl.Float64)}
     k = config.negatives
+    caps = indexes.captions(name)
     if k == 0 or rows.height == 0 or caps.height == 0:
         return pl.DataFrame(schema=out_schema)
-    index = SplitIndex(caps["c_words"].to_list(), config, rows.height)
+    index = indexes.index(name)
     stats["bm25_backend_" + index.backend] += 1
     known = (known.join(caps.select(caption_id="id", doc="doc"), on="caption_id")
              .join(rows.select("q_norm", "qrow"), on="q_norm").select("qrow", "doc"))
@@ -207,15 +230,14 @@ def mine(rows: pl.DataFrame, caps: pl.DataFrame, known: pl.DataFrame, config: Cu
     )
 
 
-def attach(rows: pl.DataFrame, caps: pl.DataFrame, known: pl.DataFrame, config: CurateConfig,
+def attach(rows: pl.DataFrame, indexes: SplitIndexes, known: pl.DataFrame, config: CurateConfig,
            stats: Counter) -> pl.DataFrame:
     """rows (all splits) with neg, neg_ids, neg_bm25 lists (empty where none), each split
-    mined against its own captions. caps: id, text, c_norm, c_words, split."""
+    mined against its own captions (indexes.all_caps: id, text, c_norm, c_words, split)."""
     found = []
     for name in ("train", "dev"):
-        split_caps = caps.filter(pl.col("split") == name).sort("id").with_row_index("doc")
-        found.append(mine(rows.filter(pl.col("split") == name), split_caps, known, config, stats))
-    texts = caps.select(neg_ids="id", neg_text="text")
+        found.append(mine(rows.filter(pl.col("split") == name), indexes, name, known, config, stats))
+    texts = indexes.all_caps.select(neg_ids="id", neg_text="text")
     negs = (pl.concat(found).explode("neg_ids", "neg_bm25")
             .filter(pl.col("neg_ids").is_not_null())
             .join(texts, on="neg_ids", how="left", maintain_order="left")

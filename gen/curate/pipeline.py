@@ -129,12 +129,14 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
         recs = recs.join(caps.select(caption_id="id", split="split", pos_text="text"), on="caption_id")
         rows = _query_rows(recs)
 
+    # One BM25 index per split, built on first use, serves both steps below.
+    indexes = negatives.SplitIndexes(caps, rows, config)
     with timer("cross_positives"):
-        rows = cross.extend(rows, caps, config)
+        rows = cross.extend(rows, indexes, config)
 
     with timer("negatives"):
         guard: Counter = Counter()
-        rows = negatives.attach(rows, caps, known, config, guard)
+        rows = negatives.attach(rows, indexes, known, config, guard)
         # negatives=0 asks for none, so it cannot fall short of them.
         least = min(config.min_negatives, config.negatives)
         few = rows.filter(pl.col("neg").list.len() < least).select("query_id", "split")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import polars as pl
 
 from gen.curate.config import CurateConfig
-from gen.curate.negatives import SplitIndex, _candidates
+from gen.curate.negatives import SplitIndex, candidates
 from gen.curate.steps import split_off
 
 
@@ -29,7 +29,7 @@ def apply(recs: pl.DataFrame, caps: pl.DataFrame, config: CurateConfig) -> tuple
         return split_off(recs, pl.lit(False), "roundtrip_miss")
     queries = checked.select("q_norm", "q_words").unique("q_norm", maintain_order=True).with_row_index("qrow")
     index = SplitIndex(docs["c_words"].to_list(), config, queries.height)
-    top = (_candidates(index, queries, k).join(queries.select("qrow", "q_norm"), on="qrow")
+    top = (candidates(index, queries, k).join(queries.select("qrow", "q_norm"), on="qrow")
            .join(docs.select("doc", caption_id="id"), on="doc").select("q_norm", "caption_id", "pos"))
     found = checked.join(top, on=["q_norm", "caption_id"], how="left")
     missed = found.filter(pl.col("pos").is_null())["rank"]
