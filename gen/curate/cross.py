@@ -16,7 +16,7 @@ from __future__ import annotations
 import polars as pl
 
 from gen.curate.config import CurateConfig
-from gen.curate.negatives import SplitIndex, SplitIndexes, candidates
+from gen.curate.negatives import _BATCH, SplitIndex, SplitIndexes, candidates
 
 CROSS_GRADE = 1.0
 MIN_QUERY_CHARS = 2
@@ -45,7 +45,9 @@ def extend(rows: pl.DataFrame, indexes: SplitIndexes, config: CurateConfig) -> p
         split_caps = indexes.captions(name)
         part = rows.filter(pl.col("split") == name)
         if part.height and split_caps.height:
-            found.append(_found(part, split_caps, indexes.index(name), config))
+            # In slices, as negatives.mine does: the candidate frame grows with the rows.
+            found += [_found(batch, split_caps, indexes.index(name), config)
+                      for batch in part.iter_slices(_BATCH)]
     if not found:
         return rows
     room = rows.select("qrow", room=config.max_positives - pl.col("pos_ids").list.len())
