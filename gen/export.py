@@ -1,24 +1,25 @@
-"""Store -> files: queries.parquet, captions.parquet, rejects.jsonl.
+"""Outcomes -> files: queries.parquet, captions.parquet, rejects.jsonl.
 
-A second streaming pass over the captions, looking each answer up in the store, so the
-files always describe exactly this input under this fingerprint (no stale rows from an
-older template, no duplicates after a resumed run) and memory stays flat. Every caption
-ends in exactly one place: its queries, or a reject with the reason.
+Rows are written in input order, one caption after another, from this run's captions and
+this fingerprint's answers only, so the files always describe exactly this input (no stale
+rows from an older template, no duplicates after a resumed run) and memory stays flat.
+Every caption ends in exactly one place: its queries, or a reject with the reason.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gen.atomic import atomic_path
 from gen.config import answer_key
-from gen.store import AnswerStore
+from gen.store import AnswerStore, Stored
 from schemas import Caption, Reject
 from schemas.answer import flatten
 
@@ -68,49 +69,99 @@ class _Batched:
         self.writer.close()
 
 
+class Exporter:
+    """The three output files, written in input order as each caption's outcome is known.
+
+    The local executor feeds it while it generates (gen.generate), so the files are done
+    moments after the last answer; `export()` feeds it from the store in a pass of its own.
+    Either way every caption ends in exactly one place, and nothing replaces the old files
+    unless `close()` is reached: a failed run leaves the previous run's files as they were.
+    """
+
+    def __init__(self, out_dir: Path, model: str):
+        self.model = model
+        self.stats = ExportStats()
+        self._files = contextlib.ExitStack()
+        qpath = self._files.enter_context(atomic_path(out_dir / "queries.parquet"))
+        cpath = self._files.enter_context(atomic_path(out_dir / "captions.parquet"))
+        rpath = self._files.enter_context(atomic_path(out_dir / "rejects.jsonl"))
+        self.queries, self.captions = _Batched(qpath, QUERY_SCHEMA), _Batched(cpath, CAPTION_SCHEMA)
+        self.rejects = self._files.enter_context(rpath.open("w", encoding="utf-8"))
+
+    def __enter__(self) -> "Exporter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort(exc)
+
+    def _abort(self, exc: BaseException) -> None:
+        """The temporary files go, the previous run's outputs stay."""
+        for batched in (self.queries, self.captions):
+            with contextlib.suppress(Exception):
+                batched.writer.close()
+        self._files.__exit__(type(exc), exc, exc.__traceback__)
+
+    def reject(self, r: Reject) -> None:
+        self.stats.rejects[r.stage] += 1
+        self.rejects.write(json.dumps(r.model_dump(), ensure_ascii=False) + "\n")
+
+    def caption(self, record: Caption, key: str, status: Optional[str], answer: Optional[str],
+                raw: Optional[str], reason: Optional[str]) -> None:
+        """One caption's outcome: status ok (with the validated answer JSON), rejected, or
+        None when it got no answer (`reason` says why)."""
+        if status is None:
+            self.reject(Reject(stage="generation", caption_id=record.id,
+                               reason=f"no answer ({reason}); a rerun will ask again"))
+            return
+        if status != "ok":
+            self.reject(Reject(stage="generation", caption_id=record.id, reason=reason, raw=raw))
+            return
+        c = self.captions.columns
+        c["id"].append(record.id)
+        c["text"].append(record.text)
+        c["extra"].append(json.dumps(record.extra, ensure_ascii=False) if record.extra else None)
+        self.captions.flush_if_full()
+        rows = flatten(json.loads(answer))
+        q = self.queries.columns
+        q["caption_id"].extend([record.id] * len(rows))
+        q["model"].extend([self.model] * len(rows))
+        q["answer_key"].extend([key] * len(rows))
+        for name in ROW_FIELDS:
+            q[name].extend([row[name] for row in rows])
+        self.queries.flush_if_full()
+        self.stats.queries += len(rows)
+        self.stats.queries_by_type.update(row["type"] for row in rows)
+        self.stats.captions_with_queries += 1
+
+    def stored(self, record: Caption, key: str, stored: Optional[Stored], why_missing: str) -> None:
+        if stored is None:
+            self.caption(record, key, None, None, None, why_missing)
+        else:
+            self.caption(record, key, stored.status, stored.answer, stored.raw, stored.reason)
+
+    def close(self) -> ExportStats:
+        try:  # the last batches are written here: a full disk shows up now
+            self.queries.close()
+            self.captions.close()
+        except BaseException as e:
+            self._abort(e)
+            raise
+        self._files.close()  # fsync and rename each file onto its target
+        return self.stats
+
+
 def export(records: Iterable[Union[Caption, Reject]], *, store: AnswerStore, fingerprint: str,
            model: str, out_dir: Path, failures: dict[str, str]) -> ExportStats:
-    stats = ExportStats()
-    with atomic_path(out_dir / "queries.parquet") as qpath, \
-         atomic_path(out_dir / "captions.parquet") as cpath, \
-         atomic_path(out_dir / "rejects.jsonl") as rpath:
-        queries, captions = _Batched(qpath, QUERY_SCHEMA), _Batched(cpath, CAPTION_SCHEMA)
-        with rpath.open("w", encoding="utf-8") as rejects:
-            def reject(r: Reject) -> None:
-                stats.rejects[r.stage] += 1
-                rejects.write(json.dumps(r.model_dump(), ensure_ascii=False) + "\n")
-
-            for record in records:
-                if isinstance(record, Reject):
-                    reject(record)
-                    continue
-                key = answer_key(fingerprint, record.text)
-                stored = store.get(key)
-                if stored is None:
-                    why = failures.get(key, "not generated in this run")
-                    reject(Reject(stage="generation", caption_id=record.id,
-                                  reason=f"no answer ({why}); a rerun will ask again"))
-                    continue
-                if stored.status != "ok":
-                    reject(Reject(stage="generation", caption_id=record.id,
-                                  reason=stored.reason, raw=stored.raw))
-                    continue
-                c = captions.columns
-                c["id"].append(record.id)
-                c["text"].append(record.text)
-                c["extra"].append(json.dumps(record.extra, ensure_ascii=False) if record.extra else None)
-                captions.flush_if_full()
-                rows = flatten(json.loads(stored.answer))
-                q = queries.columns
-                q["caption_id"].extend([record.id] * len(rows))
-                q["model"].extend([model] * len(rows))
-                q["answer_key"].extend([key] * len(rows))
-                for name in ROW_FIELDS:
-                    q[name].extend([row[name] for row in rows])
-                queries.flush_if_full()
-                stats.queries += len(rows)
-                stats.queries_by_type.update(row["type"] for row in rows)
-                stats.captions_with_queries += 1
-        queries.close()
-        captions.close()
-    return stats
+    """A pass of its own over the captions, looking each answer up in the store (used after
+    the Ray executor, whose answers arrive out of order in another process's batches)."""
+    with Exporter(out_dir, model) as out:
+        for record in records:
+            if isinstance(record, Reject):
+                out.reject(record)
+                continue
+            key = answer_key(fingerprint, record.text)
+            out.stored(record, key, store.get(key), failures.get(key, "not generated in this run"))
+    return out.stats

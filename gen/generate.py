@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Callable, Container, Iterable, Iterator, Optional, Union
 
 from gen.config import answer_key
 from gen.engines import Completion, Engine, EngineError
@@ -105,15 +106,15 @@ def record(outcome: Outcome, store: AnswerStore, stats: GenStats) -> None:
         stats.rejected += 1
 
 
-def pending(records: Iterable[Union[Caption, Reject]], store: AnswerStore, fingerprint: str,
-            force: bool, stats: GenStats, on_progress: Callable[[GenStats], None],
-            in_flight: set[str]) -> Iterator[tuple[Caption, str]]:
-    """The captions that need a request, with their keys; counts the rest as it goes.
+def classify(records: Iterable[Union[Caption, Reject]], store: AnswerStore, fingerprint: str,
+             force: bool, stats: GenStats, on_progress: Callable[[GenStats], None],
+             in_flight: Container[str]) -> Iterator[tuple[Union[Caption, Reject], Optional[str], bool]]:
+    """Every record in input order, as (record, key, needs_request); counts as it goes.
 
-    Identical texts under different ids cost one request: a key is skipped while it is in
-    `in_flight` (added here, discarded by the caller once its outcome is recorded) and once
+    Identical texts under different ids cost one request: a key is not requested again
+    while it is in `in_flight` (the caller's, holding only keys not yet recorded) or once
     the store has it, so no set grows with the input. With `force` only what this run
-    stored counts.
+    stored counts. Input rejects come through with key None.
     """
     since = time.time() if force else 0.0
     for rec in records:
@@ -121,40 +122,111 @@ def pending(records: Iterable[Union[Caption, Reject]], store: AnswerStore, finge
             stats.input_rejects += 1
             log.warning("%s:%s: %s", rec.file, rec.line, rec.reason)
             on_progress(stats)
+            yield rec, None, False
             continue
         stats.captions += 1
         key = answer_key(fingerprint, rec.text)
         if key in in_flight or store.has(key, since):
             stats.cached += 1
             on_progress(stats)
+            yield rec, key, False
             continue
-        in_flight.add(key)
         stats.requested += 1
-        yield rec, key
+        yield rec, key, True
+
+
+def pending(records: Iterable[Union[Caption, Reject]], store: AnswerStore, fingerprint: str,
+            force: bool, stats: GenStats, on_progress: Callable[[GenStats], None],
+            in_flight: set[str]) -> Iterator[tuple[Caption, str]]:
+    """Only the captions that need a request; adds each key to `in_flight` (the caller
+    discards it once the outcome is recorded)."""
+    for rec, key, needed in classify(records, store, fingerprint, force, stats, on_progress, in_flight):
+        if needed:
+            in_flight.add(key)
+            yield rec, key
+
+
+class InOrder:
+    """Hands each record's outcome to an Exporter in input order, while generation goes on.
+
+    Answers come back roughly in the order asked, so the window of records waiting for an
+    earlier one stays near `concurrency` long. A caption stuck in retries holds the rest
+    back; past `limit` records the generator waits for it, which bounds memory.
+    """
+
+    def __init__(self, sink, store: AnswerStore, limit: int):
+        self.sink, self.store, self.limit = sink, store, limit
+        self.window: deque[tuple[Union[Caption, Reject], Optional[str], Optional[asyncio.Future]]] = deque()
+
+    def add(self, rec: Union[Caption, Reject], key: Optional[str], outcome: Optional[asyncio.Future]) -> None:
+        self.window.append((rec, key, outcome))
+        self.drain()
+
+    def drain(self) -> None:
+        while self.window and (self.window[0][2] is None or self.window[0][2].done()):
+            rec, key, outcome = self.window.popleft()
+            if key is None:
+                self.sink.reject(rec)
+            elif outcome is None:
+                self.sink.stored(rec, key, self.store.get(key), "not generated in this run")
+            else:
+                o: Outcome = outcome.result()
+                self.sink.caption(rec, key, None if o.status == "failed" else o.status,
+                                  o.answer, o.raw, o.reason)
+
+    async def room(self) -> None:
+        while len(self.window) >= self.limit:
+            await asyncio.wait({self.window[0][2]})
+            self.drain()
 
 
 async def generate(records: Iterable[Union[Caption, Reject]], *, engine: Engine, prompts: PromptSet,
                    store: AnswerStore, fingerprint: str, concurrency: int, force: bool = False,
-                   on_progress: Callable[[GenStats], None] = lambda s: None) -> GenStats:
-    """The local executor: one coroutine per caption, `concurrency` at a time."""
+                   on_progress: Callable[[GenStats], None] = lambda s: None, sink=None) -> GenStats:
+    """The local executor: one coroutine per caption, `concurrency` at a time.
+
+    With a `sink` (a gen.export.Exporter) every record's outcome is exported, in input
+    order, as soon as it and all before it are known.
+    """
     stats = GenStats()
     slots = asyncio.Semaphore(concurrency)
     tasks: set[asyncio.Task] = set()
-    in_flight: set[str] = set()
+    # key -> its outcome, while in flight: a duplicate text waits on the first one's answer.
+    in_flight: dict[str, asyncio.Future] = {}
+    order = InOrder(sink, store, limit=max(64 * concurrency, 4096)) if sink is not None else None
+    loop = asyncio.get_running_loop()
 
-    async def run(caption: Caption, key: str) -> None:
+    async def run(caption: Caption, key: str, outcome: asyncio.Future) -> None:
         try:
-            record(await answer_caption(caption, key, engine, prompts), store, stats)
+            done = await answer_caption(caption, key, engine, prompts)
+            record(done, store, stats)
+            outcome.set_result(done)
+        except Exception as e:  # a bug, not an engine failure (those are outcomes): fail the run
+            outcome.set_exception(e)
+            raise
         finally:
-            in_flight.discard(key)
+            if not outcome.done():
+                outcome.cancel()
+            in_flight.pop(key, None)
             slots.release()
             on_progress(stats)
+        if order is not None:
+            order.drain()
 
-    for caption, key in pending(records, store, fingerprint, force, stats, on_progress, in_flight):
-        await slots.acquire()
-        task = asyncio.create_task(run(caption, key))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+    for rec, key, needed in classify(records, store, fingerprint, force, stats, on_progress, in_flight):
+        if needed:
+            await slots.acquire()
+            outcome = in_flight[key] = loop.create_future()
+            task = asyncio.create_task(run(rec, key, outcome))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        else:
+            outcome = in_flight.get(key) if key is not None else None
+        if order is not None:
+            order.add(rec, key, outcome)
+            await order.room()
     if tasks:
         await asyncio.gather(*tasks)
+    if order is not None:
+        order.drain()
     return stats

@@ -1,8 +1,8 @@
 """`python -m gen.run --captions raw.jsonl`: captions -> prompts -> engine -> validated queries.
 
 The CLI only wires the stages together; each stage lives in its own module, in the order a
-caption travels: captions -> prompts -> engines -> validate/generate (into the store) ->
-export (queries.parquet, rejects.jsonl) -> manifest.json.
+caption travels: captions -> prompts -> engines -> validate/generate (into the store, and on
+to export as each answer arrives: queries.parquet, rejects.jsonl) -> manifest.json.
 
 Exit codes, for schedulers: 0 done (rejected rows are data, not failure); 1 the run itself
 failed; 2 bad usage or, with --strict, bad input; 3 finished but some captions got no answer
@@ -26,7 +26,7 @@ from gen.captions import CaptionError, read_captions
 from gen.cli import ConfigError, load_config
 from gen.config import RunConfig, generation_fingerprint, model_identity
 from gen.engines import Completion, Engine, EngineError, build_engine
-from gen.export import export
+from gen.export import Exporter, export
 from gen.generate import generate
 from gen.progress import Progress, count_lines
 from gen.prompts import PromptSet
@@ -136,16 +136,20 @@ async def _run_locked(config: RunConfig) -> int:
                                          store=store, fingerprint=fingerprint, on_progress=progress)
                 except ExecutorUnavailable as e:
                     raise UsageError(str(e)) from None
-            else:
-                stats = await generate(read(), engine=engine, prompts=prompts, store=store,
-                                       fingerprint=fingerprint, concurrency=config.concurrency,
-                                       force=config.force, on_progress=progress)
+                generated_at = time.time()
+                exported = export(read(), store=store, fingerprint=fingerprint,
+                                  model=model_identity(config.model), out_dir=out_dir, failures=stats.failures)
+                exported_at = time.time()
+            else:  # exports as it generates: the files are done moments after the last answer
+                with Exporter(out_dir, model_identity(config.model)) as sink:
+                    stats = await generate(read(), engine=engine, prompts=prompts, store=store,
+                                           fingerprint=fingerprint, concurrency=config.concurrency,
+                                           force=config.force, on_progress=progress, sink=sink)
+                    generated_at = time.time()
+                exported, exported_at = sink.stats, time.time()
         finally:
             progress.close()
             await engine.aclose()
-        generated_at = time.time()
-        exported = export(read(), store=store, fingerprint=fingerprint,
-                          model=model_identity(config.model), out_dir=out_dir, failures=stats.failures)
     finally:
         store.close()
     manifest = {
@@ -174,7 +178,7 @@ async def _run_locked(config: RunConfig) -> int:
         "usage": {"requests": stats.requests, "prompt_tokens": stats.prompt_tokens,
                   "completion_tokens": stats.completion_tokens},
         "timings": {"started": started, "generate_s": round(generated_at - started, 3),
-                    "export_s": round(time.time() - generated_at, 3),
+                    "export_s": round(exported_at - generated_at, 3),
                     "total_s": round(time.time() - started, 3)},
         "outputs": {"queries": "queries.parquet", "captions": "captions.parquet",
                     "rejects": "rejects.jsonl", "report": "report.html", "cache": str(config.cache_path)},
