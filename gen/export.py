@@ -35,6 +35,32 @@ ROW_FIELDS = ("query", "type", "subtype", "grade", "salience", "source")
 BATCH_ROWS = 20_000
 
 
+def skip_pandas_probe() -> None:
+    """Tell pyarrow that pandas is absent, unless something already imported it.
+
+    pyarrow imports pandas (0.15-0.3 s of CPU, more than a run's whole export of 1,000
+    captions) the first time it builds an array, only to check whether the data is a pandas
+    object; capgen never passes one. An explicit `to_pandas()` still imports it. Called by
+    the CLI for its own process only, never on import: a library caller may want pandas.
+    """
+    import sys
+    if "pandas" in sys.modules:
+        return
+
+    class _Absent:
+        def find_spec(self, name, path=None, target=None):
+            if name == "pandas":
+                raise ModuleNotFoundError("pandas is not needed here", name=name)
+            return None
+
+    blocker = _Absent()
+    sys.meta_path.insert(0, blocker)
+    try:
+        pa.lib._pandas_api.have_pandas  # pyarrow asks once and remembers the answer
+    finally:
+        sys.meta_path.remove(blocker)
+
+
 @dataclass
 class ExportStats:
     captions_with_queries: int = 0

@@ -237,5 +237,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     return entry(argv, lambda config: asyncio.run(run(config)))
 
 
+def cli() -> int:
+    """`capgen` and `python -m gen.run`: main() in a process of our own."""
+    from gen.export import skip_pandas_probe
+    skip_pandas_probe()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -237,3 +237,16 @@ def test_proxy_from_the_environment_is_used_and_no_proxy_bypasses_it(monkeypatch
         with FakeOpenAI() as fake:
             complete(fake)
             assert len(fake.requests) == 1 and len(proxy.paths) == 1
+
+
+def test_the_reused_encoding_follows_the_messages_and_the_options():
+    engine = OpenAIEngine(base_urls=["http://127.0.0.1:9/v1"], model="m", schema=answer_json_schema(),
+                          sampling=Sampling())
+    repair = MESSAGES + [{"role": "assistant", "content": "{坏"}, {"role": "user", "content": "改正：\"引号\""}]
+    other = [{"role": "system", "content": "另一个说明"}, MESSAGES[1]]
+    for messages in (MESSAGES, repair, other, MESSAGES):
+        body = json.loads(engine._body(messages))
+        assert body["messages"] == messages and body["response_format"]["type"] == "json_schema"
+    engine.format_level, engine.thinking_kwargs = 1, False  # as after two step-downs
+    body = json.loads(engine._body(MESSAGES))
+    assert body["response_format"] == {"type": "json_object"} and "chat_template_kwargs" not in body

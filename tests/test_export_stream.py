@@ -103,3 +103,18 @@ def _outcome():
     from gen.generate import Outcome
     return Outcome(key="k", caption_id="c", status="ok", answer='{"entities": []}', raw=None, reason=None,
                    requests=1, prompt_tokens=1, completion_tokens=1)
+
+
+def test_the_cli_keeps_pyarrow_from_importing_pandas(tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys, pathlib; from gen.export import Exporter, skip_pandas_probe; skip_pandas_probe();"
+            "from schemas import Caption;"
+            "out = Exporter(pathlib.Path(sys.argv[1]), 'm');"
+            "out.caption(Caption(id='a', text='一只猫'), 'k', 'ok', '{\"entities\": [], \"summaries\": [\"猫\"]}', None, None);"
+            "out.close(); print('pandas' in sys.modules);"
+            "import pyarrow.parquet as pq; print(len(pq.read_table(sys.argv[1] + '/captions.parquet').to_pandas()))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    # not imported by writing; still there for whoever asks for it
+    assert out == ["False", "1"]
