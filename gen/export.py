@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from gen.atomic import atomic_path
 from gen.config import answer_key
+from gen.report import Tally
 from gen.store import AnswerStore, Stored
 from schemas import Caption, Reject
 from schemas.answer import flatten
@@ -67,6 +68,7 @@ class ExportStats:
     queries: int = 0
     rejects: Counter = field(default_factory=Counter)   # by stage
     queries_by_type: Counter = field(default_factory=Counter)
+    tally: Tally = field(default_factory=Tally)          # the report's figures
 
 
 class _Batched:
@@ -132,6 +134,7 @@ class Exporter:
 
     def reject(self, r: Reject) -> None:
         self.stats.rejects[r.stage] += 1
+        self.stats.tally.reject(r.reason)
         self.rejects.write(json.dumps(r.model_dump(), ensure_ascii=False) + "\n")
 
     def caption(self, record: Caption, key: str, status: Optional[str], answer: Optional[str],
@@ -160,6 +163,7 @@ class Exporter:
         self.queries.flush_if_full()
         self.stats.queries += len(rows)
         self.stats.queries_by_type.update(row["type"] for row in rows)
+        self.stats.tally.caption(record.id, record.text, rows)
         self.stats.captions_with_queries += 1
 
     def stored(self, record: Caption, key: str, stored: Optional[Stored], why_missing: str) -> None:

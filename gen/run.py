@@ -193,7 +193,7 @@ async def _run_locked(config: RunConfig) -> int:
         manifest["timings"]["total_s"] = round(time.time() - started, 3)
         log.info("curated: %s pairs in shards/%s%s", cur["stats"]["pairs_out"], cur["version"],
                  " (unchanged inputs: latest version reused)" if cur["reused"] else "")
-    summary = report.summarize(out_dir)
+    summary = exported.tally.summary()
     manifest["report"] = {k: v for k, v in summary.items() if k != "sample"}
     with atomic_path(out_dir / "report.html") as tmp:
         tmp.write_text(report.render(manifest, summary), encoding="utf-8")
