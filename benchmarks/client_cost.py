@@ -76,7 +76,10 @@ async def part1(messages: list, k: int, base_url: str, only: list[str] | None) -
     os.environ.setdefault("OPENAI_API_KEY", "bench")
     # The request capgen sends, split the way the SDK takes it (chat_template_kwargs is not
     # an SDK parameter).
-    request = OpenAIEngine(base_urls=[base_url], model="fake-model", schema=schema, sampling=Sampling())._request
+    options = OpenAIEngine(base_urls=[base_url], model="fake-model", schema=schema, sampling=Sampling())._options()
+
+    def request(m) -> dict:
+        return {"model": options["model"], "messages": m, **options}
 
     def sdk_kwargs(m) -> dict:
         kw = request(m)

@@ -67,8 +67,11 @@ class ExportStats:
     captions_with_queries: int = 0
     queries: int = 0
     rejects: Counter = field(default_factory=Counter)   # by stage
-    queries_by_type: Counter = field(default_factory=Counter)
     tally: Tally = field(default_factory=Tally)          # the report's figures
+
+    @property
+    def queries_by_type(self) -> Counter:
+        return self.tally.queries_by_type()
 
 
 class _Batched:
@@ -78,9 +81,9 @@ class _Batched:
     per-row objects were most of export's CPU. The answers were validated when stored.
     """
 
-    def __init__(self, path: Path, schema: pa.Schema):
+    def __init__(self, path: Path, schema: pa.Schema, on_flush=None):
         self.writer = pq.ParquetWriter(str(path), schema, compression="zstd")
-        self.schema = schema
+        self.schema, self.on_flush = schema, on_flush
         self.columns: dict[str, list] = {name: [] for name in schema.names}
 
     def flush_if_full(self) -> None:
@@ -89,6 +92,8 @@ class _Batched:
 
     def flush(self) -> None:
         if self.columns[self.schema.names[0]]:
+            if self.on_flush:
+                self.on_flush(self.columns)
             self.writer.write_table(pa.Table.from_pydict(self.columns, schema=self.schema))
             self.columns = {name: [] for name in self.schema.names}
 
@@ -113,7 +118,8 @@ class Exporter:
         qpath = self._files.enter_context(atomic_path(out_dir / "queries.parquet"))
         cpath = self._files.enter_context(atomic_path(out_dir / "captions.parquet"))
         rpath = self._files.enter_context(atomic_path(out_dir / "rejects.jsonl"))
-        self.queries, self.captions = _Batched(qpath, QUERY_SCHEMA), _Batched(cpath, CAPTION_SCHEMA)
+        self.queries = _Batched(qpath, QUERY_SCHEMA, on_flush=self.stats.tally.rows)
+        self.captions = _Batched(cpath, CAPTION_SCHEMA)
         self.rejects = self._files.enter_context(rpath.open("w", encoding="utf-8"))
 
     def __enter__(self) -> "Exporter":
@@ -162,7 +168,6 @@ class Exporter:
             q[name].extend([row[name] for row in rows])
         self.queries.flush_if_full()
         self.stats.queries += len(rows)
-        self.stats.queries_by_type.update(row["type"] for row in rows)
         self.stats.tally.caption(record.id, record.text, rows)
         self.stats.captions_with_queries += 1
 

@@ -33,16 +33,26 @@ class Tally:
         self.reasons: Counter = Counter()
         self.sample: list[dict[str, Any]] = []
 
+    def rows(self, columns: dict[str, list]) -> None:
+        """A batch of query rows as columns; counted in C (zip, map), not a frame per row."""
+        self.queries += len(columns["query"])
+        self.by_type_grade.update(zip(columns["type"], columns["grade"]))
+        self.lengths.update(map(len, columns["query"]))
+
     def caption(self, caption_id: str, text: str, rows: list[dict[str, Any]]) -> None:
+        """A caption with queries (its rows reach `rows` in the exporter's next batch)."""
         self.captions += 1
-        self.queries += len(rows)
-        self.by_type_grade.update((r["type"], r["grade"]) for r in rows)
-        self.lengths.update(len(r["query"]) for r in rows)
         if len(self.sample) < SAMPLE_CAPTIONS:
             order = sorted(rows, key=lambda r: (QUERY_TYPES.index(r["type"]) if r["type"] in QUERY_TYPES
                                                 else 99, r["salience"]))
             self.sample.append({"id": caption_id, "text": text, "queries": [
                 {"type": r["type"], "query": r["query"], "grade": r["grade"]} for r in order]})
+
+    def queries_by_type(self) -> Counter:
+        out: Counter = Counter()
+        for (qtype, _), n in self.by_type_grade.items():
+            out[qtype] += n
+        return out
 
     def reject(self, reason: str) -> None:
         self.reasons[reason.split(":")[0].split(" (")[0]] += 1

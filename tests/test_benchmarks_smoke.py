@@ -8,8 +8,9 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("script", ["gen_bench.py", "curate_bench.py"])
-def test_benchmark_small_mode_runs(script):
-    r = subprocess.run([sys.executable, f"benchmarks/{script}", "--small"], cwd=ROOT,
+@pytest.mark.parametrize("script,args", [("gen_bench.py", ["--small"]), ("curate_bench.py", ["--small"]),
+                                         ("client_cost.py", ["--n", "40", "--concurrency", "8"])])
+def test_benchmark_small_mode_runs(script, args):
+    r = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

@@ -54,8 +54,9 @@ def test_the_counted_figures_equal_a_read_of_the_written_files(tmp_path, sample_
     from gen.report import Tally
     for size in (6, 16, 26, 7):
         t = Tally()
-        t.caption("c", "t", [{"type": "entity", "grade": 2, "query": "字" * k, "salience": 1}
-                             for k in range(1, size + 1)])
+        t.rows({"query": ["字" * k for k in range(1, size + 1)], "type": ["entity"] * size,
+                "grade": [2] * size})
+        t.caption("c", "t", [])
         s = pl.Series(range(1, size + 1))
         got = t.summary()["query_chars"]
         assert (got["p90"], got["p50"]) == (s.quantile(0.9, "nearest"), s.median()), size
