@@ -88,7 +88,8 @@ async def _judge_one(engine, prompts: JudgePrompts, caption: str, queries: list[
 
 
 async def judge(config: RunConfig) -> dict:
-    from gen.run import LazyEngine, resolve_model  # the same engine wiring as generation
+    from gen.engines.lazy import LazyEngine  # the same engine wiring as generation
+    from gen.run import resolve_model, stop_on_sigterm
 
     out = config.out_dir
     queries = pl.read_parquet(out / "queries.parquet", columns=["caption_id", "query"])
@@ -124,6 +125,7 @@ async def judge(config: RunConfig) -> dict:
                   requests=got["requests"], prompt_tokens=got["prompt_tokens"], completion_tokens=got["completion_tokens"])
 
     tasks = []
+    undo_sigterm = stop_on_sigterm()
     try:
         for cid, qs in per_caption.iter_rows():
             key = hashlib.sha256("\0".join([fp, texts[cid], *qs]).encode()).hexdigest()
@@ -135,6 +137,7 @@ async def judge(config: RunConfig) -> dict:
             tasks.append(asyncio.create_task(one(cid, qs, key)))
         await asyncio.gather(*tasks)
     finally:
+        undo_sigterm()
         await engine.aclose()
     rows = {"caption_id": [], "query": [], "judge_grade": []}
     for cid, qs in per_caption.iter_rows():

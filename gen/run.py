@@ -6,7 +6,8 @@ to export as each answer arrives: queries.parquet, rejects.jsonl) -> manifest.js
 
 Exit codes, for schedulers: 0 done (rejected rows are data, not failure); 1 the run itself
 failed; 2 bad usage or, with --strict, bad input; 3 finished but some captions got no answer
-after every retry (a rerun asks only for those).
+after every retry (a rerun asks only for those); 143 stopped by SIGTERM or Ctrl-C (the
+engine is shut down first; a rerun resumes).
 """
 from __future__ import annotations
 
@@ -15,17 +16,19 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from gen import __version__, localmodel, report
 from gen.atomic import atomic_path
 from gen.captions import CaptionError, read_captions
 from gen.cli import ConfigError, load_config
 from gen.config import RunConfig, generation_fingerprint, model_identity
-from gen.engines import Completion, Engine, EngineError, build_engine
+from gen.engines import EngineError, build_engine
+from gen.engines.lazy import LazyEngine
 from gen.export import Exporter, export
 from gen.generate import generate
 from gen.progress import Progress, count_lines
@@ -36,6 +39,7 @@ from schemas import answer_json_schema
 log = logging.getLogger("gen.run")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+EXIT_STOPPED = 128 + signal.SIGTERM  # stopped by SIGTERM or Ctrl-C; what shells report for a kill
 
 
 class UsageError(Exception):
@@ -52,26 +56,6 @@ def resolve_model(config: RunConfig) -> str:
         raise UsageError(f"the bundled local model is not set up at {path}: run "
                          "`python -m gen.localmodel` (or scripts/setup.sh), or name one with --model")
     return str(path)
-
-
-class LazyEngine(Engine):
-    """Builds the real engine on the first request: a fully cached rerun starts no model."""
-
-    def __init__(self, build):
-        self.build, self.inner = build, None
-        self.name = "lazy"
-
-    async def complete(self, messages) -> Completion:
-        if self.inner is None:
-            self.inner = self.build()
-        return await self.inner.complete(messages)
-
-    async def aclose(self) -> None:
-        if self.inner is not None:
-            await self.inner.aclose()
-
-    def describe(self) -> dict[str, Any]:
-        return self.inner.describe() if self.inner else {"engine": None, "note": "no request needed"}
 
 
 def lock_out_dir(out_dir: Path):
@@ -97,10 +81,40 @@ async def run(config: RunConfig) -> int:
     if config.dry_run:
         return dry_run(config)
     lock = lock_out_dir(config.out_dir)
+    stop = stop_on_sigterm()
     try:
         return await _run_locked(config)
     finally:
+        stop()
         lock.close()  # also on failure: a library caller may run again in this process
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM. A KeyboardInterrupt, so that asyncio lets it out of the loop at once and
+    cancels the rest, running every `finally` (engine shut down, partial files removed)."""
+
+
+def stop_on_sigterm() -> Callable[[], None]:
+    """SIGTERM (what schedulers send) stops the run like Ctrl-C. Killed outright, capgen left
+    vLLM's engine processes running. An asyncio callback would have to wait for the loop,
+    which vLLM's start-up blocks for minutes, so the handler raises wherever the main thread
+    is; the loop's own wakeup (registered through asyncio) makes sure that thread wakes up
+    though the signal may reach another thread. Stored answers stay; a rerun resumes.
+    Returns the undo."""
+    def stop(signum, frame):
+        raise Terminated()
+    loop = asyncio.get_running_loop()
+    original = signal.getsignal(signal.SIGTERM)
+    try:
+        loop.add_signal_handler(signal.SIGTERM, lambda: None)
+        signal.signal(signal.SIGTERM, stop)
+    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no unix signals
+        return lambda: None
+
+    def undo() -> None:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, original)
+    return undo
 
 
 def dry_run(config: RunConfig) -> int:
@@ -231,6 +245,10 @@ def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int]) -> int:
     except OSError as e:
         log.error("cannot read or write: %s", e)
         return EXIT_FAILED
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        log.error("stopped before the end: every answer received so far is stored, and a rerun "
+                  "resumes from there; the output files were left as they were")
+        return EXIT_STOPPED
 
 
 def main(argv: Optional[list[str]] = None) -> int:

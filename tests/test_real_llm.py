@@ -77,6 +77,51 @@ def test_in_process_vllm_engine(model_dir, twenty, tmp_path, sample_captions):
     assert m2["engine"]["engine"] is None
 
 
+def _stored(cache: Path) -> int:
+    import sqlite3
+    if not cache.exists():
+        return 0
+    db = sqlite3.connect(f"file:{cache}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    except sqlite3.OperationalError:  # created but no table yet
+        return 0
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("when", ["while the model loads", "while a batch runs"])
+def test_sigterm_ends_every_vllm_process(model_dir, twenty, tmp_path, when):
+    """A scheduler's SIGTERM used to kill capgen and leave vLLM's engine processes running."""
+    import signal
+
+    import psutil
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "gen.run", "--no-progress", "--captions", str(twenty),
+                             "--out", str(out), "--engine", "vllm", "--concurrency", "4"],
+                            stderr=subprocess.PIPE, text=True)
+    me = psutil.Process(proc.pid)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if when == "while the model loads" and any("EngineCore" in c.name() for c in me.children()):
+            time.sleep(10)  # well into loading
+            break
+        if when == "while a batch runs" and _stored(out / "cache.sqlite") >= 1:
+            break  # the first batch of 4 is stored: the next one is running
+        time.sleep(0.5)
+    assert proc.poll() is None, "capgen ended before it could be stopped"
+    started = me.children(recursive=True)
+    assert started, "vLLM started no process"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped before the end" in err
+    gone, alive = psutil.wait_procs(started, timeout=30)
+    for p in alive:
+        p.kill()
+    assert not alive, f"left running after SIGTERM: {[p.name() for p in alive]}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

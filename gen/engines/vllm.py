@@ -10,6 +10,7 @@ settings vLLM needs there, unless the user set them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
@@ -98,6 +99,17 @@ class VLLMEngine(Engine):
                         text=gen.text, prompt_tokens=len(out.prompt_token_ids or []),
                         completion_tokens=len(gen.token_ids), finish_reason=gen.finish_reason))
             await asyncio.sleep(0)
+
+    async def aclose(self) -> None:
+        """Stop vLLM's engine processes now. Left to vLLM's finalizers they were never
+        stopped when capgen was cancelled (SIGTERM), and a batch still running in its
+        thread would hold up the exit until it finished."""
+        core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
+        if core is not None:
+            try:
+                core.shutdown()
+            except Exception as exc:  # noqa: BLE001 - shutting down; say so, do not mask the cause
+                logging.getLogger(__name__).warning("vLLM shutdown: %s", exc)
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "batches": self.batches, "batch_size": self.batch_size,
