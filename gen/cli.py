@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--temperature", type=float, help=f"(default: {s.temperature})")
     a("--top-p", type=float, help=f"(default: {s.top_p})")
     a("--max-tokens", type=int, help=f"(default: {s.max_tokens})")
-    a("--seed", type=int, help=f"(default: {s.seed})")
+    a("--seed", type=_seed, help=f"an integer, or 'none' to send no seed (default: {s.seed})")
     a("--max-caption-chars", type=int, help=f"longer captions are rejected (default: {d['max_caption_chars'].default})")
     a("--max-model-len", type=int, help=f"vLLM context length (default: {d['max_model_len'].default})")
     a("--vllm-arg", dest="vllm_args", action="append", type=_key_value, metavar="KEY=VALUE",
@@ -70,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     a("--log-format", choices=["text", "json"], help="json: one object per line, for scheduled jobs")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return ap
+
+
+def _seed(text: str) -> Optional[int]:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
 
 
 def _key_value(text: str) -> tuple[str, Any]:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gen import localmodel
 from gen.curate.config import CurateConfig
@@ -26,7 +26,14 @@ class Sampling(BaseModel):
     top_p: float = 0.9
     # Room for ~30 queries in compact JSON; caps a model that loops inside the grammar.
     max_tokens: int = 1024
-    seed: int = 0
+    # None: send no seed. vLLM's CPU server crashes on a seeded request prefilled in chunks.
+    seed: Optional[int] = 0
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_none(cls, value: Any) -> Any:
+        """TOML has no null: `seed = "none"` there, `--seed none` on the command line."""
+        return None if isinstance(value, str) and value.strip().lower() == "none" else value
 
 
 class RunConfig(BaseModel):

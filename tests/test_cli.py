@@ -79,3 +79,20 @@ def test_dry_run_counts_exactly_and_calls_nothing(tmp_path, sample_captions, cap
         assert (second["cached"], second["to_request"]) == (6, 4)
         assert second["completion_tokens_estimate"] > 0  # now from the store's history
         assert len(fake.requests) == 6
+
+
+def test_seed_none_sends_no_seed(tmp_path):
+    """vLLM's CPU server crashes on a seeded request prefilled in chunks: a way to send none."""
+    from gen.engines.openai import OpenAIEngine
+    from schemas import answer_json_schema
+    assert load_config(["--captions", "x.jsonl", "--seed", "none"], env={}).sampling.seed is None
+    job = tmp_path / "job.toml"
+    job.write_text('captions = "x.jsonl"\n[sampling]\nseed = "none"\n')
+    c = load_config(["--config", str(job)], env={})
+    assert c.sampling.seed is None
+    body = OpenAIEngine(base_urls=["http://127.0.0.1:9/v1"], model="m", schema=answer_json_schema(),
+                        sampling=c.sampling)._options()
+    assert "seed" not in body
+    assert load_config(["--captions", "x.jsonl", "--seed", "7"], env={}).sampling.seed == 7
+    with pytest.raises(SystemExit):
+        load_config(["--captions", "x.jsonl", "--seed", "seven"], env={})

@@ -100,8 +100,10 @@ class OpenAIEngine(Engine):
         """Everything in a request body but the messages, as the server allows it now."""
         body: dict[str, Any] = dict(
             model=self.model, temperature=self.sampling.temperature,
-            top_p=self.sampling.top_p, max_tokens=self.sampling.max_tokens, seed=self.sampling.seed,
+            top_p=self.sampling.top_p, max_tokens=self.sampling.max_tokens,
         )
+        if self.sampling.seed is not None:
+            body["seed"] = self.sampling.seed
         fmt = FORMATS[self.format_level]
         if fmt == "json_schema":
             body["response_format"] = {"type": "json_schema", "json_schema": {

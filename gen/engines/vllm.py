@@ -54,8 +54,9 @@ class VLLMEngine(Engine):
             on_cpu = True
         # Compiling on a CPU doubles start-up (about 100 s against 50 s) for little gain.
         llm_kwargs.setdefault("enforce_eager", on_cpu)
-        self.llm = LLM(model=model, enable_prefix_caching=True, max_model_len=max_model_len,
-                       seed=sampling.seed, **llm_kwargs)
+        if sampling.seed is not None:
+            llm_kwargs.setdefault("seed", sampling.seed)
+        self.llm = LLM(model=model, enable_prefix_caching=True, max_model_len=max_model_len, **llm_kwargs)
         # A per-request seed crashes vLLM's CPU build as soon as a prompt is prefilled in
         # chunks, which large batches always cause ("CPU Generator does not use offset"). On
         # a CPU the engine-wide seed above is all there is; on a GPU each request keeps its own.
