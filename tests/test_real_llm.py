@@ -90,30 +90,51 @@ def _stored(cache: Path) -> int:
         db.close()
 
 
-@pytest.mark.parametrize("when", ["while the model loads", "while a batch runs"])
+@pytest.mark.parametrize("when", ["while the engine core starts", "once the weights are loaded",
+                                  "while a batch runs"])
 def test_sigterm_ends_every_vllm_process(model_dir, twenty, tmp_path, when):
-    """A scheduler's SIGTERM used to kill capgen and leave vLLM's engine processes running."""
+    """A scheduler's SIGTERM used to kill capgen and leave vLLM's engine processes running.
+    Stopped just after the weights loaded, capgen then hung on exit, waiting for vLLM's
+    start-up thread: each moment of the start-up is its own case."""
     import signal
+    import threading
 
     import psutil
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "gen.run", "--no-progress", "--captions", str(twenty),
                              "--out", str(out), "--engine", "vllm", "--concurrency", "4"],
                             stderr=subprocess.PIPE, text=True)
+    lines, loaded = [], threading.Event()
+
+    def read_stderr():  # drained in a thread: vLLM's logging would fill the pipe and block capgen
+        for line in proc.stderr:
+            lines.append(line)
+            if "Loading safetensors checkpoint shards: 100%" in line:
+                loaded.set()
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     me = psutil.Process(proc.pid)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if when == "while the model loads" and any("EngineCore" in c.name() for c in me.children()):
-            time.sleep(10)  # well into loading
+        if when == "while the engine core starts" and any("EngineCore" in c.name() for c in me.children()):
+            time.sleep(3)
+            break
+        if when == "once the weights are loaded" and loaded.is_set():
             break
         if when == "while a batch runs" and _stored(out / "cache.sqlite") >= 1:
             break  # the first batch of 4 is stored: the next one is running
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert proc.poll() is None, "capgen ended before it could be stopped"
     started = me.children(recursive=True)
     assert started, "vLLM started no process"
     proc.send_signal(signal.SIGTERM)
-    err = proc.communicate(timeout=120)[1]
+    try:
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    err = "".join(lines)
     assert proc.returncode == 143, err[-3000:]
     assert "stopped before the end" in err
     gone, alive = psutil.wait_procs(started, timeout=30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import threading
 from typing import Any, Optional
 
 from gen.engines.base import Completion, Engine
@@ -29,7 +30,7 @@ class LazyEngine(Engine):
             async with self._lock:
                 if self.inner is None:
                     self._children_before = set(multiprocessing.active_children())
-                    self.inner = await asyncio.to_thread(self.build)
+                    self.inner = await _in_daemon_thread(self.build)
                     self._children_before = None
         return await self.inner.complete(messages)
 
@@ -42,6 +43,31 @@ class LazyEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         return self.inner.describe() if self.inner else {"engine": None, "note": "no request needed"}
+
+
+def _in_daemon_thread(fn) -> "asyncio.Future":
+    """Run fn in a daemon thread. Not asyncio.to_thread: once the engine core is killed under
+    it, vLLM's start-up can wait for a handshake that never comes, and asyncio.run joins its
+    executor's threads on the way out, so a stopped run would hang there instead of exiting."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed: nobody waits for this build any more
+            pass
+
+    threading.Thread(target=work, name="capgen-engine-build", daemon=True).start()
+    return future
 
 
 def _end_processes(started: set) -> None:
