@@ -3,6 +3,9 @@
 Labels here are made up for the fixture captions (never the benchmark's dev queries)."""
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -141,3 +144,50 @@ def test_finetune_protocol_end_to_end_moves_the_encoder(tmp_path, sample_caption
     model = train(load_encoder(), sample(load_pairs(pairs), 64, 0), texts, proto, tmp_path / "w")
     after = model.encode(["燃气表"])[0]
     assert abs(after - before).max() > 1e-4
+
+
+def _gpu_screen():
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "gpu_screen.py"
+    spec = importlib.util.spec_from_file_location("gpu_screen", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_screen_batches_never_repeat_a_text_and_use_every_pair():
+    """A repeated text in a batch would be its own in-batch negative; a dropped pair would
+    change the training budget between variants."""
+    import random
+    screen = _gpu_screen()
+    corpus = {f"c{i}": f"caption {i}" for i in range(40)}
+    pairs = [{"query": f"q{i % 7}", "caption_id": f"c{i % 40}"} for i in range(300)]
+    seen = []
+    for batch in screen.batches(pairs, corpus, random.Random(0)):
+        texts = [t for pair in batch for t in pair]
+        assert len(texts) == len(set(texts)) and len(batch) <= screen.BATCH
+        seen += batch
+    assert sorted(seen) == sorted((p["query"], corpus[p["caption_id"]]) for p in pairs)
+
+
+@pytest.mark.slow
+def test_gpu_screen_prep_and_train_run_on_cpu(tmp_path, sample_captions):
+    """The screen's two halves end to end on 64 pairs: prep writes the fp16 encoder and the
+    drawn pairs, train records zero-shot and one run per (variant, seed)."""
+    pytest.importorskip("sentence_transformers")
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_captions)
+    labels = write_jsonl(tmp_path / "l.jsonl", [
+        {"id": "q1", "query": "燃气表", "type": "singleton_object", "positives": [{"id": "cr.0", "score": 2}]}])
+    pairs = tmp_path / "pairs.jsonl"
+    assert main(["jieba", "--corpus", str(corpus), "--out", str(pairs)]) == 0
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "gpu_screen.py"
+    screen, results = tmp_path / "screen", tmp_path / "r.jsonl"
+    run = [sys.executable, str(script)]
+    subprocess.run([*run, "prep", "--out", str(screen), "--seeds", "0", "1", "--pairs", "64",
+                    "--variant", f"jieba={pairs}"], check=True)
+    assert (screen / "m3e-small" / "model.safetensors").is_file()
+    subprocess.run([*run, "train", "--dir", str(screen), "--corpus", str(corpus), "--labels", str(labels),
+                    "--results", str(results)], check=True)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["name"], r.get("seed")) for r in rows] == [("zero-shot", None), ("jieba", 0), ("jieba", 1)]
+    assert all(0 <= r["ndcg@10"] <= 100 for r in rows)

@@ -1,0 +1,181 @@
+"""Screen many training-pair variants on a lent GPU, several seeds each, in one device call.
+
+The fixed protocol (`python -m gen.eval finetune`) takes ~10 minutes a run on this CPU, so
+a CPU session can afford a handful of runs and one seed each: too few to tell apart changes
+of under a point. A lent GPU does one run in well under a minute, but its machine has
+neither polars nor datasets and a call carries 64 MiB. So the work is split:
+
+    prep  (here, CPU): draws each variant's pairs with the protocol's own `sample`, writes
+          them as small JSON lines, and stores m3e-small as fp16 safetensors (48 MB; the
+          fp32 original does not fit a call);
+    train (there, GPU): the same protocol in a plain torch loop (multiple negatives ranking
+          loss, scale 20, cosine; batches with no repeated text; AdamW lr 2e-5, 10% linear
+          warm-up then linear decay, gradient norm 1; one epoch; batch 32; 128 tokens) and
+          the same nDCG@10 (`gen.eval.retrieval`).
+
+Its figures compare only with each other (same call, same fp16-rounded start, zero-shot
+included): a screen, not the protocol. A variant worth keeping is then confirmed on the CPU
+with `gen.eval finetune`.
+
+    python benchmarks/quality/gpu_screen.py prep --out .screen --seeds 0 1 2 \\
+        --variant capgen=outputs/run/shards/latest --variant jieba=jieba.parquet
+    python benchmarks/quality/gpu_screen.py train --dir .screen --corpus captions.jsonl \\
+        --labels dev_queries.jsonl --results results.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import platform
+import random
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from gen.eval.labels import load_corpus, load_labels  # noqa: E402
+from gen.eval.retrieval import evaluate  # noqa: E402
+
+PAIRS, BATCH, LR, WARMUP, MAX_TOKENS, SCALE = 12_000, 32, 2e-5, 0.1, 128, 20.0
+
+
+def prep(args) -> None:
+    from gen.eval.finetune import m3e_small_path
+    from gen.eval.pairs import load_pairs, sample
+
+    out = Path(args.out)
+    (out / "pairs").mkdir(parents=True, exist_ok=True)
+    for spec in args.variant:
+        name, source = spec.split("=", 1)
+        pool = load_pairs(Path(source))
+        for seed in args.seeds:
+            drawn = sample(pool, args.pairs, seed)
+            with gzip.open(out / "pairs" / f"{name}.s{seed}.jsonl.gz", "wt", encoding="utf-8") as f:
+                for q, c in zip(drawn["query"], drawn["caption_id"]):
+                    f.write(json.dumps({"query": q, "caption_id": c}, ensure_ascii=False) + "\n")
+        print(f"{name}: {pool.unique(subset=['query', 'caption_id']).height} distinct pairs", flush=True)
+    encoder = out / "m3e-small"
+    if not (encoder / "model.safetensors").is_file():
+        import shutil
+
+        import torch
+        from safetensors.torch import save_file
+        src = m3e_small_path()
+        encoder.mkdir(exist_ok=True)
+        for f in src.iterdir():
+            if f.suffix == ".json":
+                shutil.copy(f, encoder / f.name)
+        state = torch.load(src / "pytorch_model.bin", map_location="cpu")
+        save_file({k: v.half().contiguous() for k, v in state.items()}, encoder / "model.safetensors")
+
+
+def batches(pairs: list[dict], corpus: dict[str, str], rng: random.Random):
+    """Shuffled, then filled greedily so that no text repeats within a batch (a repeat would be
+    its own in-batch negative); a pair that clashes waits for a later batch."""
+    waiting = list(range(len(pairs)))
+    rng.shuffle(waiting)
+    while waiting:
+        batch, seen, later = [], set(), []
+        for i in waiting:
+            texts = (pairs[i]["query"], corpus[pairs[i]["caption_id"]])
+            if len(batch) < BATCH and not (set(texts) & seen):
+                batch.append(i)
+                seen.update(texts)
+            else:
+                later.append(i)
+        yield [(pairs[i]["query"], corpus[pairs[i]["caption_id"]]) for i in batch]
+        waiting = later
+
+
+def load_model(encoder: Path, seed: int):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    model = SentenceTransformer(str(encoder), device="cuda" if torch.cuda.is_available() else "cpu")
+    model.float()
+    model.max_seq_length = MAX_TOKENS
+    return model
+
+
+def train_one(model, pairs: list[dict], corpus: dict[str, str], seed: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    rng = random.Random(seed)
+    plan = list(batches(pairs, corpus, rng))
+    steps, warm = len(plan), math.ceil(WARMUP * len(plan))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: s / max(1, warm) if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    model.train()
+    for batch in plan:
+        embed = []
+        for texts in zip(*batch):
+            feats = {k: v.to(model.device) if hasattr(v, "to") else v
+                     for k, v in model.tokenize(list(texts)).items()}
+            embed.append(F.normalize(model(feats)["sentence_embedding"], dim=-1))
+        scores = SCALE * embed[0] @ embed[1].T
+        loss = F.cross_entropy(scores, torch.arange(len(batch), device=scores.device))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+
+
+def train(args) -> None:
+    import torch
+
+    root = Path(args.dir)
+    corpus = load_corpus(Path(args.corpus))
+    labels = load_labels(Path(args.labels), corpus)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    common = {"date": date.today().isoformat(), "device": device, "screen": "gpu_screen.py"}
+
+    def record(row: dict) -> None:
+        row = common | row
+        print(json.dumps({k: row[k] for k in ("name", "seed", "ndcg@10", "secs") if k in row}), flush=True)
+        with open(args.results, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    t = time.time()
+    record({"name": "zero-shot", "secs": 0} | evaluate(load_model(root / "m3e-small", 0), corpus, labels))
+    runs = [(f, *f.name.removesuffix(".jsonl.gz").rsplit(".s", 1)) for f in (root / "pairs").glob("*.jsonl.gz")]
+    runs.sort(key=lambda r: (int(r[2]), r[1]))  # seed-major: cut short, every variant has its first seed
+    for path, name, seed in runs:
+        if args.only and name not in args.only:
+            continue
+        pairs = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
+        t = time.time()
+        model = load_model(root / "m3e-small", int(seed))
+        train_one(model, pairs, corpus, int(seed))
+        record({"name": name, "seed": int(seed), "secs": round(time.time() - t, 1)} | evaluate(model, corpus, labels))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prep")
+    p.add_argument("--out", required=True)
+    p.add_argument("--variant", action="append", required=True, help="name=pairs source (gen.eval's --pairs)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--pairs", type=int, default=PAIRS, help="pairs drawn per run (the protocol's 12,000)")
+    t = sub.add_parser("train")
+    t.add_argument("--dir", required=True)
+    t.add_argument("--corpus", required=True)
+    t.add_argument("--labels", required=True)
+    t.add_argument("--results", required=True)
+    t.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    args = ap.parse_args()
+    prep(args) if args.cmd == "prep" else train(args)
+
+
+if __name__ == "__main__":
+    main()
