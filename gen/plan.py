@@ -35,32 +35,59 @@ def _history(cache: Path) -> tuple[float, float] | None:
     return row[0] / row[2], row[1] / row[2]
 
 
+class _Stored:
+    """Which keys the store already answers, asked a chunk at a time: a store shared by many
+    runs can hold far more keys than this input has, and loading them all cost memory."""
+
+    def __init__(self, cache: Path | None):
+        self.db = sqlite3.connect(f"file:{cache}?mode=ro", uri=True) if cache else None
+
+    def which(self, keys: list[str]) -> set[str]:
+        if self.db is None or not keys:
+            return set()
+        try:
+            marks = ",".join("?" * len(keys))
+            return {k for (k,) in self.db.execute(f"SELECT key FROM answers WHERE key IN ({marks})", keys)}
+        except sqlite3.DatabaseError:  # not a store, or no answers table yet: nothing is known
+            return set()
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+
+
+def _chunks(items: Iterable, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def plan(records: Iterable[Union[Caption, Reject]], config: RunConfig, prompts: PromptSet,
          fingerprint: str) -> dict[str, Any]:
     cache = config.cache_path
-    known: set[str] = set()
-    if cache.is_file() and not config.force:
-        db = sqlite3.connect(f"file:{cache}?mode=ro", uri=True)
-        try:
-            known = {k for (k,) in db.execute("SELECT key FROM answers")}
-        except sqlite3.DatabaseError:
-            pass
-        finally:
-            db.close()
+    stored = _Stored(cache if cache.is_file() and not config.force else None)
     captions = rejects = cached = 0
     to_request: set[str] = set()
     prompt_chars = 0
-    for record in records:
-        if isinstance(record, Reject):
-            rejects += 1
-            continue
-        captions += 1
-        key = answer_key(fingerprint, record.text)
-        if key in known or key in to_request:
-            cached += 1
-            continue
-        to_request.add(key)
-        prompt_chars += sum(len(m["content"]) for m in prompts.messages(record))
+    try:
+        for chunk in _chunks(records, 512):
+            keyed = [(answer_key(fingerprint, r.text), r) for r in chunk if not isinstance(r, Reject)]
+            rejects += len(chunk) - len(keyed)
+            captions += len(keyed)
+            known = stored.which(list({k for k, _ in keyed}))
+            for key, record in keyed:
+                if key in known or key in to_request:
+                    cached += 1
+                    continue
+                to_request.add(key)
+                prompt_chars += sum(len(m["content"]) for m in prompts.messages(record))
+    finally:
+        stored.close()
     n = len(to_request)
     history = _history(cache)
     if history:

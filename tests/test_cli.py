@@ -96,3 +96,29 @@ def test_seed_none_sends_no_seed(tmp_path):
     assert load_config(["--captions", "x.jsonl", "--seed", "7"], env={}).sampling.seed == 7
     with pytest.raises(SystemExit):
         load_config(["--captions", "x.jsonl", "--seed", "seven"], env={})
+
+
+def test_dry_run_plan_across_chunks_ignores_other_runs_keys(tmp_path):
+    """The plan asks the store a chunk at a time: repeats across chunks, answers stored by
+    this fingerprint and keys of other runs sharing the store must all count right."""
+    import sqlite3
+
+    from gen.config import answer_key
+    from gen.plan import plan
+    from gen.prompts import PromptSet
+    from gen.store import _SCHEMA
+    from schemas import Caption, Reject
+    config = load_config(["--captions", "x.jsonl", "--out", str(tmp_path / "out")], env={})
+    texts = [f"第{i}张图片里有一只猫" for i in range(700)]
+    records = [Caption(id=f"c{i}", text=t) for i, t in enumerate(texts + texts[:300])]  # 300 repeats after 512
+    records.insert(5, Reject(stage="input", reason="text: empty", file="x.jsonl", line=6, raw="{}"))
+    config.cache_path.parent.mkdir(parents=True)
+    db = sqlite3.connect(config.cache_path)
+    db.execute(_SCHEMA)
+    stored = [answer_key("fp", t) for t in texts[:100]] + [answer_key("other-fp", t) for t in texts]
+    db.executemany("INSERT INTO answers VALUES (?, 'ok', '{}', '', NULL, 1, 10, 5, 0)", [(k,) for k in stored])
+    db.commit()
+    db.close()
+    result = plan(records, config, PromptSet(None), "fp")
+    assert (result["captions"], result["input_rejects"]) == (1000, 1)
+    assert (result["cached"], result["to_request"]) == (400, 600)  # 100 stored + 300 repeats
