@@ -57,9 +57,14 @@ def load_encoder(path: Path | None = None, seed: int = 0):
 def train(model, pairs: pl.DataFrame, corpus: dict[str, str], protocol: Protocol, workdir: Path):
     """pairs: the sampled (query, caption_id) rows; returns the trained model."""
     from datasets import Dataset
-    from sentence_transformers import (SentenceTransformerTrainer,
-                                       SentenceTransformerTrainingArguments, losses)
-    from sentence_transformers.training_args import BatchSamplers
+    from sentence_transformers import SentenceTransformerTrainer
+    try:  # where sentence-transformers 6 keeps them; the old paths still work there but warn
+        from sentence_transformers.sentence_transformer import losses
+        from sentence_transformers.sentence_transformer.training_args import (
+            BatchSamplers, SentenceTransformerTrainingArguments)
+    except ImportError:  # sentence-transformers before 6
+        from sentence_transformers import SentenceTransformerTrainingArguments, losses
+        from sentence_transformers.training_args import BatchSamplers
 
     os.environ.setdefault("WANDB_DISABLED", "true")
     data = Dataset.from_dict({
