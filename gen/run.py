@@ -47,14 +47,19 @@ class UsageError(Exception):
 
 
 def resolve_model(config: RunConfig) -> str:
-    if config.model != localmodel.ALIAS:
+    if not config.model.startswith("local:"):
         return config.model
+    try:
+        model = localmodel.bundled(config.model)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from None
     if config.engine == "openai":
         raise UsageError("with --base-url, name the served model with --model")
-    path = localmodel.model_dir()
+    path = localmodel.model_dir(model)
     if not (path / "CHECKSUM").is_file():
-        raise UsageError(f"the bundled local model is not set up at {path}: run "
-                         "`python -m gen.localmodel` (or scripts/setup.sh), or name one with --model")
+        setup = "" if model is localmodel.SMALL else f" --model {model.name}"
+        raise UsageError(f"the bundled local model {model.name} is not set up at {path}: run "
+                         f"`python -m gen.localmodel{setup}` (or scripts/setup.sh), or name one with --model")
     return str(path)
 
 
