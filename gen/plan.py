@@ -18,38 +18,36 @@ from schemas import Caption, Reject
 CHARS_PER_TOKEN = 2.2
 
 
-def _history(cache: Path) -> tuple[float, float] | None:
-    """Mean prompt and completion tokens per request in an existing store."""
-    if not cache.is_file():
-        return None
-    db = sqlite3.connect(f"file:{cache}?mode=ro", uri=True)
-    try:
-        row = db.execute("SELECT SUM(prompt_tokens), SUM(completion_tokens), SUM(requests) "
-                         "FROM answers WHERE requests > 0").fetchone()
-    except sqlite3.DatabaseError:
-        return None
-    finally:
-        db.close()
-    if not row or not row[2]:
-        return None
-    return row[0] / row[2], row[1] / row[2]
-
-
 class _Stored:
-    """Which keys the store already answers, asked a chunk at a time: a store shared by many
-    runs can hold far more keys than this input has, and loading them all cost memory."""
+    """The answer store, read-only. Which keys it already answers is asked a chunk at a time:
+    a store shared by many runs can hold far more keys than this input has, and loading
+    them all cost memory. Under --force nothing counts as answered, but the store's token
+    history still prices the plan."""
 
-    def __init__(self, cache: Path | None):
-        self.db = sqlite3.connect(f"file:{cache}?mode=ro", uri=True) if cache else None
+    def __init__(self, cache: Path, force: bool):
+        self.db = sqlite3.connect(f"file:{cache}?mode=ro", uri=True) if cache.is_file() else None
+        self.force = force
 
     def which(self, keys: list[str]) -> set[str]:
-        if self.db is None or not keys:
+        if self.db is None or self.force or not keys:
             return set()
+        marks = ",".join("?" * len(keys))
+        return {k for (k,) in self._query(f"SELECT key FROM answers WHERE key IN ({marks})", keys)}
+
+    def history(self) -> tuple[float, float] | None:
+        """Mean prompt and completion tokens per request."""
+        rows = self._query("SELECT SUM(prompt_tokens), SUM(completion_tokens), SUM(requests) "
+                           "FROM answers WHERE requests > 0") if self.db else []
+        if not rows or not rows[0][2]:
+            return None
+        prompt, completion, requests = rows[0]
+        return prompt / requests, completion / requests
+
+    def _query(self, sql: str, args=()) -> list[tuple]:
         try:
-            marks = ",".join("?" * len(keys))
-            return {k for (k,) in self.db.execute(f"SELECT key FROM answers WHERE key IN ({marks})", keys)}
+            return self.db.execute(sql, args).fetchall()
         except sqlite3.DatabaseError:  # not a store, or no answers table yet: nothing is known
-            return set()
+            return []
 
     def close(self) -> None:
         if self.db is not None:
@@ -69,8 +67,7 @@ def _chunks(items: Iterable, size: int):
 
 def plan(records: Iterable[Union[Caption, Reject]], config: RunConfig, prompts: PromptSet,
          fingerprint: str) -> dict[str, Any]:
-    cache = config.cache_path
-    stored = _Stored(cache if cache.is_file() and not config.force else None)
+    stored = _Stored(config.cache_path, config.force)
     captions = rejects = cached = 0
     to_request: set[str] = set()
     prompt_chars = 0
@@ -86,10 +83,10 @@ def plan(records: Iterable[Union[Caption, Reject]], config: RunConfig, prompts: 
                     continue
                 to_request.add(key)
                 prompt_chars += sum(len(m["content"]) for m in prompts.messages(record))
+        history = stored.history()
     finally:
         stored.close()
     n = len(to_request)
-    history = _history(cache)
     if history:
         prompt_tokens, completion_tokens = history[0] * n, history[1] * n
         method = "mean tokens per request in the answer store"

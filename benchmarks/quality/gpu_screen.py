@@ -145,7 +145,6 @@ def train(args) -> None:
         with open(args.results, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    t = time.time()
     record({"name": "zero-shot", "secs": 0} | evaluate(load_model(root / "m3e-small", 0), corpus, labels))
     runs = [(f, *f.name.removesuffix(".jsonl.gz").rsplit(".s", 1)) for f in (root / "pairs").glob("*.jsonl.gz")]
     runs.sort(key=lambda r: (int(r[2]), r[1]))  # seed-major: cut short, every variant has its first seed
