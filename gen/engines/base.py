@@ -1,7 +1,8 @@
 """The one contract every engine meets: messages in, a completion out, asynchronously.
 
 Engines know nothing of captions, validation or the store; gen.generate drives them.
-The decoding constraint (a JSON schema) and sampling parameters are fixed at construction.
+The decoding constraint (a JSON schema) and sampling parameters are fixed at construction;
+a request may bring its own schema (the judge's: exactly as many grades as queries asked).
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ class Engine(ABC):
     name: str
 
     @abstractmethod
-    async def complete(self, messages: list[dict[str, str]]) -> Completion: ...
+    async def complete(self, messages: list[dict[str, str]], schema: Optional[dict] = None) -> Completion:
+        """schema: this request's decoding constraint; None: the engine's own."""
+        ...
 
     async def aclose(self) -> None:
         return None

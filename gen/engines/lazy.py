@@ -24,7 +24,7 @@ class LazyEngine(Engine):
         self._lock: Optional[asyncio.Lock] = None
         self._children_before: Optional[set] = None  # set while building
 
-    async def complete(self, messages) -> Completion:
+    async def complete(self, messages, schema=None) -> Completion:
         if self.inner is None:
             self._lock = self._lock or asyncio.Lock()
             async with self._lock:
@@ -32,7 +32,7 @@ class LazyEngine(Engine):
                     self._children_before = set(multiprocessing.active_children())
                     self.inner = await _in_daemon_thread(self.build)
                     self._children_before = None
-        return await self.inner.complete(messages)
+        return await self.inner.complete(messages, schema)
 
     async def aclose(self) -> None:
         if self.inner is not None:

@@ -93,10 +93,10 @@ class OpenAIEngine(Engine):
         self.attempts = 0
         self.retries = 0
         self._downgrade = asyncio.Lock()
-        self._encoded: tuple[Any, str] = (None, "")   # (format state, encoded options)
+        self._encoded: dict[Any, str] = {}   # (format state, schema) -> encoded options
         self._first: tuple[Any, str] = (None, "")     # (first message, its JSON)
 
-    def _options(self) -> dict[str, Any]:
+    def _options(self, schema: Optional[dict] = None) -> dict[str, Any]:
         """Everything in a request body but the messages, as the server allows it now."""
         body: dict[str, Any] = dict(
             model=self.model, temperature=self.sampling.temperature,
@@ -107,26 +107,28 @@ class OpenAIEngine(Engine):
         fmt = FORMATS[self.format_level]
         if fmt == "json_schema":
             body["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "caption_queries", "schema": self.schema, "strict": True}}
+                "name": "caption_queries", "schema": schema or self.schema, "strict": True}}
         elif fmt == "json_object":
             body["response_format"] = {"type": "json_object"}
         if self.thinking_kwargs:
             body["chat_template_kwargs"] = {"enable_thinking": False}
         return body
 
-    def _body(self, messages: list[dict[str, str]]) -> bytes:
+    def _body(self, messages: list[dict[str, str]], schema: Optional[dict] = None) -> bytes:
         """The request's JSON. Only the user message changes from caption to caption, so the
         options (the schema among them) and the system message are encoded once and reused:
         encoding them anew was a tenth of a millisecond a request."""
-        state = (self.format_level, self.thinking_kwargs)
-        if self._encoded[0] != state:
-            options = json.dumps(self._options(), ensure_ascii=False)
-            self._encoded = (state, "," + options[1:])
+        state = (self.format_level, self.thinking_kwargs, json.dumps(schema, sort_keys=True) if schema else None)
+        if state not in self._encoded:
+            if len(self._encoded) > 64:   # a few schemas in use at once, never an ever-growing set
+                self._encoded.clear()
+            options = json.dumps(self._options(schema), ensure_ascii=False)
+            self._encoded[state] = "," + options[1:]
         first = messages[0]
         if self._first[0] != first:
             self._first = (first, json.dumps(first, ensure_ascii=False))
         rest = "".join("," + json.dumps(m, ensure_ascii=False) for m in messages[1:])
-        return f'{{"messages":[{self._first[1]}{rest}]{self._encoded[1]}'.encode()
+        return f'{{"messages":[{self._first[1]}{rest}]{self._encoded[state]}'.encode()
 
     def _session(self, server: Server) -> aiohttp.ClientSession:
         if server.client is None:
@@ -169,21 +171,21 @@ class OpenAIEngine(Engine):
                         "on" if self.thinking_kwargs else "off")
             return True
 
-    async def _send(self, server: Server, messages: list[dict[str, str]]) -> Any:
+    async def _send(self, server: Server, messages: list[dict[str, str]], schema: Optional[dict]) -> Any:
         while True:
             level, thinking = self.format_level, self.thinking_kwargs
             self.attempts += 1
             try:
-                return await self._post(server, self._body(messages))
+                return await self._post(server, self._body(messages, schema))
             except StatusError as exc:
                 if exc.status != 400 or not await self._step_down(exc, level, thinking):
                     raise
 
-    async def _once(self, messages: list[dict[str, str]]) -> Completion:
+    async def _once(self, messages: list[dict[str, str]], schema: Optional[dict]) -> Completion:
         server = self.pool.pick()
         self.pool.started(server)
         try:
-            done = _completion(await self._send(server, messages))
+            done = _completion(await self._send(server, messages, schema))
         except BaseException as exc:
             # Only the server's own trouble counts against it, not a request it rightly refused.
             self.pool.finished(server, ok=not is_transient(exc))
@@ -191,7 +193,7 @@ class OpenAIEngine(Engine):
         self.pool.finished(server, ok=True)
         return done
 
-    async def complete(self, messages: list[dict[str, str]]) -> Completion:
+    async def complete(self, messages: list[dict[str, str]], schema: Optional[dict] = None) -> Completion:
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(self.retry.max_attempts),
@@ -202,7 +204,7 @@ class OpenAIEngine(Engine):
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
                         self.retries += 1
-                    return await self._once(messages)
+                    return await self._once(messages, schema)
         except RequestFailed as exc:
             raise EngineError(self.redact(str(exc))[:300]) from None
         raise AssertionError("unreachable")

@@ -10,9 +10,10 @@ settings vLLM needs there, unless the user set them.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 from gen.config import Sampling
 from gen.engines.base import Completion, Engine, EngineError
@@ -60,20 +61,32 @@ class VLLMEngine(Engine):
         # A per-request seed crashes vLLM's CPU build as soon as a prompt is prefilled in
         # chunks, which large batches always cause ("CPU Generator does not use offset"). On
         # a CPU the engine-wide seed above is all there is; on a GPU each request keeps its own.
-        self.params = SamplingParams(
+        self._make_params = lambda s: SamplingParams(
             temperature=sampling.temperature, top_p=sampling.top_p,
             max_tokens=sampling.max_tokens, seed=None if on_cpu else sampling.seed,
-            structured_outputs=StructuredOutputsParams(json=schema),
+            structured_outputs=StructuredOutputsParams(json=s),
         )
+        self.params = self._make_params(schema)
+        self._params_by_schema: dict[str, Any] = {}
         self.chat_kwargs = {"chat_template_kwargs": {"enable_thinking": False}} if disable_thinking else {}
         self.batch_size = batch_size
         self.batches = 0
-        self._queue: list[tuple[list[dict[str, str]], asyncio.Future]] = []
+        self._queue: list[tuple[list[dict[str, str]], Any, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
 
-    async def complete(self, messages: list[dict[str, str]]) -> Completion:
+    def _params(self, schema: Optional[dict]) -> Any:
+        if schema is None:
+            return self.params
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._params_by_schema:
+            if len(self._params_by_schema) > 64:
+                self._params_by_schema.clear()
+            self._params_by_schema[key] = self._make_params(schema)
+        return self._params_by_schema[key]
+
+    async def complete(self, messages: list[dict[str, str]], schema: Optional[dict] = None) -> Completion:
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((messages, future))
+        self._queue.append((messages, self._params(schema), future))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
         return await future
@@ -85,15 +98,15 @@ class VLLMEngine(Engine):
             batch, self._queue = self._queue[: self.batch_size], self._queue[self.batch_size:]
             try:
                 outputs = await asyncio.to_thread(
-                    self.llm.chat, [m for m, _ in batch], self.params, use_tqdm=False,
+                    self.llm.chat, [m for m, _, _ in batch], [p for _, p, _ in batch], use_tqdm=False,
                     **self.chat_kwargs)
             except Exception as exc:  # the engine died: every waiting request fails alike
-                for _, fut in batch:
+                for _, _, fut in batch:
                     if not fut.done():
                         fut.set_exception(EngineError(f"vLLM failed: {exc}"))
                 continue
             self.batches += 1
-            for (_, fut), out in zip(batch, outputs):
+            for (_, _, fut), out in zip(batch, outputs):
                 gen = out.outputs[0]
                 if not fut.done():
                     fut.set_result(Completion(
