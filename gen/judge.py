@@ -1,19 +1,26 @@
-"""Judge stage: the LLM grades every generated (query, caption) pair 0/1/2.
+"""Judge stage: the LLM grades (query, caption) pairs 0/1/2 with the benchmark's definitions.
 
-    python -m gen.judge --captions raw.jsonl [--out DIR] [any gen.run engine option]
+    python -m gen.judge --captions raw.jsonl [--out DIR] [--candidates K] [any gen.run engine option]
 
-Runs after `gen.run` on its output directory: reads queries.parquet and captions.parquet,
-asks once per caption for a grade of each of its distinct queries, and writes
-judgements.parquet (caption_id, query, judge_grade; null where no judgement came).
-Curation uses it with `judge = "drop"` (pairs graded 0 go, with reason judged_irrelevant)
-or `"regrade"` (also the judge's grade replaces the generator's). Same engines, options,
-retries and resume as generation: answers live in DIR/judge.sqlite, keyed by the judge's
-fingerprint, the caption and its queries, so a rerun pays only for what is new; an answer
-that is still malformed after one repair round is stored as rejected with the reason.
+Runs after `gen.run` on its output directory. Two kinds of pair, one request per caption
+(in chunks of CHUNK queries) asking for a grade of each query:
+- its own: every distinct generated (query, caption) pair -> judgements.parquet. Curation
+  uses it with `judge = "drop"` (pairs graded 0 go, reason judged_irrelevant) or
+  `"regrade"` (the judge's grade also replaces the generator's).
+- with --candidates K: each query row's first K BM25-mined hard negatives in shards/latest,
+  i.e. other captions the query is most likely to be true of ->
+  candidate_judgements.parquet. Curation with `judge_candidates = true` makes those graded
+  1 or 2 extra positives (instead of false negatives) and marks those graded 0 as
+  confirmed negatives (`neg_judged`).
+Both write caption_id, query, judge_grade (null where no judgement came). Same engines,
+options, retries and resume as generation: answers live in DIR/judge.sqlite, keyed by the
+judge's fingerprint, the caption and its queries, so a rerun pays only for what is new; an
+answer still malformed after one repair round is stored as rejected with the reason.
 Greedy decoding: a grade should not depend on a dice roll.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import json
@@ -37,6 +44,10 @@ from schemas.judge import Judgement, judge_json_schema
 log = logging.getLogger("gen.judge")
 SYSTEM, USER = "judge.system.j2", "judge.user.j2"
 JUDGEMENTS = "judgements.parquet"
+CANDIDATE_JUDGEMENTS = "candidate_judgements.parquet"
+# Queries per request: a caption can be the BM25 neighbour of a hundred queries, and one
+# answer must stay well inside max_tokens (about 2 tokens a grade).
+CHUNK = 32
 
 
 class JudgePrompts:
@@ -67,12 +78,40 @@ def parse(text: str, n: int) -> list[int]:
     return grades
 
 
+def own_pairs(out: Path) -> pl.DataFrame:
+    return pl.read_parquet(out / "queries.parquet", columns=["caption_id", "query"]).unique(maintain_order=True)
+
+
+def candidate_pairs(out: Path, k: int) -> pl.DataFrame:
+    """(caption_id, query): each query row's first k BM25-mined negatives in shards/latest.
+    Random-fill negatives (BM25 score 0) are left out: nothing suggests they are relevant."""
+    from gen.run import UsageError
+    shards = sorted((out / "shards" / "latest").glob("*-*.parquet"))
+    shards = [p for p in shards if p.name.startswith(("train-", "dev-"))]
+    if not shards:
+        raise UsageError(f"--candidates needs curated shards in {out}/shards/latest: run gen.run with curation first")
+    rows = pl.concat([pl.read_parquet(p, columns=["query", "neg_ids", "neg_bm25"]) for p in shards])
+    return (rows.with_columns(pl.col("neg_ids").list.head(k), pl.col("neg_bm25").list.head(k))
+            .explode("neg_ids", "neg_bm25")
+            .filter(pl.col("neg_bm25") > 0)
+            .select(caption_id="neg_ids", query="query")
+            .unique(maintain_order=True))
+
+
+def requests(pairs: pl.DataFrame) -> list[tuple[str, list[str]]]:
+    """(caption_id, up to CHUNK queries) in the order the pairs came."""
+    out = []
+    for cid, qs in pairs.group_by("caption_id", maintain_order=True).agg("query").iter_rows():
+        out += [(cid, qs[i:i + CHUNK]) for i in range(0, len(qs), CHUNK)]
+    return out
+
+
 async def _judge_one(engine, prompts: JudgePrompts, caption: str, queries: list[str]) -> dict:
     messages = prompts.messages(caption, queries)
     used = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
     error, text = None, ""
     for _ in range(2):
-        done = await engine.complete(messages)
+        done = await engine.complete(messages, judge_json_schema(len(queries)))
         used["requests"] += 1
         used["prompt_tokens"] += done.prompt_tokens
         used["completion_tokens"] += done.completion_tokens
@@ -87,86 +126,113 @@ async def _judge_one(engine, prompts: JudgePrompts, caption: str, queries: list[
     return {"status": "rejected", "answer": None, "raw": text, "reason": f"judge answer invalid after a repair round: {error}", **used}
 
 
-async def judge(config: RunConfig) -> dict:
-    from gen.engines.lazy import LazyEngine  # the same engine wiring as generation
-    from gen.run import resolve_model, stop_on_sigterm
+class _Judge:
+    """One engine and one store for every request of a run."""
 
-    out = config.out_dir
-    queries = pl.read_parquet(out / "queries.parquet", columns=["caption_id", "query"])
-    texts = dict(pl.read_parquet(out / "captions.parquet", columns=["id", "text"]).iter_rows())
-    per_caption = queries.unique(maintain_order=True).group_by("caption_id", maintain_order=True).agg("query")
-    prompts = JudgePrompts(config.prompts)
-    sampling = judge_sampling(config)
-    fp = hashlib.sha256(json.dumps({"model": model_identity(config.model), "templates": prompts.digest,
-                                    "schema": judge_json_schema(), "sampling": sampling.model_dump()},
-                                   sort_keys=True).encode()).hexdigest()
-    jconfig = config.model_copy(update={"sampling": sampling})
-    model = resolve_model(config)
-    engine = LazyEngine(lambda: build_engine(jconfig, model, judge_json_schema()))
-    store = AnswerStore(out / "judge.sqlite")
-    stats = {"captions": per_caption.height, "cached": 0, "judged": 0, "rejected": 0, "failed": 0,
-             "requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
-    keys: dict[str, str] = {}
-    slots = asyncio.Semaphore(config.concurrency)
+    def __init__(self, config: RunConfig, engine, store: AnswerStore, texts: dict[str, str]):
+        self.prompts = JudgePrompts(config.prompts)
+        self.fp = hashlib.sha256(json.dumps(
+            {"model": model_identity(config.model), "templates": self.prompts.digest,
+             "schema": judge_json_schema(), "exact_count": True,
+             "sampling": judge_sampling(config).model_dump()},
+            sort_keys=True).encode()).hexdigest()
+        self.config, self.engine, self.store, self.texts = config, engine, store, texts
 
-    async def one(cid: str, qs: list[str], key: str) -> None:
-        try:
-            got = await _judge_one(engine, prompts, texts[cid], qs)
-        except EngineError as e:
-            stats["failed"] += 1
-            log.warning("caption %s: no judgement (%s); a rerun will ask again", cid, e)
-            return
-        finally:
-            slots.release()
-        for k in ("requests", "prompt_tokens", "completion_tokens"):
-            stats[k] += got[k]
-        stats["judged" if got["status"] == "ok" else "rejected"] += 1
-        store.put(key, got["status"], answer=got["answer"], raw=got["raw"], reason=got["reason"],
-                  requests=got["requests"], prompt_tokens=got["prompt_tokens"], completion_tokens=got["completion_tokens"])
+    def key(self, cid: str, queries: list[str]) -> str:
+        return hashlib.sha256("\0".join([self.fp, self.texts[cid], *queries]).encode()).hexdigest()
 
-    tasks = []
-    undo_sigterm = stop_on_sigterm()
-    try:
-        for cid, qs in per_caption.iter_rows():
-            key = hashlib.sha256("\0".join([fp, texts[cid], *qs]).encode()).hexdigest()
-            keys[cid] = key
-            if not config.force and store.get(key) is not None:
+    async def grade(self, pairs: pl.DataFrame, path: Path) -> dict:
+        asks = requests(pairs)
+        stats = {"pairs": pairs.height, "requests_needed": len(asks), "cached": 0, "judged": 0,
+                 "rejected": 0, "failed": 0, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        slots = asyncio.Semaphore(self.config.concurrency)
+
+        async def one(cid: str, qs: list[str], key: str) -> None:
+            try:
+                got = await _judge_one(self.engine, self.prompts, self.texts[cid], qs)
+            except EngineError as e:
+                stats["failed"] += 1
+                log.warning("caption %s: no judgement (%s); a rerun will ask again", cid, e)
+                return
+            finally:
+                slots.release()
+            for k in ("requests", "prompt_tokens", "completion_tokens"):
+                stats[k] += got[k]
+            stats["judged" if got["status"] == "ok" else "rejected"] += 1
+            self.store.put(key, got["status"], answer=got["answer"], raw=got["raw"], reason=got["reason"],
+                           requests=got["requests"], prompt_tokens=got["prompt_tokens"],
+                           completion_tokens=got["completion_tokens"])
+
+        tasks = []
+        for cid, qs in asks:
+            key = self.key(cid, qs)
+            if not self.config.force and self.store.get(key) is not None:
                 stats["cached"] += 1
                 continue
             await slots.acquire()
             tasks.append(asyncio.create_task(one(cid, qs, key)))
         await asyncio.gather(*tasks)
+        table = self.table(asks)
+        with atomic_path(path) as tmp:
+            table.write_parquet(tmp)
+        stats["grades"] = {str(k): v for k, v in table["judge_grade"].value_counts().sort("judge_grade").iter_rows()}
+        return stats
+
+    def table(self, asks: list[tuple[str, list[str]]]) -> pl.DataFrame:
+        rows: dict[str, list] = {"caption_id": [], "query": [], "judge_grade": []}
+        for cid, qs in asks:
+            got = self.store.get(self.key(cid, qs))
+            grades = json.loads(got.answer) if got and got.status == "ok" else [None] * len(qs)
+            rows["caption_id"] += [cid] * len(qs)
+            rows["query"] += qs
+            rows["judge_grade"] += grades
+        return pl.DataFrame(rows, schema={"caption_id": pl.String, "query": pl.String, "judge_grade": pl.Int8})
+
+
+async def judge(config: RunConfig, candidates: int = 0) -> dict:
+    from gen.engines.lazy import LazyEngine  # the same engine wiring as generation
+    from gen.run import resolve_model, stop_on_sigterm
+
+    out = config.out_dir
+    mine = own_pairs(out)
+    others = candidate_pairs(out, candidates) if candidates else None
+    texts = dict(pl.read_parquet(out / "captions.parquet", columns=["id", "text"]).iter_rows())
+    jconfig = config.model_copy(update={"sampling": judge_sampling(config)})
+    model = resolve_model(config)
+    engine = LazyEngine(lambda: build_engine(jconfig, model, judge_json_schema()))
+    store = AnswerStore(out / "judge.sqlite")
+    judge_ = _Judge(config, engine, store, texts)
+    stats: dict = {"fingerprint": judge_.fp}
+    undo_sigterm = stop_on_sigterm()
+    try:
+        stats["own"] = await judge_.grade(mine, out / JUDGEMENTS)
+        if others is not None:
+            stats["candidates"] = await judge_.grade(others, out / CANDIDATE_JUDGEMENTS)
     finally:
         undo_sigterm()
         await engine.aclose()
-    rows = {"caption_id": [], "query": [], "judge_grade": []}
-    for cid, qs in per_caption.iter_rows():
-        got = store.get(keys[cid])
-        grades = json.loads(got.answer) if got and got.status == "ok" else [None] * len(qs)
-        rows["caption_id"] += [cid] * len(qs)
-        rows["query"] += qs
-        rows["judge_grade"] += grades
-    store.close()
-    table = pl.DataFrame(rows, schema={"caption_id": pl.String, "query": pl.String, "judge_grade": pl.Int8})
-    with atomic_path(out / JUDGEMENTS) as tmp:
-        table.write_parquet(tmp)
-    stats["grades"] = {str(k): v for k, v in table["judge_grade"].value_counts().sort("judge_grade").iter_rows()}
-    stats["fingerprint"] = fp
+        store.close()
     return stats
 
 
-def _main(config: RunConfig) -> int:
+def _main(config: RunConfig, candidates: int) -> int:
     from gen.run import EXIT_INCOMPLETE, EXIT_OK, UsageError
     if not (config.out_dir / "queries.parquet").is_file():
         raise UsageError(f"{config.out_dir}/queries.parquet not found: run gen.run first (same --out)")
-    stats = asyncio.run(judge(config))
+    stats = asyncio.run(judge(config, candidates))
     print(json.dumps(stats, ensure_ascii=False, indent=2))
-    return EXIT_INCOMPLETE if stats["failed"] else EXIT_OK
+    failed = sum(part["failed"] for part in (stats["own"], stats.get("candidates", {"failed": 0})))
+    return EXIT_INCOMPLETE if failed else EXIT_OK
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     from gen.run import entry
-    return entry(argv, _main)
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--candidates", type=int, default=0)
+    ours, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if ours.candidates < 0:
+        ap.error("--candidates must be 0 or more")
+    return entry(rest, lambda config: _main(config, ours.candidates))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@ shards/latest points at the newest good one. The pointer is a symlink swapped at
 and only after a curation finished, so a trainer reading shards/latest never sees a half
 version; a failed curation leaves it where it was.
 
-A rerun whose inputs (the run's queries and captions, and the curation settings) are those
-of the latest version makes no new version: scheduled jobs pay only for what changed.
+A rerun whose inputs (the run's queries and captions, the judge's grades it uses, and the
+curation settings) are those of the latest version makes no new version: scheduled jobs
+pay only for what changed.
 """
 from __future__ import annotations
 
@@ -17,15 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from gen.atomic import atomic_path
-from gen.curate import CurateConfig, curate
+from gen.curate import CurateConfig, curate, judged
 
 KEEP_VERSIONS = 5
 
 
 def _inputs_digest(run_dir: Path, config: CurateConfig) -> str:
     h = hashlib.sha256(config.fingerprint().encode())
-    for name in ("queries.parquet", "captions.parquet"):
-        with (run_dir / name).open("rb") as f:
+    # The judge's files change the output too: a re-judged run must make a new version.
+    judge_files = judged.inputs(run_dir, config.judge, config.judge_candidates)
+    for path in [run_dir / "queries.parquet", run_dir / "captions.parquet", *judge_files]:
+        if not path.is_file():
+            continue  # curate() names what is missing
+        with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()

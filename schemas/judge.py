@@ -1,12 +1,14 @@
 """What the judge answers for one caption: a grade per query, in the order asked.
 
 Grades use the benchmark's definitions: 2 certainly or almost certainly shown; 1 likely
-shown, or highly related by search intent; 0 not. The count must match the queries asked,
-which a grammar cannot say for a list of any length: gen/judge.py checks it.
+shown, or highly related by search intent; 0 not. The count must match the queries asked:
+judge_json_schema(n) says so to the decoder (minItems = maxItems = n), since a 0.5B model
+asked for 13 grades wrote 10, or looped "0, 1, 2, ..." to max_tokens, in most answers
+without it; gen/judge.py checks the count anyway, for servers that ignore schemas.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
@@ -16,6 +18,10 @@ class Judgement(BaseModel):
     grades: list[Literal[0, 1, 2]]
 
 
-def judge_json_schema() -> dict[str, Any]:
+def judge_json_schema(n: Optional[int] = None) -> dict[str, Any]:
+    """The answer's schema; with n, a list of exactly n grades."""
+    grades: dict[str, Any] = {"type": "array", "items": {"type": "integer", "enum": [0, 1, 2]}}
+    if n is not None:
+        grades |= {"minItems": n, "maxItems": n}
     return {"type": "object", "additionalProperties": False, "required": ["grades"],
-            "properties": {"grades": {"type": "array", "items": {"type": "integer", "enum": [0, 1, 2]}}}}
+            "properties": {"grades": grades}}

@@ -21,6 +21,9 @@ def _judge_answer(calls):
         caption, _, listed = caption_block.partition("查询：")
         queries = [line.split(". ", 1)[1] for line in listed.strip().splitlines() if ". " in line]
         calls.append(len(body["messages"]))
+        # The decoder is told how many grades: the schema sent with this very request.
+        asked = body["response_format"]["json_schema"]["schema"]["properties"]["grades"]
+        assert asked["minItems"] == asked["maxItems"] == len(queries), (asked, queries)
         grades = [2 if q in caption else 0 for q in queries]
         if "燃气表" in caption and len(body["messages"]) == 2:
             grades = grades[:-1]            # first answer one grade short: must be repaired
@@ -72,3 +75,76 @@ def test_judge_before_generation_is_a_usage_error(tmp_path, sample_captions, cap
     assert rc == 2
     line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])   # JSON logs, as asked
     assert line["level"] == "error" and "run gen.run first" in line["message"]
+
+
+def _candidate_answer(caption_block: str, body: dict) -> str:
+    # Generation as the fake always answers; a judgement grades by shared characters, so
+    # some BM25 candidates come out relevant (1 or 2) and others not (0).
+    if "查询：" not in caption_block:
+        from fake_openai import default_answer
+        return default_answer(caption_block)
+    caption, _, listed = caption_block.partition("查询：")
+    queries = [line.split(". ", 1)[1] for line in listed.strip().splitlines() if ". " in line]
+    shared = [len(set(q) & set(caption)) / max(len(set(q)), 1) for q in queries]
+    return json.dumps({"grades": [2 if s >= 0.8 else 1 if s >= 0.5 else 0 for s in shared]})
+
+
+def test_candidates_become_positives_or_confirmed_negatives(tmp_path, sample_captions):
+    from gen.publish import curate_versioned
+
+    caps = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:12])
+    out = tmp_path / "out"
+    job = tmp_path / "job.toml"
+    job.write_text("[curation]\ndev_fraction = 0.0\n")   # one split: every query has one row
+    calls: list[dict] = []
+    with FakeOpenAI(answer=lambda block, body: calls.append(body) or _candidate_answer(block, body)) as fake:
+        common = ["--captions", str(caps), "--out", str(out), "--base-url", fake.base_url,
+                  "--model", "m", "--no-progress", "--config", str(job)]
+        assert run_main(common) == 0
+        before = len(calls)
+        assert judge_main([*common, "--candidates", "2"]) == 0
+        asked = len(calls) - before
+        assert judge_main([*common, "--candidates", "2"]) == 0 and len(calls) == before + asked  # resumed
+
+    shards = rows(out / "shards" / "latest")
+    expected = {(n, r["query"]) for r in shards
+                for n, b in list(zip(r["neg_ids"], r["neg_bm25"]))[:2] if b > 0}
+    cj = pl.read_parquet(out / "candidate_judgements.parquet")
+    assert set(zip(cj["caption_id"], cj["query"])) == expected and cj["judge_grade"].null_count() == 0
+    assert set(cj["judge_grade"].unique()) == {0, 1, 2}   # the test needs all three outcomes
+
+    new = curate_versioned(out, CurateConfig(judge_candidates=True, dev_fraction=0.0))
+    graded = {(c, q): g for c, q, g in cj.iter_rows()}
+    after = {r["query"]: r for r in rows(out / "shards" / "latest")}
+    added = confirmed = 0
+    for (cid, query), g in graded.items():
+        r = after[query]
+        assert (g >= 1) == (cid in r["pos_ids"]), (query, cid, g)   # relevant: a positive ...
+        assert not (g >= 1 and cid in r["neg_ids"])                  # ... never a negative
+        if g >= 1:
+            added += 1
+            assert r["pos_scores"][r["pos_ids"].index(cid)] == g     # with the judge's grade
+        elif cid in r["neg_ids"]:
+            confirmed += 1
+            assert r["neg_judged"][r["neg_ids"].index(cid)] is True
+    assert added and confirmed
+    assert new["stats"]["judged_positives"] == added
+    assert new["stats"]["negatives_judged_irrelevant"] == confirmed
+    assert all(not any(r["neg_judged"]) for r in shards)   # without the setting: nothing marked
+
+    # Re-judged grades are new input: the same settings must make a new version.
+    assert curate_versioned(out, CurateConfig(judge_candidates=True, dev_fraction=0.0))["reused"]
+    cj.with_columns(judge_grade=pl.lit(0, dtype=pl.Int8)).write_parquet(out / "candidate_judgements.parquet")
+    regraded = curate_versioned(out, CurateConfig(judge_candidates=True, dev_fraction=0.0))
+    assert not regraded["reused"] and regraded["version"] != new["version"]
+    assert regraded["stats"]["judged_positives"] == 0
+
+
+def test_curating_with_judge_settings_but_no_judgements_is_a_usage_error(tmp_path, capsys):
+    from curate_helpers import rec, write_run
+
+    from gen.curate.__main__ import main as curate_main
+    run = write_run(tmp_path / "run", [{"id": "c1", "text": "一只猫在沙发上"}], [rec("c1", "猫")])
+    for flags in (["--judge", "drop"], ["--judge-candidates", "true"]):
+        assert curate_main(["--queries", str(run), *flags]) == 2
+        assert "run python -m gen.judge first" in capsys.readouterr().err

@@ -76,6 +76,29 @@ def test_in_process_vllm_engine(model_dir, twenty, tmp_path, sample_captions):
     assert m2["counts"]["requested"] == 0 and m2["usage"]["requests"] == 0
     assert m2["engine"]["engine"] is None
 
+    # The judge on the same engine, each request constrained to exactly as many grades as
+    # it asks for: its own pairs, then each query's two hardest mined negatives.
+    p = run_judge("--captions", str(twenty), "--out", str(out), "--engine", "vllm", "--candidates", "2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    check_judgements(out / "judgements.parquet")
+    check_judgements(out / "candidate_judgements.parquet")
+    p = subprocess.run([sys.executable, "-m", "gen.curate", "--queries", str(out), "--judge", "drop",
+                        "--judge-candidates", "true"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((out / "shards" / "latest" / "manifest.json").read_text())["settings"]["judge_candidates"]
+
+
+def run_judge(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gen.judge", "--no-progress", *args],
+                          capture_output=True, text=True, timeout=1500)
+
+
+def check_judgements(path: Path) -> None:
+    rows = read_rows(path)
+    graded = [r["judge_grade"] for r in rows if r["judge_grade"] is not None]
+    assert rows and len(graded) >= MOST * len(rows), (len(graded), len(rows))
+    assert set(graded) <= {0, 1, 2}
+
 
 def _stored(cache: Path) -> int:
     import sqlite3
@@ -193,4 +216,9 @@ def test_vllm_openai_compatible_server(vllm_server, twenty, tmp_path, sample_cap
     m = check_outputs(out, sample_captions[:N])
     # vLLM's server accepts the json_schema constraint: no step down was needed
     assert m["engine"]["engine"] == "openai" and m["engine"]["response_format"] == "json_schema"
+    # The server takes the judge's per-request schema (exactly n grades) as well.
+    p = run_judge("--captions", str(twenty), "--out", str(out), "--base-url", vllm_server,
+                  "--model", "qwen-local", "--concurrency", "16")
+    assert p.returncode == 0, p.stderr[-3000:]
+    check_judgements(out / "judgements.parquet")
     CaptionQueries.model_json_schema()  # the same schema class validated both paths

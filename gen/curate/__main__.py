@@ -53,11 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"invalid settings:\n{e}", file=sys.stderr)
         return 2
-    if args.out is None:
-        from gen.publish import curate_versioned  # the same versions and pointer as gen.run
-        manifest = curate_versioned(args.queries, config)
-    else:
-        manifest = curate(args.queries, config, args.out)
+    try:
+        if args.out is None:
+            from gen.publish import curate_versioned  # the same versions and pointer as gen.run
+            manifest = curate_versioned(args.queries, config)
+        else:
+            manifest = curate(args.queries, config, args.out)
+    except FileNotFoundError as e:   # a run or judge file the settings need
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     summary = {k: manifest["stats"][k] for k in ("queries_in", "pairs_out", "dropped_by_reason", "splits")}
     print(json.dumps({"fingerprint": manifest["fingerprint"], **summary,
                       "timings_s": manifest["timings_s"]}, ensure_ascii=False, indent=2))

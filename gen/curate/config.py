@@ -53,6 +53,9 @@ class CurateConfig(BaseModel):
     # Use the judge's grades (python -m gen.judge writes judgements.parquet): "drop" removes
     # pairs it graded 0; "regrade" also puts its 1/2 in place of the generator's grade.
     judge: Literal["off", "drop", "regrade"] = "off"
+    # Use the judge's grades of hard-negative candidates (python -m gen.judge --candidates K
+    # writes candidate_judgements.parquet): graded 1/2 become positives, 0 confirmed negatives.
+    judge_candidates: bool = False
     # Round-trip filter (gen/curate/roundtrip.py): drop a record whose caption is not in
     # the BM25 top roundtrip_k for its query nor contains it; None turns it off.
     roundtrip_k: Optional[int] = Field(None, ge=1)

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 import polars as pl
 
-from gen.curate import cross, dedup, filters, negatives, positives, roundtrip, split
+from gen.curate import cross, dedup, filters, judged, negatives, positives, roundtrip, split
 from gen.curate.config import CurateConfig
 from gen.curate.decontaminate import contaminated, load_eval_texts
 from gen.curate.normalize import normalized, tokenize
@@ -71,8 +71,11 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
     with timer("normalize"):
         recs = with_rank(raw.with_columns(q_norm=normalized(raw["query"])))
         caps = caps.with_columns(c_norm=normalized(caps["text"]))
-        # Every (caption, query) the run generated, before any drop: the false-negative guard.
-        known = recs.select("caption_id", "q_norm").unique()
+        # Every (caption, query) the run generated, before any drop, and every other pair the
+        # judge found relevant: the false-negative guard.
+        graded = judged.candidates(run_dir, config.judge_candidates)
+        known = pl.concat([recs.select("caption_id", "q_norm"),
+                           judged.positives(graded).select("caption_id", "q_norm")]).unique()
 
     with timer("decontaminate"):
         evals = load_eval_texts(config.decontaminate_against)
@@ -89,7 +92,7 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
                                 "captions_dropped": hits.height}
 
     with timer("judge"):
-        recs, d = _apply_judge(recs, run_dir, config.judge)
+        recs, d = judged.apply_own(recs, run_dir, config.judge)
         drops.append(d)
 
     with timer("dedup_exact"):
@@ -132,11 +135,11 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
     # One BM25 index per split, built on first use, serves both steps below.
     indexes = negatives.SplitIndexes(caps, rows, config)
     with timer("cross_positives"):
-        rows = cross.extend(rows, indexes, config)
+        rows, stats["judged_positives"] = cross.extend(rows, indexes, config, judged.positives(graded))
 
     with timer("negatives"):
         guard: Counter = Counter()
-        rows = negatives.attach(rows, indexes, known, config, guard)
+        rows = judged.mark_confirmed(negatives.attach(rows, indexes, known, config, guard), graded)
         # negatives=0 asks for none, so it cannot fall short of them.
         least = min(config.min_negatives, config.negatives)
         few = rows.filter(pl.col("neg").list.len() < least).select("query_id", "split")
@@ -157,21 +160,6 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
                                  f"out, {dropped.height} dropped")
         manifest = write_outputs(out, rows, caps, dropped, config, stats, timer.seconds, t_start)
     return manifest
-
-
-def _apply_judge(recs: pl.DataFrame, run_dir: Path, mode: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    if mode == "off":
-        return split_off(recs, pl.lit(False), "judged_irrelevant")
-    path = run_dir / "judgements.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"judge = {mode!r} needs {path}: run python -m gen.judge first")
-    grades = pl.read_parquet(path).unique(["caption_id", "query"], keep="first")
-    recs = recs.join(grades, on=["caption_id", "query"], how="left", maintain_order="left")
-    kept, dropped = split_off(recs, pl.col("judge_grade") == 0, "judged_irrelevant")
-    if mode == "regrade":  # an unjudged pair keeps the generator's grade
-        kept = kept.with_columns(grade=pl.coalesce(pl.col("judge_grade").cast(pl.Int64), "grade"))
-        kept = with_rank(kept.drop("rank"))  # rank orders by grade first
-    return kept.drop("judge_grade"), dropped.drop("judge_grade")
 
 
 def _words_table(texts: pl.Series, key: str, name: str, workers: int, search: bool = False) -> pl.DataFrame:
@@ -217,8 +205,10 @@ def _stats(rows: pl.DataFrame, recs: pl.DataFrame, dropped: pl.DataFrame, guard:
     return {
         # Generated (query, caption) pairs written: the records' side of the accounting.
         "pairs_out": int(rows["n_generated"].sum() or 0),
-        # Positives added by cross.py on top of them.
+        # Positives added by cross.py on top of them (judged_positives, set by the caller, are
+        # the part the judge added).
         "cross_positives": int(rows["pos"].list.len().sum() or 0) - int(rows["n_generated"].sum() or 0),
+        "negatives_judged_irrelevant": int(rows["neg_judged"].list.sum().sum() or 0),
         "query_rows_by_type": _counts(rows, "type"),
         "pairs_by_type": _counts(recs, "type"),
         "dropped_by_reason": by_reason,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import polars as pl
 
-# Parquet query shards: the FlagEmbedding row plus ids and BM25 scores for tracing.
+# Parquet query shards: the FlagEmbedding row plus ids, BM25 scores and the judge's
+# confirmations (neg_judged: graded 0 by the judge) for tracing.
 QUERY_COLUMNS = ("query_id", "query", "type", "subtype", "pos", "pos_ids", "pos_scores",
-                 "neg", "neg_ids", "neg_scores", "neg_bm25")
+                 "neg", "neg_ids", "neg_scores", "neg_bm25", "neg_judged")
 FLAG_COLUMNS = ("query", "pos", "neg", "type", "pos_scores", "neg_scores")
 
 
