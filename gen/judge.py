@@ -3,7 +3,7 @@
     python -m gen.judge --captions raw.jsonl [--out DIR] [--candidates K] [any gen.run engine option]
 
 Runs after `gen.run` on its output directory. Two kinds of pair, one request per caption
-(in chunks of CHUNK queries) asking for a grade of each query:
+(in chunks of 32 queries) asking for a grade of each query:
 - its own: every distinct generated (query, caption) pair -> judgements.parquet. Curation
   uses it with `judge = "drop"` (pairs graded 0 go, reason judged_irrelevant) or
   `"regrade"` (the judge's grade also replaces the generator's).
@@ -230,6 +230,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--candidates", type=int, default=0)
     ours, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(rest):   # the engine options below are gen.run's
+        print(__doc__)
     if ours.candidates < 0:
         ap.error("--candidates must be 0 or more")
     return entry(rest, lambda config: _main(config, ours.candidates))
