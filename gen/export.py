@@ -17,7 +17,7 @@ from typing import Iterable, Optional, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gen.atomic import atomic_path
+from gen.atomic import all_or_none, atomic_path
 from gen.config import answer_key
 from gen.report import Tally
 from gen.store import AnswerStore, Stored
@@ -112,7 +112,7 @@ class Exporter:
     """
 
     def __init__(self, out_dir: Path, model: str):
-        self.model = model
+        self.model, self.out_dir = model, out_dir
         self.stats = ExportStats()
         self._files = contextlib.ExitStack()
         qpath = self._files.enter_context(atomic_path(out_dir / "queries.parquet"))
@@ -184,7 +184,11 @@ class Exporter:
         except BaseException as e:
             self._abort(e)
             raise
-        self._files.close()  # fsync and rename each file onto its target
+        with all_or_none():   # a stop signal must not leave new queries beside old captions
+            # The old manifest describes the files about to be replaced; gen.run writes the
+            # new one last, so a run stopped from here on reads as incomplete.
+            (self.out_dir / "manifest.json").unlink(missing_ok=True)
+            self._files.close()  # fsync and rename each file onto its target
         return self.stats
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from gen import __version__, localmodel, report
-from gen.atomic import atomic_path
+from gen.atomic import atomic_path, raise_unless_held
 from gen.captions import CaptionError, read_captions
 from gen.cli import ConfigError, load_config
 from gen.config import RunConfig, generation_fingerprint, model_identity
@@ -107,7 +107,7 @@ def stop_on_sigterm() -> Callable[[], None]:
     though the signal may reach another thread. Stored answers stay; a rerun resumes.
     Returns the undo."""
     def stop(signum, frame):
-        raise Terminated()
+        raise_unless_held(Terminated())   # not in the middle of the output files' renames
     loop = asyncio.get_running_loop()
     original = signal.getsignal(signal.SIGTERM)
     try:

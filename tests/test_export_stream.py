@@ -118,3 +118,42 @@ def test_the_cli_keeps_pyarrow_from_importing_pandas(tmp_path):
                          text=True, check=True).stdout.split()
     # not imported by writing; still there for whoever asks for it
     assert out == ["False", "1"]
+
+
+def test_sigterm_between_the_renames_waits_until_all_three_are_done(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import gen.atomic
+    from gen.export import Exporter
+    from gen.run import Terminated, stop_on_sigterm
+
+    out = tmp_path / "out"
+    out.mkdir()
+    names = ("queries.parquet", "captions.parquet", "rejects.jsonl")
+    for name in (*names, "manifest.json"):
+        (out / name).write_text("the previous run's file")
+    renamed: list[str] = []
+    real_replace = os.replace
+
+    def replace_then_signal(src, dst):   # SIGTERM lands right after the first rename
+        real_replace(src, dst)
+        renamed.append(os.path.basename(dst))
+        if len(renamed) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(gen.atomic.os, "replace", replace_then_signal)
+
+    async def run_export() -> None:
+        undo = stop_on_sigterm()
+        try:
+            with Exporter(out, "m") as exporter:
+                exporter.reject(Reject(stage="input", reason="bad line", file="x.jsonl", line=1))
+        finally:
+            undo()
+
+    with pytest.raises(Terminated):   # the stop still happens, after the renames
+        asyncio.run(run_export())
+    assert sorted(renamed) == sorted(names)
+    assert all((out / n).read_bytes() != b"the previous run's file" for n in names)
+    assert not (out / "manifest.json").exists()   # it described the old files: the run reads as incomplete
