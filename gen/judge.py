@@ -36,15 +36,15 @@ from pydantic import ValidationError
 
 from gen.atomic import atomic_path
 from gen.config import RunConfig, Sampling, model_identity
+from gen.curate.judged import CANDIDATE_JUDGEMENTS, JUDGEMENTS  # the files curation reads
 from gen.engines import EngineError, build_engine
+from gen.shards import query_shards
 from gen.store import AnswerStore
 from prompts import TEMPLATE_DIR
 from schemas.judge import Judgement, judge_json_schema
 
 log = logging.getLogger("gen.judge")
 SYSTEM, USER = "judge.system.j2", "judge.user.j2"
-JUDGEMENTS = "judgements.parquet"
-CANDIDATE_JUDGEMENTS = "candidate_judgements.parquet"
 # Queries per request: a caption can be the BM25 neighbour of a hundred queries, and one
 # answer must stay well inside max_tokens (about 2 tokens a grade).
 CHUNK = 32
@@ -86,8 +86,7 @@ def candidate_pairs(out: Path, k: int) -> pl.DataFrame:
     """(caption_id, query): each query row's first k BM25-mined negatives in shards/latest.
     Random-fill negatives (BM25 score 0) are left out: nothing suggests they are relevant."""
     from gen.run import UsageError
-    shards = sorted((out / "shards" / "latest").glob("*-*.parquet"))
-    shards = [p for p in shards if p.name.startswith(("train-", "dev-"))]
+    shards = query_shards(out / "shards" / "latest")
     if not shards:
         raise UsageError(f"--candidates needs curated shards in {out}/shards/latest: run gen.run with curation first")
     rows = pl.concat([pl.read_parquet(p, columns=["query", "neg_ids", "neg_bm25"]) for p in shards])
@@ -142,7 +141,7 @@ class _Judge:
         return hashlib.sha256("\0".join([self.fp, self.texts[cid], *queries]).encode()).hexdigest()
 
     async def grade(self, pairs: pl.DataFrame, path: Path) -> dict:
-        asks = requests(pairs)
+        asks = [(cid, qs, self.key(cid, qs)) for cid, qs in requests(pairs)]
         stats = {"pairs": pairs.height, "requests_needed": len(asks), "cached": 0, "judged": 0,
                  "rejected": 0, "failed": 0, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
         slots = asyncio.Semaphore(self.config.concurrency)
@@ -164,8 +163,7 @@ class _Judge:
                            completion_tokens=got["completion_tokens"])
 
         tasks = []
-        for cid, qs in asks:
-            key = self.key(cid, qs)
+        for cid, qs, key in asks:
             if not self.config.force and self.store.get(key) is not None:
                 stats["cached"] += 1
                 continue
@@ -178,10 +176,10 @@ class _Judge:
         stats["grades"] = {str(k): v for k, v in table["judge_grade"].value_counts().sort("judge_grade").iter_rows()}
         return stats
 
-    def table(self, asks: list[tuple[str, list[str]]]) -> pl.DataFrame:
+    def table(self, asks: list[tuple[str, list[str], str]]) -> pl.DataFrame:
         rows: dict[str, list] = {"caption_id": [], "query": [], "judge_grade": []}
-        for cid, qs in asks:
-            got = self.store.get(self.key(cid, qs))
+        for cid, qs, key in asks:
+            got = self.store.get(key)
             grades = json.loads(got.answer) if got and got.status == "ok" else [None] * len(qs)
             rows["caption_id"] += [cid] * len(qs)
             rows["query"] += qs

@@ -1,6 +1,7 @@
 """Writers for curated shards. Every file is written beside its target under a temporary
 name and renamed into place (gen.atomic), so a crash never leaves a half shard that looks
-whole; callers write the manifest last, so a shard set without a manifest is unfinished."""
+whole; callers write the manifest last, so a shard set without a manifest is unfinished.
+query_shards() is how readers find the query shards of a version."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,11 @@ from typing import Any, Callable
 import polars as pl
 
 from gen.atomic import atomic_path, sha256_file
+
+
+def query_shards(directory: Path) -> list[Path]:
+    """A curated version's query shards (train, then dev), for the readers of a version."""
+    return sorted(directory.glob("train-*.parquet")) + sorted(directory.glob("dev-*.parquet"))
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> dict[str, Any]:

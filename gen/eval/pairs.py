@@ -10,6 +10,8 @@ from pathlib import Path
 
 import polars as pl
 
+from gen.shards import query_shards
+
 PAIR_COLUMNS = ("query", "caption_id", "type")
 
 
@@ -17,7 +19,7 @@ def load_pairs(source: Path) -> pl.DataFrame:
     """query, caption_id, type ('unknown' where the source has none)."""
     source = Path(source)
     if source.is_dir():
-        shards = sorted(source.glob("train-*.parquet")) + sorted(source.glob("dev-*.parquet"))
+        shards = query_shards(source)
         if shards:
             df = pl.concat([pl.read_parquet(p, columns=["query", "pos_ids", "type"]) for p in shards])
             df = df.explode("pos_ids").rename({"pos_ids": "caption_id"})
