@@ -66,6 +66,8 @@ def positives(judged: pl.DataFrame) -> pl.DataFrame:
 def mark_confirmed(rows: pl.DataFrame, judged: pl.DataFrame) -> pl.DataFrame:
     """rows with neg_judged: per negative, whether the judge graded it 0 for this query."""
     zero = judged.filter(pl.col("judge_grade") == 0).select("q_norm", neg_ids="caption_id", _z=pl.lit(True))
+    if zero.height == 0:   # judge_candidates off (the default): no per-negative join to pay for
+        return rows.with_columns(neg_judged=pl.col("neg_ids").list.eval(pl.lit(False)))
     flags = (rows.select("qrow", "q_norm", "neg_ids").explode("neg_ids")
              .join(zero, on=["q_norm", "neg_ids"], how="left", maintain_order="left")
              .group_by("qrow", maintain_order=True)
