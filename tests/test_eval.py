@@ -1,6 +1,7 @@
 """gen.eval: the coverage match, nDCG, the pair sources and sample, the jieba baseline, the CLI.
 
 Labels here are made up for the fixture captions (never the benchmark's dev queries)."""
+import gzip
 import json
 import math
 import subprocess
@@ -113,6 +114,39 @@ def test_cli_coverage_and_bad_pairs(tmp_path, sample_captions, capsys):
     assert "cr.404" in capsys.readouterr().err
 
 
+HARD_CORPUS = {
+    "c1": "墙上的燃气表旁边有管道",
+    "c2": "厨房里的燃气灶和管道",
+    "c3": "一只猫在沙发上睡觉",
+    "c4": "燃气表读数显示在手机上",
+    "c5": "公园里的小孩在放风筝",
+}
+
+
+def test_hard_negative_is_the_best_bm25_caption_that_is_not_a_positive():
+    from gen.eval.hardneg import negatives
+    pool = pl.DataFrame({"query": ["燃气灶", "燃气设备", "燃气设备", "猫", "风筝", "燃气表"],
+                         "caption_id": ["c2", "c1", "c2", "c3", "c5", "c4"]})
+    neg = negatives(pool, HARD_CORPUS, ["燃气灶", "燃气设备", "猫"])
+    # 燃气灶: shares 燃气 with c1 and c4, and BM25 ranks them; c2 is its own caption.
+    assert neg["燃气灶"] in {"c1", "c4"}
+    # 燃气设备: c1 and c2 would rank first but are its positives in the pool; c4 shares 燃气.
+    assert neg["燃气设备"] == "c4"
+    # 猫: no other caption has the word, so a random one, never c3 (its own, containing 猫).
+    assert neg["猫"] in {"c1", "c2", "c4", "c5"}
+    assert negatives(pool, HARD_CORPUS, ["猫"]) == {"猫": neg["猫"]}  # seeded by the query, not the run
+
+
+def test_hard_negatives_refuse_a_pool_with_nothing_to_contrast():
+    from gen.eval.hardneg import attach
+    pool = pl.DataFrame({"query": ["猫", "沙发"], "caption_id": ["c3", "c3"], "type": ["t", "t"]})
+    with pytest.raises(ValueError, match="no caption to mine a negative from"):
+        attach(pool, pool, HARD_CORPUS)
+    pool = pool.vstack(pl.DataFrame({"query": ["风筝"], "caption_id": ["c5"], "type": ["t"]}))
+    out = attach(pool, pool, HARD_CORPUS)
+    assert out["neg_id"].to_list() == ["c5", "c5", "c3"]
+
+
 @pytest.mark.slow
 def test_finetune_protocol_end_to_end_moves_the_encoder(tmp_path, sample_captions):
     """The real encoder (m3e-small) through the real protocol, on 64 pairs: the command
@@ -130,8 +164,11 @@ def test_finetune_protocol_end_to_end_moves_the_encoder(tmp_path, sample_caption
     common = ["--corpus", str(corpus), "--labels", str(labels), "--results", str(results)]
     assert main(["zeroshot", *common, "--name", "zero"]) == 0
     assert main(["finetune", *common, "--pairs", str(pairs), "--n-pairs", "64", "--name", "ft"]) == 0
-    zero, ft = [json.loads(line) for line in results.read_text().splitlines()]
+    assert main(["finetune", *common, "--pairs", str(pairs), "--n-pairs", "64", "--name", "hn",
+                 "--hard-negatives"]) == 0
+    zero, ft, hn = [json.loads(line) for line in results.read_text().splitlines()]
     assert ft["protocol"]["pairs"] == 64 and ft["protocol"]["batch_size"] == 32
+    assert ft["protocol"]["hard_negatives"] == 0 and hn["protocol"]["hard_negatives"] == 1
     assert 0 <= ft["retrieval"]["ndcg@10"] <= 100 and ft["coverage"]["strong_pairs"] == 2
     assert zero["encoder"] == "m3e-small" and ft["train_s"] > 0
 
@@ -144,6 +181,13 @@ def test_finetune_protocol_end_to_end_moves_the_encoder(tmp_path, sample_caption
     model = train(load_encoder(), sample(load_pairs(pairs), 64, 0), texts, proto, tmp_path / "w")
     after = model.encode(["燃气表"])[0]
     assert abs(after - before).max() > 1e-4
+
+    # The variant's negatives reach the loss: same pairs and seed, other weights.
+    from gen.eval.hardneg import attach
+    drawn = sample(load_pairs(pairs), 64, 0)
+    hard = train(load_encoder(), attach(drawn, load_pairs(pairs), texts), texts,
+                 Protocol(pairs=64, hard_negatives=1), tmp_path / "h")
+    assert abs(hard.encode(["燃气表"])[0] - after).max() > 1e-4
 
 
 def _gpu_screen():
@@ -169,6 +213,16 @@ def test_screen_batches_never_repeat_a_text_and_use_every_pair():
         seen += batch
     assert sorted(seen) == sorted((p["query"], corpus[p["caption_id"]]) for p in pairs)
 
+    # With hard negatives a negative is a text of the batch too: it must not be another
+    # pair's caption there, or the loss would call that caption both right and wrong.
+    hard = [p | {"neg_id": f"c{(i + 1) % 40}"} for i, p in enumerate(pairs)]
+    seen = []
+    for batch in screen.batches(hard, corpus, random.Random(0)):
+        texts = [t for triple in batch for t in triple]
+        assert len(texts) == len(set(texts)) and all(len(t) == 3 for t in batch)
+        seen += batch
+    assert len(seen) == len(hard)
+
 
 @pytest.mark.slow
 def test_gpu_screen_prep_and_train_run_on_cpu(tmp_path, sample_captions):
@@ -190,4 +244,14 @@ def test_gpu_screen_prep_and_train_run_on_cpu(tmp_path, sample_captions):
                     "--results", str(results)], check=True)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["name"], r.get("seed")) for r in rows] == [("zero-shot", None), ("jieba", 0), ("jieba", 1)]
+
+    hard = tmp_path / "hard"
+    subprocess.run([*run, "prep", "--out", str(hard), "--seeds", "0", "--pairs", "64", "--hard-negatives",
+                    "--corpus", str(corpus), "--variant", f"jieba={pairs}"], check=True)
+    drawn = [json.loads(line) for line in gzip.open(hard / "pairs" / "jieba+hn.s0.jsonl.gz", "rt")]
+    assert len(drawn) == 64 and all(d["neg_id"] != d["caption_id"] for d in drawn)
+    subprocess.run([*run, "train", "--dir", str(hard), "--corpus", str(corpus), "--labels", str(labels),
+                    "--results", str(results)], check=True)
+    last = json.loads(results.read_text().splitlines()[-1])
+    assert (last["name"], last["seed"]) == ("jieba+hn", 0) and 0 <= last["ndcg@10"] <= 100
     assert all(0 <= r["ndcg@10"] <= 100 for r in rows)

@@ -13,6 +13,11 @@ neither polars nor datasets and a call carries 64 MiB. So the work is split:
           warm-up then linear decay, gradient norm 1; one epoch; batch 32; 128 tokens) and
           the same nDCG@10 (`gen.eval.retrieval`).
 
+`prep --hard-negatives` adds to each drawn pair its BM25 hard negative
+(`gen/eval/hardneg.py`, the variant `gen.eval finetune --hard-negatives` trains), written as
+a variant of its own (`NAME+hn`); train then scores each query against the batch's captions
+and its negatives, as sentence-transformers' loss does with a third column.
+
 Its figures compare only with each other (same call, same fp16-rounded start, zero-shot
 included): a screen, not the protocol. A variant worth keeping is then confirmed on the CPU
 with `gen.eval finetune`.
@@ -54,9 +59,14 @@ def prep(args) -> None:
         pool = load_pairs(Path(source))
         for seed in args.seeds:
             drawn = sample(pool, args.pairs, seed)
-            with gzip.open(out / "pairs" / f"{name}.s{seed}.jsonl.gz", "wt", encoding="utf-8") as f:
-                for q, c in zip(drawn["query"], drawn["caption_id"]):
-                    f.write(json.dumps({"query": q, "caption_id": c}, ensure_ascii=False) + "\n")
+            if args.hard_negatives:
+                from gen.eval.hardneg import attach
+                drawn = attach(drawn, pool, load_corpus(Path(args.corpus)))
+            tag = name + ("+hn" if args.hard_negatives else "")
+            keep = [c for c in ("query", "caption_id", "neg_id") if c in drawn.columns]
+            with gzip.open(out / "pairs" / f"{tag}.s{seed}.jsonl.gz", "wt", encoding="utf-8") as f:
+                for row in drawn.select(keep).iter_rows(named=True):
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"{name}: {pool.unique(subset=['query', 'caption_id']).height} distinct pairs", flush=True)
     encoder = out / "m3e-small"
     if not (encoder / "model.safetensors").is_file():
@@ -73,21 +83,27 @@ def prep(args) -> None:
         save_file({k: v.half().contiguous() for k, v in state.items()}, encoder / "model.safetensors")
 
 
+def _texts(pair: dict, corpus: dict[str, str]) -> tuple[str, ...]:
+    ids = [pair["caption_id"]] + ([pair["neg_id"]] if "neg_id" in pair else [])
+    return (pair["query"], *(corpus[i] for i in ids))
+
+
 def batches(pairs: list[dict], corpus: dict[str, str], rng: random.Random):
     """Shuffled, then filled greedily so that no text repeats within a batch (a repeat would be
-    its own in-batch negative); a pair that clashes waits for a later batch."""
+    its own in-batch negative); a pair that clashes waits for a later batch. Yields tuples
+    (query, caption) or, with hard negatives, (query, caption, negative)."""
     waiting = list(range(len(pairs)))
     rng.shuffle(waiting)
     while waiting:
         batch, seen, later = [], set(), []
         for i in waiting:
-            texts = (pairs[i]["query"], corpus[pairs[i]["caption_id"]])
+            texts = _texts(pairs[i], corpus)
             if len(batch) < BATCH and not (set(texts) & seen):
                 batch.append(i)
                 seen.update(texts)
             else:
                 later.append(i)
-        yield [(pairs[i]["query"], corpus[pairs[i]["caption_id"]]) for i in batch]
+        yield [_texts(pairs[i], corpus) for i in batch]
         waiting = later
 
 
@@ -120,7 +136,8 @@ def train_one(model, pairs: list[dict], corpus: dict[str, str], seed: int) -> No
             feats = {k: v.to(model.device) if hasattr(v, "to") else v
                      for k, v in model.tokenize(list(texts)).items()}
             embed.append(F.normalize(model(feats)["sentence_embedding"], dim=-1))
-        scores = SCALE * embed[0] @ embed[1].T
+        # Each query against every caption of the batch, and every hard negative if any.
+        scores = SCALE * embed[0] @ torch.cat(embed[1:]).T
         loss = F.cross_entropy(scores, torch.arange(len(batch), device=scores.device))
         opt.zero_grad()
         loss.backward()
@@ -166,6 +183,8 @@ def main() -> None:
     p.add_argument("--variant", action="append", required=True, help="name=pairs source (gen.eval's --pairs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--pairs", type=int, default=PAIRS, help="pairs drawn per run (the protocol's 12,000)")
+    p.add_argument("--hard-negatives", action="store_true", help="add each pair's BM25 hard negative (needs --corpus)")
+    p.add_argument("--corpus", help="captions (JSON lines), for --hard-negatives")
     t = sub.add_parser("train")
     t.add_argument("--dir", required=True)
     t.add_argument("--corpus", required=True)
@@ -173,6 +192,8 @@ def main() -> None:
     t.add_argument("--results", required=True)
     t.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     args = ap.parse_args()
+    if args.cmd == "prep" and args.hard_negatives and not args.corpus:
+        ap.error("--hard-negatives needs --corpus")
     prep(args) if args.cmd == "prep" else train(args)
 
 

