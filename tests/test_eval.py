@@ -147,6 +147,36 @@ def test_hard_negatives_refuse_a_pool_with_nothing_to_contrast():
     assert out["neg_id"].to_list() == ["c5", "c5", "c3"]
 
 
+def _clashes(batch, queries, captions):
+    return [(i, j) for i in batch for j in batch if i != j and queries[i] in captions[j][0]]
+
+
+def test_clean_batches_keep_out_captions_that_contain_another_query():
+    import random
+
+    from gen.eval.batches import plan
+    captions = [(f"第{i}张：蓝色的天空和白云",) if i % 4 == 1 else (f"第{i}张：绿色的草地",) for i in range(256)]
+    queries = ["天空" if i in (1, 129) else f"物件{i}" for i in range(256)]
+    for clean in (False, True):
+        batches, relaxed = plan(queries, captions, 32, random.Random(0), clean)
+        assert sorted(i for b in batches for i in b) == list(range(256))
+        for b in batches:  # no text twice, whatever the rule
+            texts = [t for i in b for t in (queries[i], *captions[i])]
+            assert len(texts) == len(set(texts))
+        clashes = [c for b in batches for c in _clashes(b, queries, captions)]
+        if clean:  # only a pair the last batches could not place strictly may clash
+            assert len(relaxed) <= 2 and all(i in relaxed or j in relaxed for i, j in clashes)
+        else:
+            assert len(clashes) > 4  # what clean is for: random batches do hold them
+
+    # A query every caption contains fits no clean batch: it is placed under the first rule
+    # alone, counted, and the number of batches stays ceil(n / 32).
+    queries[0] = "第"
+    batches, relaxed = plan(queries, captions, 32, random.Random(0), True)
+    assert relaxed and len(batches) == 8
+    assert all(i in relaxed or j in relaxed for b in batches for i, j in _clashes(b, queries, captions))
+
+
 @pytest.mark.slow
 def test_finetune_protocol_end_to_end_moves_the_encoder(tmp_path, sample_captions):
     """The real encoder (m3e-small) through the real protocol, on 64 pairs: the command
@@ -188,6 +218,22 @@ def test_finetune_protocol_end_to_end_moves_the_encoder(tmp_path, sample_caption
     hard = train(load_encoder(), attach(drawn, load_pairs(pairs), texts), texts,
                  Protocol(pairs=64, hard_negatives=1), tmp_path / "h")
     assert abs(hard.encode(["燃气表"])[0] - after).max() > 1e-4
+
+    # Clean batches reach the trainer: it asks gen.eval.batches for its plan.
+    import gen.eval.batches as batches_mod
+    calls = []
+    real_plan = batches_mod.plan
+
+    def spy(*a, **k):
+        calls.append(a[4])
+        return real_plan(*a, **k)
+
+    batches_mod.plan = spy
+    try:
+        train(load_encoder(), drawn, texts, Protocol(pairs=64, clean_batches=True), tmp_path / "c")
+    finally:
+        batches_mod.plan = real_plan
+    assert calls and all(calls)
 
 
 def _gpu_screen():

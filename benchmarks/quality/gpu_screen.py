@@ -16,7 +16,8 @@ neither polars nor datasets and a call carries 64 MiB. So the work is split:
 `prep --hard-negatives` adds to each drawn pair its BM25 hard negative
 (`gen/eval/hardneg.py`, the variant `gen.eval finetune --hard-negatives` trains), written as
 a variant of its own (`NAME+hn`); train then scores each query against the batch's captions
-and its negatives, as sentence-transformers' loss does with a third column.
+and its negatives, as sentence-transformers' loss does with a third column. `train
+--clean-batches` batches as `gen.eval finetune --clean-batches` does (gen/eval/batches.py).
 
 Its figures compare only with each other (same call, same fp16-rounded start, zero-shot
 included): a screen, not the protocol. A variant worth keeping is then confirmed on the CPU
@@ -42,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from gen.eval.batches import plan  # noqa: E402
 from gen.eval.labels import load_corpus, load_labels  # noqa: E402
 from gen.eval.retrieval import evaluate  # noqa: E402
 
@@ -88,23 +90,13 @@ def _texts(pair: dict, corpus: dict[str, str]) -> tuple[str, ...]:
     return (pair["query"], *(corpus[i] for i in ids))
 
 
-def batches(pairs: list[dict], corpus: dict[str, str], rng: random.Random):
-    """Shuffled, then filled greedily so that no text repeats within a batch (a repeat would be
-    its own in-batch negative); a pair that clashes waits for a later batch. Yields tuples
-    (query, caption) or, with hard negatives, (query, caption, negative)."""
-    waiting = list(range(len(pairs)))
-    rng.shuffle(waiting)
-    while waiting:
-        batch, seen, later = [], set(), []
-        for i in waiting:
-            texts = _texts(pairs[i], corpus)
-            if len(batch) < BATCH and not (set(texts) & seen):
-                batch.append(i)
-                seen.update(texts)
-            else:
-                later.append(i)
-        yield [_texts(pairs[i], corpus) for i in batch]
-        waiting = later
+def batches(pairs: list[dict], corpus: dict[str, str], rng: random.Random, clean: bool = False):
+    """The protocol's batches (gen.eval.batches.plan): no text twice in a batch and, with
+    clean, no caption containing another pair's query. Each batch a list of tuples (query,
+    caption) or, with hard negatives, (query, caption, negative)."""
+    texts = [_texts(p, corpus) for p in pairs]
+    planned, _ = plan([t[0] for t in texts], [t[1:] for t in texts], BATCH, rng, clean)
+    return [[texts[i] for i in batch] for batch in planned]
 
 
 def load_model(encoder: Path, seed: int):
@@ -119,18 +111,18 @@ def load_model(encoder: Path, seed: int):
     return model
 
 
-def train_one(model, pairs: list[dict], corpus: dict[str, str], seed: int) -> None:
+def train_one(model, pairs: list[dict], corpus: dict[str, str], seed: int, clean: bool = False) -> None:
     import torch
     import torch.nn.functional as F
 
     rng = random.Random(seed)
-    plan = list(batches(pairs, corpus, rng))
-    steps, warm = len(plan), math.ceil(WARMUP * len(plan))
+    todo = batches(pairs, corpus, rng, clean)
+    steps, warm = len(todo), math.ceil(WARMUP * len(todo))
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / max(1, warm) if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
     model.train()
-    for batch in plan:
+    for batch in todo:
         embed = []
         for texts in zip(*batch):
             feats = {k: v.to(model.device) if hasattr(v, "to") else v
@@ -171,8 +163,9 @@ def train(args) -> None:
         pairs = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
         t = time.time()
         model = load_model(root / "m3e-small", int(seed))
-        train_one(model, pairs, corpus, int(seed))
-        record({"name": name, "seed": int(seed), "secs": round(time.time() - t, 1)} | evaluate(model, corpus, labels))
+        train_one(model, pairs, corpus, int(seed), args.clean_batches)
+        tag = name + ("+clean" if args.clean_batches else "")
+        record({"name": tag, "seed": int(seed), "secs": round(time.time() - t, 1)} | evaluate(model, corpus, labels))
 
 
 def main() -> None:
@@ -191,6 +184,8 @@ def main() -> None:
     t.add_argument("--labels", required=True)
     t.add_argument("--results", required=True)
     t.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    t.add_argument("--clean-batches", action="store_true",
+                   help="no caption in a batch that contains another pair's query (gen/eval/batches.py)")
     args = ap.parse_args()
     if args.cmd == "prep" and args.hard_negatives and not args.corpus:
         ap.error("--hard-negatives needs --corpus")

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hard-negatives", action="store_true",
                     help="finetune: add each pair's BM25 hard negative (changes the protocol: "
                          "compare only with runs that use it too)")
+    ap.add_argument("--clean-batches", action="store_true",
+                    help="finetune: keep a caption out of a batch whose other query it contains "
+                         "(changes the protocol, as --hard-negatives does)")
     args = ap.parse_args(argv)
     try:
         corpus = load_corpus(args.corpus)
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "finetune":
             from gen.eval.finetune import Protocol, load_encoder, train
             from gen.eval.retrieval import evaluate
-            protocol = Protocol(pairs=args.n_pairs, seed=args.seed, hard_negatives=int(args.hard_negatives))
+            protocol = Protocol(pairs=args.n_pairs, seed=args.seed, hard_negatives=int(args.hard_negatives),
+                                clean_batches=args.clean_batches)
             sample = pairs_mod.sample(pairs, protocol.pairs, protocol.seed)
             if protocol.hard_negatives:
                 from gen.eval.hardneg import attach

