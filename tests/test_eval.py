@@ -97,6 +97,13 @@ def test_jieba_baseline_nouns_and_verbs(sample_captions):
     assert set(df["type"]) <= {"noun", "verb"} and df["query"].str.len_chars().min() >= 2
     assert "燃气表" in df.filter(pl.col("caption_id") == "cr.0")["query"].to_list()
     assert df.unique(["query", "caption_id"]).height == df.height
+    # With generic_share, words in more than a quarter of 10 captions go (图片 is in 5, 显示 in 3).
+    corpus = {c["id"]: c["text"] for c in sample_captions[:10]}
+    df = jieba_pairs(corpus)
+    common = set(df.group_by("query").len().filter(pl.col("len") > 2.5)["query"])
+    assert {"图片", "显示"} <= common
+    kept = jieba_pairs(corpus, generic_share=0.25)
+    assert set(kept["query"]) == set(df["query"]) - common
 
 
 def test_cli_coverage_and_bad_pairs(tmp_path, sample_captions, capsys):

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", type=Path, help="labelled queries: id, query, type, positives[{id, score}]")
     ap.add_argument("--pairs", type=Path, help="a capgen run or shard directory, or a pairs file (query, caption_id)")
     ap.add_argument("--out", type=Path, help="jieba: where to write the pairs (.jsonl or .parquet)")
+    ap.add_argument("--generic-share", type=float,
+                    help="jieba: drop words found in more than this share of the captions (capgen's curation uses 0.1)")
     ap.add_argument("--name", default="", help="what this run is, for the results table")
     ap.add_argument("--results", type=Path, help="append the result here (JSON lines)")
     ap.add_argument("--n-pairs", type=int, default=12_000, help="finetune: pairs sampled (default 12000)")
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             from gen.eval.baselines import jieba_pairs
             if not args.out:
                 ap.error("jieba needs --out")
-            df = jieba_pairs(corpus)
+            df = jieba_pairs(corpus, generic_share=args.generic_share)
             df.write_parquet(args.out) if args.out.suffix == ".parquet" else df.write_ndjson(args.out)
             print(f"{df.height} pairs over {df['caption_id'].n_unique()} captions -> {args.out}")
             return 0
