@@ -308,3 +308,28 @@ def test_gpu_screen_prep_and_train_run_on_cpu(tmp_path, sample_captions):
     last = json.loads(results.read_text().splitlines()[-1])
     assert (last["name"], last["seed"]) == ("jieba+hn", 0) and 0 <= last["ndcg@10"] <= 100
     assert all(0 <= r["ndcg@10"] <= 100 for r in rows)
+
+
+def test_human_split_halves_are_disjoint_and_pairs_keep_to_the_captions(tmp_path):
+    """benchmarks/quality/human_split.py: every labelled query lands in exactly one half, and
+    a half's training pairs are its own queries' positives below --captions-below only."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "human_split.py"
+    spec = importlib.util.spec_from_file_location("human_split", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    labels = write_jsonl(tmp_path / "l.jsonl", [
+        {"id": f"{i:032x}", "query": f"查询{i}", "type": "singleton_object",
+         "positives": [{"id": f"cr.{i}", "score": 2}, {"id": f"cr.{100 + i}", "score": 1}]}
+        for i in range(10)])
+    out = tmp_path / "split"
+    subprocess.run([sys.executable, str(path), "split", "--labels", str(labels), "--out", str(out),
+                    "--captions-below", "100"], check=True)
+    read = lambda name: [json.loads(line) for line in (out / name).read_text().splitlines()]  # noqa: E731
+    a, b = read("labels_a.jsonl"), read("labels_b.jsonl")
+    assert {r["id"] for r in a} | {r["id"] for r in b} == {f"{i:032x}" for i in range(10)}
+    assert not {r["id"] for r in a} & {r["id"] for r in b} and a and b
+    for half, rows in (("a", a), ("b", b)):
+        pairs = read(f"pairs_{half}.jsonl")
+        assert sorted(p["caption_id"] for p in pairs) == sorted(r["positives"][0]["id"] for r in rows)
+        assert all(module.half(r["id"]) == half for r in rows)
