@@ -56,14 +56,15 @@ def prep(args) -> None:
 
     out = Path(args.out)
     (out / "pairs").mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(Path(args.corpus)) if args.hard_negatives else None
     for spec in args.variant:
         name, source = spec.split("=", 1)
         pool = load_pairs(Path(source))
         for seed in args.seeds:
             drawn = sample(pool, args.pairs, seed)
-            if args.hard_negatives:
+            if corpus is not None:
                 from gen.eval.hardneg import attach
-                drawn = attach(drawn, pool, load_corpus(Path(args.corpus)))
+                drawn = attach(drawn, pool, corpus)
             tag = name + ("+hn" if args.hard_negatives else "")
             keep = [c for c in ("query", "caption_id", "neg_id") if c in drawn.columns]
             with gzip.open(out / "pairs" / f"{tag}.s{seed}.jsonl.gz", "wt", encoding="utf-8") as f:

@@ -43,7 +43,8 @@ def negatives(pool: pl.DataFrame, corpus: dict[str, str], queries: list[str]) ->
     wanted = pl.DataFrame({"query": list(dict.fromkeys(queries))}, schema={"query": pl.String})
     wanted = wanted.with_columns(q_norm=normalized(wanted["query"]))
     rows = (wanted.select("q_norm").unique(maintain_order=True)
-            # _fill draws its random negatives from the query id's hex digits, as in curation.
+            # _fill seeds its random negatives with the query id's hex digits. This id is
+            # not curation's (sha256[:16]), so the random fill differs from the shards'.
             .with_columns(query_id=pl.col("q_norm").map_elements(
                 lambda q: "q" + hashlib.sha1(q.encode()).hexdigest(), return_dtype=pl.String),
                 split=pl.lit(SPLIT))
