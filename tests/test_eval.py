@@ -243,10 +243,11 @@ def test_finetune_protocol_end_to_end_moves_the_encoder(tmp_path, sample_caption
     assert calls and all(calls)
 
 
-def _gpu_screen():
+def _benchmark(name: str):
+    """A script of benchmarks/quality/ as a module (they are scripts, not a package)."""
     import importlib.util
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "gpu_screen.py"
-    spec = importlib.util.spec_from_file_location("gpu_screen", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -256,7 +257,7 @@ def test_screen_batches_never_repeat_a_text_and_use_every_pair():
     """A repeated text in a batch would be its own in-batch negative; a dropped pair would
     change the training budget between variants."""
     import random
-    screen = _gpu_screen()
+    screen = _benchmark("gpu_screen")
     corpus = {f"c{i}": f"caption {i}" for i in range(40)}
     pairs = [{"query": f"q{i % 7}", "caption_id": f"c{i % 40}"} for i in range(300)]
     seen = []
@@ -297,6 +298,7 @@ def test_gpu_screen_prep_and_train_run_on_cpu(tmp_path, sample_captions):
                     "--results", str(results)], check=True)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["name"], r.get("seed")) for r in rows] == [("zero-shot", None), ("jieba", 0), ("jieba", 1)]
+    assert all(0 <= r["ndcg@10"] <= 100 for r in rows)
 
     hard = tmp_path / "hard"
     subprocess.run([*run, "prep", "--out", str(hard), "--seeds", "0", "--pairs", "64", "--hard-negatives",
@@ -307,17 +309,13 @@ def test_gpu_screen_prep_and_train_run_on_cpu(tmp_path, sample_captions):
                     "--results", str(results)], check=True)
     last = json.loads(results.read_text().splitlines()[-1])
     assert (last["name"], last["seed"]) == ("jieba+hn", 0) and 0 <= last["ndcg@10"] <= 100
-    assert all(0 <= r["ndcg@10"] <= 100 for r in rows)
 
 
 def test_human_split_halves_are_disjoint_and_pairs_keep_to_the_captions(tmp_path):
     """benchmarks/quality/human_split.py: every labelled query lands in exactly one half, and
     a half's training pairs are its own queries' positives below --captions-below only."""
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "human_split.py"
-    spec = importlib.util.spec_from_file_location("human_split", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark("human_split")
+    path = Path(module.__file__)
     labels = write_jsonl(tmp_path / "l.jsonl", [
         {"id": f"{i:032x}", "query": f"查询{i}", "type": "singleton_object",
          "positives": [{"id": f"cr.{i}", "score": 2}, {"id": f"cr.{100 + i}", "score": 1}]}
