@@ -115,6 +115,20 @@ def stop_on_sigterm() -> Callable[[], None]:
         signal.signal(signal.SIGTERM, stop)
     except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no unix signals
         return lambda: None
+    previous = loop.get_exception_handler()
+
+    def quiet(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        # A SIGTERM that lands inside a task's step leaves that task holding the Terminated,
+        # and asyncio prints it with a traceback as "never retrieved" when the task is
+        # collected, after the stop was already reported. Left installed by the undo: that
+        # happens after it.
+        if isinstance(context.get("exception"), Terminated):
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+    loop.set_exception_handler(quiet)
 
     def undo() -> None:
         loop.remove_signal_handler(signal.SIGTERM)
