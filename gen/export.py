@@ -3,7 +3,9 @@
 Rows are written in input order, one caption after another, from this run's captions and
 this fingerprint's answers only, so the files always describe exactly this input (no stale
 rows from an older template, no duplicates after a resumed run) and memory stays flat.
-Every caption ends in exactly one place: its queries, or a reject with the reason.
+Every caption ends in exactly one place: its queries, or a reject with the reason. An answer
+rejected after its repair round keeps its valid queries when only single queries were wrong
+(gen.validate.salvage); each dropped one is a reject of its own, stage "query".
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from gen.atomic import all_or_none, atomic_path
 from gen.config import answer_key
 from gen.report import Tally
 from gen.store import AnswerStore, Stored
+from gen.validate import salvage
 from schemas import Caption, Reject
 from schemas.answer import flatten
 
@@ -66,6 +69,7 @@ def skip_pandas_probe() -> None:
 class ExportStats:
     captions_with_queries: int = 0
     queries: int = 0
+    salvaged: int = 0     # rejected answers whose valid queries were kept
     rejects: Counter = field(default_factory=Counter)   # by stage
     tally: Tally = field(default_factory=Tally)          # the report's figures
 
@@ -152,8 +156,18 @@ class Exporter:
                                reason=f"no answer ({reason}); a rerun will ask again"))
             return
         if status != "ok":
-            self.reject(Reject(stage="generation", caption_id=record.id, reason=reason, raw=raw))
-            return
+            # At export, not when stored: answers rejected before salvage existed, in any
+            # store, are kept on the next run without asking the model again.
+            kept = salvage(raw, record.text)
+            if kept is None:
+                self.reject(Reject(stage="generation", caption_id=record.id, reason=reason, raw=raw))
+                return
+            answer_dict, dropped = kept
+            for item, why in dropped:
+                self.reject(Reject(stage="query", caption_id=record.id, raw=item,
+                                   reason=f"query dropped, the rest of the answer kept: {why}"))
+            self.stats.salvaged += 1
+            answer = json.dumps(answer_dict, ensure_ascii=False)
         c = self.captions.columns
         c["id"].append(record.id)
         c["text"].append(record.text)

@@ -202,6 +202,9 @@ async def _run_locked(config: RunConfig) -> int:
             "accepted": stats.accepted,
             "repaired": stats.repaired,
             "rejected": stats.rejected,
+            # Of all the rejected answers exported (this run's and the store's), those
+            # whose valid queries were kept.
+            "salvaged": exported.salvaged,
             "failed": stats.failed,
             "captions_with_queries": exported.captions_with_queries,
             "queries": exported.queries,
@@ -235,9 +238,9 @@ async def _run_locked(config: RunConfig) -> int:
         tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     c = manifest["counts"]
     log.info("done in %.1fs: %d captions, %d with queries (%d queries), %d cached, %d rejected "
-             "inputs, %d rejected answers, %d without answer; %d requests, %d tokens -> %s",
+             "inputs, %d rejected answers (%d kept in part), %d without answer; %d requests, %d tokens -> %s",
              manifest["timings"]["total_s"], c["captions"], c["captions_with_queries"], c["queries"],
-             c["cached"], c["input_rejects"], c["rejected"], c["failed"], stats.requests,
+             c["cached"], c["input_rejects"], c["rejected"], c["salvaged"], c["failed"], stats.requests,
              stats.prompt_tokens + stats.completion_tokens, out_dir,
              extra={"fields": {"summary": manifest["counts"], "usage": manifest["usage"]}})
     return EXIT_INCOMPLETE if stats.failed else EXIT_OK

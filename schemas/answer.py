@@ -80,6 +80,13 @@ class CaptionQueries(BaseModel):
         return flatten(self.model_dump())
 
 
+class Salvaged(CaptionQueries):
+    """What is left of an answer once its invalid queries are dropped (gen.validate.salvage):
+    never a decoding constraint, so it may lack a summary that only repeated the caption."""
+
+    summaries: list[Summary] = Field(default_factory=list, max_length=3)
+
+
 def flatten(answer: dict[str, Any]) -> list[dict[str, Any]]:
     """CaptionQueries.queries() on the answer's JSON dict. Export reads answers that were
     validated when stored, and building the models again was a quarter of its CPU."""

@@ -24,10 +24,12 @@ class QueryRecord(BaseModel):
 
 
 class Reject(BaseModel):
-    stage: Literal["input", "generation"]
+    # input: a bad line; generation: a caption with no queries; query: one query dropped
+    # from an answer whose other queries were kept.
+    stage: Literal["input", "generation", "query"]
     reason: str
     file: Optional[str] = None
     line: Optional[int] = None
     caption_id: Optional[str] = None
-    # The rejected thing itself: the input line, or the model's last raw answer.
+    # The rejected thing itself: the input line, the model's last raw answer, or the query.
     raw: Optional[Any] = None

@@ -130,6 +130,36 @@ def test_twice_invalid_goes_to_rejects_with_raw_and_is_not_asked_again(tmp_path,
     assert target["id"] not in {r["caption_id"] for r in read_rows(out / "queries.parquet")}
 
 
+def test_an_answer_invalid_in_one_query_keeps_the_rest_and_rejects_that_query(tmp_path, captions,
+                                                                          sample_captions):
+    target = sample_captions[3]
+
+    def answer(caption, body):
+        good = json.loads(default_answer(caption))
+        if caption == target["text"]:   # the model repeats the caption as its summary, twice
+            good["summaries"] = [caption]
+        return json.dumps(good, ensure_ascii=False)
+
+    out = tmp_path / "out"
+    with FakeOpenAI(answer=answer) as fake:
+        assert run(captions, out, fake) == EXIT_OK
+        assert fake.count_for(target["text"]) == 2   # the repair round was tried first
+        m = json.loads((out / "manifest.json").read_text())["counts"]
+        assert (m["rejected"], m["salvaged"], m["captions_with_queries"]) == (1, 1, 12)
+        assert m["rejects_by_stage"] == {"query": 1}
+        assert run(captions, out, fake) == EXIT_OK   # from the store: salvaged again, not re-asked
+        assert fake.count_for(target["text"]) == 2
+    rows = [r for r in read_rows(out / "queries.parquet") if r["caption_id"] == target["id"]]
+    want = json.loads(default_answer(target["text"]))
+    assert {r["query"] for r in rows if r["type"] == "entity"} == {e["text"] for e in want["entities"]}
+    assert not [r for r in rows if r["type"] == "summary"]
+    (rej,) = read_jsonl(out / "rejects.jsonl")
+    assert (rej["stage"], rej["caption_id"], rej["raw"]) == ("query", target["id"], target["text"])
+    assert "repeats the whole caption" in rej["reason"]
+    m = json.loads((out / "manifest.json").read_text())["counts"]
+    assert (m["cached"], m["rejected"], m["salvaged"], m["captions_with_queries"]) == (12, 0, 1, 12)
+
+
 def test_unanswered_captions_exit_3_and_a_rerun_completes_them(tmp_path, captions, sample_captions):
     down = {sample_captions[2]["text"]}
     fault = lambda i, caption: "503" if caption in down else None

@@ -5,7 +5,7 @@ from jinja2 import UndefinedError
 from pydantic import ValidationError
 
 from gen.prompts import PromptSet
-from gen.validate import AnswerError, parse_answer
+from gen.validate import AnswerError, parse_answer, salvage
 from schemas import Caption, CaptionQueries, answer_json_schema
 
 CAPTION = "公园里一位老人在下象棋"
@@ -55,6 +55,40 @@ def test_validators_reject_what_the_grammar_cannot_express(mutate, expected):
     with pytest.raises(AnswerError) as err:
         parse_answer(json.dumps(answer, ensure_ascii=False), CAPTION)
     assert expected in str(err.value)
+
+
+def test_salvage_drops_only_the_invalid_queries_and_says_why():
+    answer = json.loads(json.dumps(GOOD))
+    answer["summaries"] = [CAPTION]                       # a short caption's own summary
+    answer["entities"][1]["hypernyms"].append("长" * 33)  # one hypernym too long
+    answer["entities"].append({"text": CAPTION, "kind": "object", "hypernyms": ["东西"], "grade": 2})
+    answer["events"].insert(0, {"text": " ", "grade": 2})
+    answer["conjunctions"].append({"text": "老人、象棋" * 7, "grade": 1})
+    with pytest.raises(AnswerError):
+        parse_answer(json.dumps(answer, ensure_ascii=False), CAPTION)
+    kept, dropped = salvage(json.dumps(answer, ensure_ascii=False), CAPTION)
+    assert kept["summaries"] == [] and [e["text"] for e in kept["entities"]] == ["老人", "象棋"]
+    assert kept["entities"][1]["hypernyms"] == ["棋类", "游戏"]
+    assert kept["events"] == GOOD["events"] and kept["conjunctions"] == GOOD["conjunctions"]
+    # in the answer's order; an entity goes whole, with the hypernyms that depend on it
+    assert [item for item, _ in dropped] == [
+        "长" * 33, {"text": CAPTION, "kind": "object", "hypernyms": ["东西"], "grade": 2},
+        {"text": " ", "grade": 2}, {"text": "老人、象棋" * 7, "grade": 1}, CAPTION]
+    reasons = [why for _, why in dropped]
+    assert "at most 32" in reasons[0] and "repeats the whole caption" in reasons[1]
+    assert "empty" in reasons[2] and "repeats the whole caption" in reasons[4]
+
+
+@pytest.mark.parametrize("text", [
+    '{"queries": ["x"]}',                                                   # wrong shape
+    json.dumps({**GOOD, "entities": [{"text": CAPTION, "kind": "object", "hypernyms": [], "grade": 2}]},
+               ensure_ascii=False),                                         # no entity left
+    json.dumps({**GOOD, "events": [{"text": "下棋", "grade": 5}]}, ensure_ascii=False),  # a bad grade
+    '{"entities": [',                                                       # truncated
+    None,
+])
+def test_salvage_keeps_an_answer_wrong_in_shape_rejected(text):
+    assert salvage(text, CAPTION) is None
 
 
 @pytest.mark.parametrize("wrap", [
