@@ -162,18 +162,19 @@ class Exporter:
             if kept is None:
                 self.reject(Reject(stage="generation", caption_id=record.id, reason=reason, raw=raw))
                 return
-            answer_dict, dropped = kept
+            data, dropped = kept
             for item, why in dropped:
                 self.reject(Reject(stage="query", caption_id=record.id, raw=item,
                                    reason=f"query dropped, the rest of the answer kept: {why}"))
             self.stats.salvaged += 1
-            answer = json.dumps(answer_dict, ensure_ascii=False)
+        else:
+            data = json.loads(answer)
         c = self.captions.columns
         c["id"].append(record.id)
         c["text"].append(record.text)
         c["extra"].append(json.dumps(record.extra, ensure_ascii=False) if record.extra else None)
         self.captions.flush_if_full()
-        rows = flatten(json.loads(answer))
+        rows = flatten(data)
         q = self.queries.columns
         q["caption_id"].extend([record.id] * len(rows))
         q["model"].extend([self.model] * len(rows))

@@ -122,7 +122,7 @@ def render(manifest: dict[str, Any], summary: dict[str, Any]) -> str:
                         ("prompt tokens", u["prompt_tokens"]), ("completion tokens", u["completion_tokens"])])),
         ("Captions", _bars([("with queries", c["captions_with_queries"]), ("from the store (cached)", c["cached"]),
                             ("rejected input lines", c["input_rejects"]), ("rejected answers", c["rejected"]),
-                            ("rejected answers, valid queries kept", c.get("salvaged", 0)),
+                            ("rejected answers, valid queries kept", c["salvaged"]),
                             ("no answer (rerun)", c["failed"]), ("repaired answers", c["repaired"])])),
         ("Queries per type", _bars(by_type) + f"<p>{summary['queries_per_caption']} queries per caption</p>"),
         ("Queries per grade", _bars(sorted(grade.items()))),

@@ -52,13 +52,17 @@ def _context(caption: str) -> dict:
     return {"caption": caption, "caption_norm": normalize(caption)}
 
 
+def _load(text: str) -> object:
+    try:
+        return json.loads(_json_object(text))
+    except json.JSONDecodeError as e:
+        raise AnswerError(f"the answer is not valid JSON: {e.msg} at position {e.pos}") from None
+
+
 def parse_answer(text: str, caption: str, refusal: str | None = None) -> CaptionQueries:
     if not text.strip():
         raise AnswerError(f"the model refused: {refusal}" if refusal else "the answer is empty")
-    try:
-        data = json.loads(_json_object(text))
-    except json.JSONDecodeError as e:
-        raise AnswerError(f"the answer is not valid JSON: {e.msg} at position {e.pos}") from None
+    data = _load(text)
     try:
         return CaptionQueries.model_validate(data, context=_context(caption))
     except ValidationError as e:
@@ -92,8 +96,8 @@ def salvage(text: str | None, caption: str) -> tuple[dict, list[tuple[Any, str]]
     better than a copy of it.
     """
     try:
-        data = json.loads(_json_object(text or ""))
-    except (AnswerError, json.JSONDecodeError):
+        data = _load(text or "")
+    except AnswerError:
         return None
     if not isinstance(data, dict):
         return None
