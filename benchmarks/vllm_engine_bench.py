@@ -108,7 +108,7 @@ def main() -> None:
     from gen.config import RunConfig, generation_fingerprint
     from gen.engines.vllm import VLLMEngine
     from gen.prompts import PromptSet
-    from schemas import Caption, answer_json_schema
+    from schemas import Caption, answer_json_schema, decoding_constraints
 
     model = str(localmodel.ensure()) if a.model == "local" else a.model
     caps = captions(a.n)
@@ -120,7 +120,7 @@ def main() -> None:
     startup = time.perf_counter() - t
     messages = [prompts.messages(Caption(**c)) for c in caps]
     raw1 = raw_chat(engine, messages)
-    fp = generation_fingerprint(config, prompts.digest, schema)
+    fp = generation_fingerprint(config, prompts.digest, decoding_constraints())
     mine = capgen_run(engine, caps, prompts, fp)
     raw2 = raw_chat(engine, messages)
     raw_tps = (raw1[1] + raw2[1]) / (raw1[0] + raw2[0])

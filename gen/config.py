@@ -1,9 +1,10 @@
 """Every setting of a generation run, and the fingerprint of the ones that change the data.
 
 The fingerprint is defined here and nowhere else. It covers what determines an answer:
-the model's identity, the template sources, the answer schema and the sampling parameters;
-each answer's cache key adds the caption text (see `answer_key`). It leaves out what only
-changes how fast or where the run goes: engine, concurrency, timeouts, retries, paths, URLs.
+the model's identity, the template sources, the answer schemas (schemas.decoding_constraints)
+and the sampling parameters; each answer's cache key adds the caption text (see `answer_key`).
+It leaves out what only changes how fast or where the run goes: engine, concurrency,
+timeouts, retries, paths, URLs.
 So moving from the in-process engine to a server of the same model reuses every answer.
 """
 from __future__ import annotations

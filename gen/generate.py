@@ -20,7 +20,7 @@ from gen.engines import Completion, Engine, EngineError
 from gen.prompts import PromptSet
 from gen.store import AnswerStore
 from gen.validate import AnswerError, parse_answer
-from schemas import Caption, Reject
+from schemas import Caption, Reject, answer_json_schema, is_short
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +55,20 @@ class Outcome:
     completion_tokens: int
 
 
+# The engine's own constraint is the full schema; a short caption's asks for no summary.
+SHORT_CAPTION_SCHEMA = answer_json_schema(short=True)
+
+
 async def answer_caption(caption: Caption, key: str, engine: Engine, prompts: PromptSet) -> Outcome:
     """One request, and one repair round if the answer does not validate."""
     messages = prompts.messages(caption)
+    schema = SHORT_CAPTION_SCHEMA if is_short(caption.text) else None
     completions: list[Completion] = []
     error: Optional[str] = None
     answer = None
     try:
         for _ in range(2):
-            done = await engine.complete(messages)
+            done = await engine.complete(messages, schema)
             completions.append(done)
             try:
                 answer = parse_answer(done.text, caption.text, done.refusal)

@@ -34,7 +34,7 @@ from gen.generate import generate
 from gen.progress import Progress, count_lines
 from gen.prompts import PromptSet
 from gen.store import AnswerStore
-from schemas import answer_json_schema
+from schemas import answer_json_schema, decoding_constraints
 
 log = logging.getLogger("gen.run")
 
@@ -139,7 +139,7 @@ def stop_on_sigterm() -> Callable[[], None]:
 def dry_run(config: RunConfig) -> int:
     from gen.plan import plan
     prompts = PromptSet(config.prompts)
-    fingerprint = generation_fingerprint(config, prompts.digest, answer_json_schema())
+    fingerprint = generation_fingerprint(config, prompts.digest, decoding_constraints())
     records = read_captions(config.captions, config.max_caption_chars, config.strict)
     result = plan(records, config, prompts, fingerprint)
     log.info("dry run: %d captions, %d cached, %d to request (%d-%d requests), ~%s prompt tokens",
@@ -154,7 +154,7 @@ async def _run_locked(config: RunConfig) -> int:
     out_dir = config.out_dir
     prompts = PromptSet(config.prompts)
     schema = answer_json_schema()
-    fingerprint = generation_fingerprint(config, prompts.digest, schema)
+    fingerprint = generation_fingerprint(config, prompts.digest, decoding_constraints())
     model = resolve_model(config)
     store = AnswerStore(config.cache_path)
     engine = LazyEngine(lambda: build_engine(config, model, schema))

@@ -9,6 +9,8 @@ from schemas.answer import (
     Item,
     QUERY_TYPES,
     answer_json_schema,
+    decoding_constraints,
+    is_short,
 )
 from schemas.caption import Caption
 from schemas.records import QueryRecord, Reject
@@ -22,4 +24,6 @@ __all__ = [
     "QueryRecord",
     "Reject",
     "answer_json_schema",
+    "decoding_constraints",
+    "is_short",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from schemas.text import normalize
 
@@ -26,6 +26,14 @@ QUERY_TYPES = (
 
 KEYWORD_MAX_CHARS = 32
 SUMMARY_MAX_CHARS = 80
+# A caption this short (normalised characters) is its own summary: a small model asked for
+# one copies the caption, fails validation, and copies it again in the repair round. So
+# such a caption is asked for no summary (the decoding constraint allows none).
+SHORT_CAPTION_CHARS = 16
+
+
+def is_short(caption: str) -> bool:
+    return len(normalize(caption)) <= SHORT_CAPTION_CHARS
 
 
 def _check_query(value: str, info: ValidationInfo) -> str:
@@ -73,7 +81,20 @@ class CaptionQueries(BaseModel):
     conjunctions: list[Item] = Field(default_factory=list, max_length=4)
     simple_conditions: list[Item] = Field(default_factory=list, max_length=5)
     complex_conditions: list[Item] = Field(default_factory=list, max_length=4)
-    summaries: list[Summary] = Field(min_length=1, max_length=3)
+    # At least one, except for a short caption (is_short); see _summary_required.
+    summaries: list[Summary] = Field(default_factory=list, max_length=3)
+
+    @model_validator(mode="after")
+    def _summary_required(self, info: ValidationInfo) -> "CaptionQueries":
+        if self.summaries or type(self) is not CaptionQueries:  # Salvaged may have none
+            return self
+        ctx = info.context or {}
+        norm = ctx.get("caption_norm")
+        if norm is None and ctx.get("caption") is not None:
+            norm = normalize(ctx["caption"])
+        if norm is None or len(norm) > SHORT_CAPTION_CHARS:
+            raise ValueError("summaries: give at least one summary of the whole caption")
+        return self
 
     def queries(self) -> list[dict[str, Any]]:
         """Flatten into query rows: type, subtype, grade, salience (1 = most salient of its type)."""
@@ -83,8 +104,6 @@ class CaptionQueries(BaseModel):
 class Salvaged(CaptionQueries):
     """What is left of an answer once its invalid queries are dropped (gen.validate.salvage):
     never a decoding constraint, so it may lack a summary that only repeated the caption."""
-
-    summaries: list[Summary] = Field(default_factory=list, max_length=3)
 
 
 def flatten(answer: dict[str, Any]) -> list[dict[str, Any]]:
@@ -124,10 +143,24 @@ def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
-def answer_json_schema() -> dict[str, Any]:
-    """The decoding constraint: CaptionQueries' JSON schema with every $ref inlined."""
+def answer_json_schema(short: bool = False) -> dict[str, Any]:
+    """The decoding constraint: CaptionQueries' JSON schema with every $ref inlined; for a
+    short caption (is_short) with no room for a summary, else with at least one."""
     schema = CaptionQueries.model_json_schema()
     out = _inline_refs(schema, schema.get("$defs", {}))
     # Every key present: the model then never has to choose whether to emit a list.
     out["required"] = list(out["properties"])
+    summaries = out["properties"]["summaries"]
+    summaries.pop("default", None)
+    if short:
+        summaries["maxItems"] = 0
+    else:
+        summaries["minItems"] = 1
     return out
+
+
+def decoding_constraints() -> dict[str, Any]:
+    """Every constraint a caption can be decoded under, and the rule that picks one: what
+    the generation fingerprint records of the schema."""
+    return {"caption": answer_json_schema(), "short_caption": answer_json_schema(short=True),
+            "short_caption_chars": SHORT_CAPTION_CHARS}

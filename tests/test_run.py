@@ -160,6 +160,31 @@ def test_an_answer_invalid_in_one_query_keeps_the_rest_and_rejects_that_query(tm
     assert (m["cached"], m["rejected"], m["salvaged"], m["captions_with_queries"]) == (12, 0, 1, 12)
 
 
+def test_a_short_caption_is_asked_for_no_summary_and_needs_no_repair(tmp_path):
+    short = "一只猫在沙发上睡觉。"
+    long_ = "傍晚的公园里，一位戴帽子的老人在石桌旁和朋友下象棋，旁边围着几个人在看。"
+    caps = write_jsonl(tmp_path / "caps.jsonl", [{"id": "s", "text": short}, {"id": "l", "text": long_}])
+
+    def answer(caption, body):   # a model that follows its grammar: no summary where none fits
+        good = json.loads(default_answer(caption))
+        if body["response_format"]["json_schema"]["schema"]["properties"]["summaries"].get("maxItems") == 0:
+            good["summaries"] = []
+        return json.dumps(good, ensure_ascii=False)
+
+    out = tmp_path / "out"
+    with FakeOpenAI(answer=answer) as fake:
+        assert run(caps, out, fake) == EXIT_OK
+        assert len(fake.requests) == 2
+        limits = {("s" if short in r["messages"][-1]["content"] else "l"):
+                  r["response_format"]["json_schema"]["schema"]["properties"]["summaries"]
+                  for r in fake.requests}
+    assert len(limits) == 2 and limits["s"]["maxItems"] == 0 and limits["l"]["minItems"] == 1
+    m = json.loads((out / "manifest.json").read_text())["counts"]
+    assert (m["accepted"], m["repaired"], m["salvaged"]) == (2, 0, 0)
+    types = {(r["caption_id"], r["type"]) for r in read_rows(out / "queries.parquet")}
+    assert ("l", "summary") in types and ("s", "summary") not in types and ("s", "entity") in types
+
+
 def test_unanswered_captions_exit_3_and_a_rerun_completes_them(tmp_path, captions, sample_captions):
     down = {sample_captions[2]["text"]}
     fault = lambda i, caption: "503" if caption in down else None

@@ -6,7 +6,7 @@ from pydantic import ValidationError
 
 from gen.prompts import PromptSet
 from gen.validate import AnswerError, parse_answer, salvage
-from schemas import Caption, CaptionQueries, answer_json_schema
+from schemas import Caption, CaptionQueries, answer_json_schema, decoding_constraints, is_short
 
 CAPTION = "公园里一位老人在下象棋"
 GOOD = {
@@ -27,6 +27,26 @@ def test_schema_has_no_refs_and_requires_every_key():
     ent = schema["properties"]["entities"]["items"]
     assert ent["properties"]["kind"]["enum"] == ["object", "person", "place", "concept"]
     assert schema["properties"]["entities"]["maxItems"] == 10
+
+
+LONG_CAPTION = "傍晚的公园里，一位戴帽子的老人在石桌旁和朋友下象棋"
+
+
+def test_a_caption_short_enough_to_be_its_own_summary_is_asked_for_none():
+    assert is_short(CAPTION) and not is_short(LONG_CAPTION)
+    full, short = answer_json_schema(), answer_json_schema(short=True)
+    assert full["properties"]["summaries"]["minItems"] == 1
+    assert short["properties"]["summaries"]["maxItems"] == 0
+    assert {k: v for k, v in short["properties"].items() if k != "summaries"} == \
+        {k: v for k, v in full["properties"].items() if k != "summaries"}
+    # the fingerprint's record of the schema names both constraints and the rule between them
+    assert decoding_constraints() == {"caption": full, "short_caption": short, "short_caption_chars": 16}
+    none = json.dumps({**GOOD, "summaries": []}, ensure_ascii=False)
+    assert parse_answer(none, CAPTION).summaries == []
+    with pytest.raises(AnswerError, match="at least one summary"):
+        parse_answer(none, LONG_CAPTION)
+    # a server without a grammar may still give a short caption a summary: kept if valid
+    assert parse_answer(json.dumps(GOOD, ensure_ascii=False), CAPTION).summaries == GOOD["summaries"]
 
 
 def test_flattened_queries_carry_type_grade_and_salience():
