@@ -101,6 +101,8 @@ def batches(pairs: list[dict], corpus: dict[str, str], rng: random.Random, clean
 
 
 def load_model(encoder: Path, seed: int):
+    # gen.eval.finetune.load_encoder, on the GPU: that module imports polars, which the
+    # device machine does not have.
     import torch
     from sentence_transformers import SentenceTransformer
 

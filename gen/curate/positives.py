@@ -30,6 +30,12 @@ def _unit(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
+def query_id(q_norm: str) -> str:
+    """A query's id in the shards, from its normalised text: stable across runs, and what
+    seeds its random negatives (gen/curate/negatives.py)."""
+    return "q" + hashlib.sha256(q_norm.encode("utf-8")).hexdigest()[:16]
+
+
 def mix(recs: pl.DataFrame, summary_share: float | None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Down-sample summaries or keyword-like records so summaries make `summary_share` of the
     records; None keeps the generated mix. Which records go is a hash of (caption, query)."""
@@ -60,9 +66,7 @@ def group(recs: pl.DataFrame, n_captions: int, config: CurateConfig) -> tuple[pl
     pos_rank = pl.col("rank").rank("ordinal").over(key)
     recs, capped = split_off(recs, pos_rank > config.max_positives, "positives_capped")
     ids = recs.select(key).unique()
-    ids = ids.with_columns(query_id=pl.Series(
-        ["q" + hashlib.sha256(t.encode("utf-8")).hexdigest()[:16] for t in ids[key].to_list()],
-        dtype=pl.String))
+    ids = ids.with_columns(query_id=pl.Series([query_id(t) for t in ids[key].to_list()], dtype=pl.String))
     best = lambda c: pl.col(c).sort_by("rank").first().over(key)  # noqa: E731
     recs = recs.join(ids, on=key).with_columns(
         q_text=best("query"), q_type=best("type"), q_subtype=best("subtype"))

@@ -14,7 +14,6 @@ for (one-word ones, mostly) get a guarded random caption, as in curation.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 
 import polars as pl
@@ -22,6 +21,7 @@ import polars as pl
 from gen.curate.config import CurateConfig
 from gen.curate.negatives import SplitIndexes, mine
 from gen.curate.normalize import normalized, tokenize
+from gen.curate.positives import query_id
 
 SPLIT = "train"
 
@@ -43,11 +43,9 @@ def negatives(pool: pl.DataFrame, corpus: dict[str, str], queries: list[str]) ->
     wanted = pl.DataFrame({"query": list(dict.fromkeys(queries))}, schema={"query": pl.String})
     wanted = wanted.with_columns(q_norm=normalized(wanted["query"]))
     rows = (wanted.select("q_norm").unique(maintain_order=True)
-            # _fill seeds its random negatives with the query id's hex digits. This id is
-            # not curation's (sha256[:16]), so the random fill differs from the shards'.
-            .with_columns(query_id=pl.col("q_norm").map_elements(
-                lambda q: "q" + hashlib.sha1(q.encode()).hexdigest(), return_dtype=pl.String),
-                split=pl.lit(SPLIT))
+            # curation's own ids, which seed the random fill as they do in the shards
+            .with_columns(query_id=pl.col("q_norm").map_elements(query_id, return_dtype=pl.String),
+                          split=pl.lit(SPLIT))
             .with_row_index("qrow"))
     rows = rows.with_columns(q_words=_words(rows["q_norm"], search=False))
     known = pool.with_columns(q_norm=normalized(pool["query"])).select("caption_id", "q_norm")
