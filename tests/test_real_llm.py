@@ -61,17 +61,29 @@ def check_outputs(out: Path, captions: list[dict]) -> dict:
     return manifest
 
 
-def test_in_process_vllm_engine(model_dir, twenty, tmp_path, sample_captions):
+# Two short captions of CapRetrieval (cr.1536, cr.1541; Apache 2.0, as the fixtures): each
+# is its own summary, so its requests carry a schema that allows none (schemas.is_short).
+SHORT = [{"id": "cr.1536", "text": "三个人在室内举杯庆祝。"}, {"id": "cr.1541", "text": "一群人在户外清扫街道。"}]
+
+
+def test_in_process_vllm_engine(model_dir, tmp_path, sample_captions):
     out = tmp_path / "out"
+    captions = sample_captions[:N] + SHORT
+    caps = write_jsonl(tmp_path / "with_short.jsonl", captions)
     # A small token budget per step makes vLLM prefill every prompt in chunks, as any large
     # batch does; on its CPU build that crashed with per-request seeds.
-    p = gen_run("--captions", str(twenty), "--out", str(out), "--engine", "vllm", "--concurrency", "32",
+    p = gen_run("--captions", str(caps), "--out", str(out), "--engine", "vllm", "--concurrency", "32",
                 "--vllm-arg", "max_num_batched_tokens=256")
     assert p.returncode == 0, p.stderr[-3000:]
-    m = check_outputs(out, sample_captions[:N])
-    assert m["engine"]["engine"] == "vllm" and m["counts"]["requested"] == N
+    m = check_outputs(out, captions)
+    assert m["engine"]["engine"] == "vllm" and m["counts"]["requested"] == len(captions)
+    # vLLM honoured the short captions' own schema: queries, and not one summary among them
+    rows = read_rows(out / "queries.parquet")
+    short_types = {r["type"] for r in rows if r["caption_id"] in {c["id"] for c in SHORT}}
+    assert short_types and "summary" not in short_types
+    assert "summary" in {r["type"] for r in rows}
     # rerun: everything comes from the store, the model is not even started
-    p = gen_run("--captions", str(twenty), "--out", str(out), "--engine", "vllm")
+    p = gen_run("--captions", str(caps), "--out", str(out), "--engine", "vllm")
     assert p.returncode == 0, p.stderr[-3000:]
     m2 = json.loads((out / "manifest.json").read_text())
     assert m2["counts"]["requested"] == 0 and m2["usage"]["requests"] == 0
@@ -79,7 +91,7 @@ def test_in_process_vllm_engine(model_dir, twenty, tmp_path, sample_captions):
 
     # The judge on the same engine, each request constrained to exactly as many grades as
     # it asks for: its own pairs, then each query's two hardest mined negatives.
-    p = run_judge("--captions", str(twenty), "--out", str(out), "--engine", "vllm", "--candidates", "2")
+    p = run_judge("--captions", str(caps), "--out", str(out), "--engine", "vllm", "--candidates", "2")
     assert p.returncode == 0, p.stderr[-3000:]
     check_judgements(out / "judgements.parquet")
     check_judgements(out / "candidate_judgements.parquet")
