@@ -8,7 +8,10 @@ import pytest
 from gen.curate.config import DEFAULT_STOPLIST
 from prompts import TEMPLATE_DIR
 
-DEV = Path(__file__).resolve().parents[1].parent / "shared/data/capretrieval/dev_queries.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+DEV = ROOT.parent / "shared/data/capretrieval/dev_queries.jsonl"
+# the bundled templates and every variant a measurement ran with
+TEMPLATES = sorted([*TEMPLATE_DIR.glob("*.j2"), *(ROOT / "benchmarks").rglob("*.j2")])
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +21,9 @@ def dev_queries() -> set[str]:
     return {json.loads(line)["query"] for line in DEV.open(encoding="utf-8") if line.strip()}
 
 
-@pytest.mark.parametrize("template", sorted(p.name for p in TEMPLATE_DIR.glob("*.j2")))
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_dev_query_in_prompts(dev_queries, template):
-    text = (TEMPLATE_DIR / template).read_text(encoding="utf-8")
+    text = template.read_text(encoding="utf-8")
     assert not sorted(q for q in dev_queries if q in text)
 
 
