@@ -3,7 +3,8 @@
 The JSON schema of `CaptionQueries` is sent to the engine as the decoding constraint, so
 anything a grammar can express (shape, enums, list sizes, string lengths) lives in the field
 declarations; the validators check what a grammar cannot (a query equal to its caption,
-whitespace-only text). They read the caption from the validation context.
+whitespace-only text). They read the caption from the validation context. One size depends
+on the caption: how many summaries (none for a short caption), set in `answer_json_schema`.
 """
 from __future__ import annotations
 
