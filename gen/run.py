@@ -34,7 +34,7 @@ from gen.generate import generate
 from gen.progress import Progress, count_lines
 from gen.prompts import PromptSet
 from gen.store import AnswerStore
-from schemas import answer_json_schema, decoding_constraints
+from schemas import decoding_constraints
 
 log = logging.getLogger("gen.run")
 
@@ -153,8 +153,9 @@ async def _run_locked(config: RunConfig) -> int:
     started = time.time()
     out_dir = config.out_dir
     prompts = PromptSet(config.prompts)
-    schema = answer_json_schema()
-    fingerprint = generation_fingerprint(config, prompts.digest, decoding_constraints())
+    constraints = decoding_constraints()
+    schema = constraints["caption"]   # the engine's own; gen.generate picks a short caption's
+    fingerprint = generation_fingerprint(config, prompts.digest, constraints)
     model = resolve_model(config)
     store = AnswerStore(config.cache_path)
     engine = LazyEngine(lambda: build_engine(config, model, schema))

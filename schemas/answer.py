@@ -8,7 +8,7 @@ on the caption: how many summaries (none for a short caption), set in `answer_js
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
@@ -34,20 +34,31 @@ SHORT_CAPTION_CHARS = 16
 
 
 def is_short(caption: str) -> bool:
-    return len(normalize(caption)) <= SHORT_CAPTION_CHARS
+    return _is_short_norm(normalize(caption))
+
+
+def _is_short_norm(caption_norm: str) -> bool:
+    return len(caption_norm) <= SHORT_CAPTION_CHARS
+
+
+def _caption_norm(info: ValidationInfo) -> str | None:
+    """The normalised caption of the validation context; None when validated without one."""
+    ctx = info.context or {}
+    caption = ctx.get("caption")
+    if caption is None:
+        return None
+    # caption_norm: normalised once per answer, not once for each of its ~20 queries (a
+    # dict.get default would be computed on every call).
+    return ctx["caption_norm"] if "caption_norm" in ctx else normalize(caption)
 
 
 def _check_query(value: str, info: ValidationInfo) -> str:
     value = value.strip()
     if not value:
         raise ValueError("query is empty")
-    ctx = info.context or {}
-    caption = ctx.get("caption")
-    if caption is None:
+    caption_norm = _caption_norm(info)
+    if caption_norm is None:
         return value
-    # caption_norm: normalised once per answer, not once for each of its ~20 queries (a
-    # dict.get default would be computed on every call).
-    caption_norm = ctx["caption_norm"] if "caption_norm" in ctx else normalize(caption)
     if normalize(value) == caption_norm:
         raise ValueError(f"query {value!r} repeats the whole caption; ask for a part of it")
     return value
@@ -85,15 +96,14 @@ class CaptionQueries(BaseModel):
     # At least one, except for a short caption (is_short); see _summary_required.
     summaries: list[Summary] = Field(default_factory=list, max_length=3)
 
+    summaries_optional: ClassVar[bool] = False
+
     @model_validator(mode="after")
     def _summary_required(self, info: ValidationInfo) -> "CaptionQueries":
-        if self.summaries or type(self) is not CaptionQueries:  # Salvaged may have none
+        if self.summaries or self.summaries_optional:
             return self
-        ctx = info.context or {}
-        norm = ctx.get("caption_norm")
-        if norm is None and ctx.get("caption") is not None:
-            norm = normalize(ctx["caption"])
-        if norm is None or len(norm) > SHORT_CAPTION_CHARS:
+        caption_norm = _caption_norm(info)
+        if caption_norm is None or not _is_short_norm(caption_norm):
             raise ValueError("summaries: give at least one summary of the whole caption")
         return self
 
@@ -105,6 +115,8 @@ class CaptionQueries(BaseModel):
 class Salvaged(CaptionQueries):
     """What is left of an answer once its invalid queries are dropped (gen.validate.salvage):
     never a decoding constraint, so it may lack a summary that only repeated the caption."""
+
+    summaries_optional: ClassVar[bool] = True
 
 
 def flatten(answer: dict[str, Any]) -> list[dict[str, Any]]:
