@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--timeout", type=float, help=f"seconds per request (default: {d['timeout'].default})")
     a("--max-attempts", type=int, help=f"tries per request on transient faults (default: {d['max_attempts'].default})")
     a("--retry-wait", type=float, help=f"first backoff in seconds, doubling with jitter (default: {d['retry_wait'].default})")
+    a("--repair-rounds", type=int,
+      help=f"requests after an invalid answer, each showing the model its error, 0-5 (default: {d['repair_rounds'].default})")
     a("--temperature", type=float, help=f"(default: {s.temperature})")
     a("--top-p", type=float, help=f"(default: {s.top_p})")
     a("--max-tokens", type=int, help=f"(default: {s.max_tokens})")

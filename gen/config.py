@@ -4,7 +4,9 @@ The fingerprint is defined here and nowhere else. It covers what determines an a
 the model's identity, the template sources, the answer schemas (schemas.decoding_constraints)
 and the sampling parameters; each answer's cache key adds the caption text (see `answer_key`).
 It leaves out what only changes how fast or where the run goes: engine, concurrency,
-timeouts, retries, paths, URLs.
+timeouts, retries, paths, URLs. Repair rounds stay out too: an answer that validates in
+k rounds is the same answer whenever k are allowed, and the store tells how many rounds
+a rejected answer had (gen.store.KEPT).
 So moving from the in-process engine to a server of the same model reuses every answer.
 """
 from __future__ import annotations
@@ -59,6 +61,10 @@ class RunConfig(BaseModel):
     timeout: float = Field(120.0, gt=0)  # seconds per request
     max_attempts: int = Field(6, ge=1)  # per request, for transient faults
     retry_wait: float = Field(1.0, ge=0)  # first backoff in seconds; doubles, with jitter, to 30 s
+    # Requests after an invalid answer, each showing the model its error. The bundled 0.5B
+    # model fixes about 1 answer in 70 this way (docs/quality.md): 0 saves those requests;
+    # a larger model may earn more. Capped because each round is a full prompt again.
+    repair_rounds: int = Field(1, ge=0, le=5)
     disable_thinking: bool = True
     max_caption_chars: int = Field(MAX_CAPTION_CHARS, ge=1)
     max_model_len: int = 4096            # vLLM context: prompt ~1k tokens + answer

@@ -4,7 +4,7 @@ Rows are written in input order, one caption after another, from this run's capt
 this fingerprint's answers only, so the files always describe exactly this input (no stale
 rows from an older template, no duplicates after a resumed run) and memory stays flat.
 Every caption ends in exactly one place: its queries, or a reject with the reason. An answer
-rejected after its repair round keeps its valid queries when only single queries were wrong
+rejected after its repair rounds keeps its valid queries when only single queries were wrong
 (gen.validate.salvage); each dropped one is a reject of its own, stage "query".
 """
 from __future__ import annotations

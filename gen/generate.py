@@ -1,9 +1,9 @@
 """Captions -> engine -> validated answers in the store (the local executor).
 
 One coroutine per caption, at most `concurrency` alive at once (so memory does not grow
-with the input). Each caption costs one request; an invalid answer gets one repair round
-that shows the model its validation error; a second failure is stored as rejected with
-the reason. Every outcome is written to the store as soon as it is known, which is what
+with the input). Each caption costs one request; an invalid answer gets up to
+`repair_rounds` repair rounds (default 1) that show the model its validation error; an
+answer still invalid after the last is stored as rejected with the reason. Every outcome is written to the store as soon as it is known, which is what
 makes a killed run resumable.
 """
 from __future__ import annotations
@@ -59,15 +59,23 @@ class Outcome:
 SHORT_CAPTION_SCHEMA = answer_json_schema(short=True)
 
 
-async def answer_caption(caption: Caption, key: str, engine: Engine, prompts: PromptSet) -> Outcome:
-    """One request, and one repair round if the answer does not validate."""
-    messages = prompts.messages(caption)
+def rejection(rounds: int, error: str) -> str:
+    if rounds == 0:
+        return f"invalid answer (no repair round): {error}"
+    return f"invalid answer after {'a repair round' if rounds == 1 else f'{rounds} repair rounds'}: {error}"
+
+
+async def answer_caption(caption: Caption, key: str, engine: Engine, prompts: PromptSet,
+                         repair_rounds: int = 1) -> Outcome:
+    """One request, and up to `repair_rounds` more while the answer does not validate."""
+    first = prompts.messages(caption)
+    messages = first
     schema = SHORT_CAPTION_SCHEMA if is_short(caption.text) else None
     completions: list[Completion] = []
     error: Optional[str] = None
     answer = None
     try:
-        for _ in range(2):
+        for _ in range(1 + repair_rounds):
             done = await engine.complete(messages, schema)
             completions.append(done)
             try:
@@ -76,12 +84,14 @@ async def answer_caption(caption: Caption, key: str, engine: Engine, prompts: Pr
                 break
             except AnswerError as e:
                 error = str(e)
-                messages = prompts.repair(messages, done.text, error)
+                # From the first exchange each time, not the whole history: the context stays
+                # one prompt and one answer long however many rounds are allowed.
+                messages = prompts.repair(first, done.text, error)
     except EngineError as e:
         status, reason = "failed", str(e)
     else:
         status = "ok" if error is None else "rejected"
-        reason = None if error is None else f"invalid answer after a repair round: {error}"
+        reason = None if error is None else rejection(repair_rounds, error)
     return Outcome(
         key=key, caption_id=caption.id, status=status,
         answer=answer.model_dump_json() if status == "ok" else None,
@@ -113,13 +123,15 @@ def record(outcome: Outcome, store: AnswerStore, stats: GenStats) -> None:
 
 def classify(records: Iterable[Union[Caption, Reject]], store: AnswerStore, fingerprint: str,
              force: bool, stats: GenStats, on_progress: Callable[[GenStats], None],
-             in_flight: Container[str]) -> Iterator[tuple[Union[Caption, Reject], Optional[str], bool]]:
+             in_flight: Container[str], repair_rounds: int = 1
+             ) -> Iterator[tuple[Union[Caption, Reject], Optional[str], bool]]:
     """Every record in input order, as (record, key, needs_request); counts as it goes.
 
     Identical texts under different ids cost one request: a key is not requested again
     while it is in `in_flight` (the caller's, holding only keys not yet recorded) or once
     the store has it, so no set grows with the input. With `force` only what this run
-    stored counts. Input rejects come through with key None.
+    stored counts; an answer rejected after fewer than `repair_rounds` repair rounds does
+    not count (see AnswerStore.has). Input rejects come through with key None.
     """
     since = time.time() if force else 0.0
     for rec in records:
@@ -131,7 +143,7 @@ def classify(records: Iterable[Union[Caption, Reject]], store: AnswerStore, fing
             continue
         stats.captions += 1
         key = answer_key(fingerprint, rec.text)
-        if key in in_flight or store.has(key, since):
+        if key in in_flight or store.has(key, since, repair_rounds):
             stats.cached += 1
             on_progress(stats)
             yield rec, key, False
@@ -142,10 +154,11 @@ def classify(records: Iterable[Union[Caption, Reject]], store: AnswerStore, fing
 
 def pending(records: Iterable[Union[Caption, Reject]], store: AnswerStore, fingerprint: str,
             force: bool, stats: GenStats, on_progress: Callable[[GenStats], None],
-            in_flight: set[str]) -> Iterator[tuple[Caption, str]]:
+            in_flight: set[str], repair_rounds: int = 1) -> Iterator[tuple[Caption, str]]:
     """Only the captions that need a request; adds each key to `in_flight` (the caller
     discards it once the outcome is recorded)."""
-    for rec, key, needed in classify(records, store, fingerprint, force, stats, on_progress, in_flight):
+    for rec, key, needed in classify(records, store, fingerprint, force, stats, on_progress, in_flight,
+                                     repair_rounds):
         if needed:
             in_flight.add(key)
             yield rec, key
@@ -187,7 +200,8 @@ class InOrder:
 
 async def generate(records: Iterable[Union[Caption, Reject]], *, engine: Engine, prompts: PromptSet,
                    store: AnswerStore, fingerprint: str, concurrency: int, force: bool = False,
-                   on_progress: Callable[[GenStats], None] = lambda s: None, sink=None) -> GenStats:
+                   repair_rounds: int = 1, on_progress: Callable[[GenStats], None] = lambda s: None,
+                   sink=None) -> GenStats:
     """The local executor: one coroutine per caption, `concurrency` at a time.
 
     With a `sink` (a gen.export.Exporter) every record's outcome is exported, in input
@@ -203,7 +217,7 @@ async def generate(records: Iterable[Union[Caption, Reject]], *, engine: Engine,
 
     async def run(caption: Caption, key: str, outcome: asyncio.Future) -> None:
         try:
-            done = await answer_caption(caption, key, engine, prompts)
+            done = await answer_caption(caption, key, engine, prompts, repair_rounds)
             record(done, store, stats)
             outcome.set_result(done)
         except Exception as e:  # a bug, not an engine failure (those are outcomes): fail the run
@@ -218,7 +232,8 @@ async def generate(records: Iterable[Union[Caption, Reject]], *, engine: Engine,
         if order is not None:
             order.drain()
 
-    for rec, key, needed in classify(records, store, fingerprint, force, stats, on_progress, in_flight):
+    for rec, key, needed in classify(records, store, fingerprint, force, stats, on_progress, in_flight,
+                                     repair_rounds):
         if needed:
             await slots.acquire()
             outcome = in_flight[key] = loop.create_future()

@@ -15,7 +15,8 @@ Runs after `gen.run` on its output directory. Two kinds of pair, one request per
 Both write caption_id, query, judge_grade (null where no judgement came). Same engines,
 options, retries and resume as generation: answers live in DIR/judge.sqlite, keyed by the
 judge's fingerprint, the caption and its queries, so a rerun pays only for what is new; an
-answer still malformed after one repair round is stored as rejected with the reason.
+answer still malformed after its repair rounds (`--repair-rounds`, as for generation) is
+stored as rejected with the reason.
 Greedy decoding: a grade should not depend on a dice roll.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ from gen.atomic import atomic_path
 from gen.config import RunConfig, Sampling, model_identity
 from gen.curate.judged import CANDIDATE_JUDGEMENTS, JUDGEMENTS  # the files curation reads
 from gen.engines import EngineError, build_engine
+from gen.generate import rejection
 from gen.shards import query_shards
 from gen.store import AnswerStore
 from prompts import TEMPLATE_DIR
@@ -105,11 +107,12 @@ def requests(pairs: pl.DataFrame) -> list[tuple[str, list[str]]]:
     return out
 
 
-async def _judge_one(engine, prompts: JudgePrompts, caption: str, queries: list[str]) -> dict:
-    messages = prompts.messages(caption, queries)
+async def _judge_one(engine, prompts: JudgePrompts, caption: str, queries: list[str], rounds: int) -> dict:
+    first = prompts.messages(caption, queries)
+    messages = first
     used = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
     error, text = None, ""
-    for _ in range(2):
+    for _ in range(1 + rounds):
         done = await engine.complete(messages, judge_json_schema(len(queries)))
         used["requests"] += 1
         used["prompt_tokens"] += done.prompt_tokens
@@ -120,9 +123,9 @@ async def _judge_one(engine, prompts: JudgePrompts, caption: str, queries: list[
                     "reason": None, **used}
         except ValueError as e:
             error = str(e)
-            messages = [*messages, {"role": "assistant", "content": text},
+            messages = [*first, {"role": "assistant", "content": text},
                         {"role": "user", "content": f"你的输出不符合要求：{error}。请只输出一个完整的 JSON 对象。"}]
-    return {"status": "rejected", "answer": None, "raw": text, "reason": f"judge answer invalid after a repair round: {error}", **used}
+    return {"status": "rejected", "answer": None, "raw": text, "reason": f"judge: {rejection(rounds, error)}", **used}
 
 
 class _Judge:
@@ -148,7 +151,7 @@ class _Judge:
 
         async def one(cid: str, qs: list[str], key: str) -> None:
             try:
-                got = await _judge_one(self.engine, self.prompts, self.texts[cid], qs)
+                got = await _judge_one(self.engine, self.prompts, self.texts[cid], qs, self.config.repair_rounds)
             except EngineError as e:
                 stats["failed"] += 1
                 log.warning("caption %s: no judgement (%s); a rerun will ask again", cid, e)
@@ -164,7 +167,7 @@ class _Judge:
 
         tasks = []
         for cid, qs, key in asks:
-            if not self.config.force and self.store.get(key) is not None:
+            if not self.config.force and self.store.has(key, repair_rounds=self.config.repair_rounds):
                 stats["cached"] += 1
                 continue
             await slots.acquire()

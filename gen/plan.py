@@ -13,6 +13,7 @@ from typing import Any, Iterable, Union
 
 from gen.config import RunConfig, answer_key
 from gen.prompts import PromptSet
+from gen.store import KEPT
 from schemas import Caption, Reject
 
 CHARS_PER_TOKEN = 2.2
@@ -28,11 +29,12 @@ class _Stored:
         self.db = sqlite3.connect(f"file:{cache}?mode=ro", uri=True) if cache.is_file() else None
         self.force = force
 
-    def which(self, keys: list[str]) -> set[str]:
+    def which(self, keys: list[str], repair_rounds: int) -> set[str]:
         if self.db is None or self.force or not keys:
             return set()
         marks = ",".join("?" * len(keys))
-        return {k for (k,) in self._query(f"SELECT key FROM answers WHERE key IN ({marks})", keys)}
+        return {k for (k,) in self._query(f"SELECT key FROM answers WHERE key IN ({marks}) AND {KEPT}",
+                                          [*keys, repair_rounds])}
 
     def history(self) -> tuple[float, float] | None:
         """Mean prompt and completion tokens per request."""
@@ -76,7 +78,7 @@ def plan(records: Iterable[Union[Caption, Reject]], config: RunConfig, prompts: 
             keyed = [(answer_key(fingerprint, r.text), r) for r in chunk if not isinstance(r, Reject)]
             rejects += len(chunk) - len(keyed)
             captions += len(keyed)
-            known = stored.which(list({k for k, _ in keyed}))
+            known = stored.which(list({k for k, _ in keyed}), config.repair_rounds)
             for key, record in keyed:
                 if key in known or key in to_request:
                     cached += 1
@@ -87,6 +89,7 @@ def plan(records: Iterable[Union[Caption, Reject]], config: RunConfig, prompts: 
     finally:
         stored.close()
     n = len(to_request)
+    most = (1 + config.repair_rounds) * n   # each repair round is one more request
     if history:
         prompt_tokens, completion_tokens = history[0] * n, history[1] * n
         method = "mean tokens per request in the answer store"
@@ -95,11 +98,11 @@ def plan(records: Iterable[Union[Caption, Reject]], config: RunConfig, prompts: 
         method = f"prompt characters / {CHARS_PER_TOKEN}; completion unknown until answers exist"
     return {
         "captions": captions, "input_rejects": rejects, "cached": cached, "to_request": n,
-        "requests_at_least": n, "requests_at_most": 2 * n,  # a repair round costs a second request
+        "requests_at_least": n, "requests_at_most": most,
         "prompt_chars": prompt_chars,
         "prompt_tokens_estimate": round(prompt_tokens),
         "completion_tokens_estimate": round(completion_tokens) if completion_tokens is not None else None,
-        "completion_tokens_at_most": 2 * n * config.sampling.max_tokens,
+        "completion_tokens_at_most": most * config.sampling.max_tokens,
         "estimate_method": method,
         "fingerprint": fingerprint,
     }

@@ -52,7 +52,7 @@ class Answerer:
         return {name: [getattr(o, name) for o in outcomes] for name in OUTCOME_FIELDS}
 
     async def _answer_all(self, captions: list[Caption], keys: list[str]) -> list[Outcome]:
-        return await asyncio.gather(*(answer_caption(c, k, self.engine, self.prompts)
+        return await asyncio.gather(*(answer_caption(c, k, self.engine, self.prompts, self.config.repair_rounds)
                                       for c, k in zip(captions, keys)))
 
 
@@ -87,7 +87,8 @@ def generate_ray(records: Iterable[Union[Caption, Reject]], *, config: RunConfig
 
     window: list[dict[str, str]] = []
     in_flight: set[str] = set()  # the window's keys; all recorded once run_window returns
-    for caption, key in pending(records, store, fingerprint, config.force, stats, on_progress, in_flight):
+    for caption, key in pending(records, store, fingerprint, config.force, stats, on_progress, in_flight,
+                                config.repair_rounds):
         window.append({"id": caption.id, "text": caption.text, "key": key})
         if len(window) >= WINDOW:
             run_window(window)

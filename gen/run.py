@@ -178,7 +178,8 @@ async def _run_locked(config: RunConfig) -> int:
                 with Exporter(out_dir, model_identity(config.model)) as sink:
                     stats = await generate(read(), engine=engine, prompts=prompts, store=store,
                                            fingerprint=fingerprint, concurrency=config.concurrency,
-                                           force=config.force, on_progress=progress, sink=sink)
+                                           force=config.force, repair_rounds=config.repair_rounds,
+                                           on_progress=progress, sink=sink)
                     generated_at = time.time()
                 exported, exported_at = sink.stats, time.time()
         finally:
@@ -194,6 +195,7 @@ async def _run_locked(config: RunConfig) -> int:
         "template_digest": prompts.digest,
         "templates": str(prompts.directory),
         "sampling": config.sampling.model_dump(),
+        "repair_rounds": config.repair_rounds,
         "engine": engine.describe(),
         "counts": {
             "captions": stats.captions,

@@ -1,8 +1,9 @@
 """The answer store: every finished answer, persisted the moment it arrives.
 
 SQLite in WAL mode, one row per answer key (see gen.config.answer_key). An answer that
-validated is stored with its parsed JSON; one that still failed after the repair round is
-stored as rejected with its raw text and reason, so a rerun does not pay for it again.
+validated is stored with its parsed JSON; one that still failed after its repair rounds is
+stored as rejected with its raw text and reason, so a rerun does not pay for it again
+unless it allows more repair rounds than that answer had.
 Transient failures (server down after every retry) are not stored: a rerun asks again.
 """
 from __future__ import annotations
@@ -26,6 +27,12 @@ CREATE TABLE IF NOT EXISTS answers (
     created REAL NOT NULL
 )
 """
+
+
+# Which stored answers a run keeps, given its repair rounds (the one parameter): every
+# accepted one, and each rejected one that had at least as many rounds (its requests less
+# one). A run allowed more rounds asks again; fewer never discards what is there.
+KEPT = "(status = 'ok' OR requests > ?)"
 
 
 @dataclass(frozen=True)
@@ -56,10 +63,11 @@ class AnswerStore:
             "FROM answers WHERE key = ?", (key,)).fetchone()
         return Stored(*row) if row else None
 
-    def has(self, key: str, since: float = 0.0) -> bool:
-        """Whether `key` has an answer stored at or after `since` (a time.time())."""
-        return self.db.execute("SELECT 1 FROM answers WHERE key = ? AND created >= ?",
-                               (key, since)).fetchone() is not None
+    def has(self, key: str, since: float = 0.0, repair_rounds: int = 0) -> bool:
+        """Whether `key` has an answer stored at or after `since` (a time.time()) that a run
+        with `repair_rounds` keeps (see KEPT)."""
+        return self.db.execute(f"SELECT 1 FROM answers WHERE key = ? AND created >= ? AND {KEPT}",
+                               (key, since, repair_rounds)).fetchone() is not None
 
     def put(self, key: str, status: str, *, answer: Optional[str], raw: Optional[str],
             reason: Optional[str], requests: int, prompt_tokens: int, completion_tokens: int) -> None:

@@ -3,9 +3,9 @@
 Structured decoding makes most answers clean JSON, but servers without it (or thinking
 models) wrap the object in code fences or <think> blocks; we take the outermost JSON object.
 The error text is written for the model as much as for the user: it goes back to the model
-in the repair round.
+in the repair rounds.
 
-An answer still invalid after that round is often invalid in one query only: a short caption
+An answer still invalid after the last round is often invalid in one query only: a short caption
 ("一份包含苹果、酸奶和茶的中餐") invites a summary that repeats it whole. `salvage` keeps
 the rest of such an answer rather than lose a caption's every query to one of them.
 """

@@ -68,6 +68,23 @@ def test_judge_grades_resumes_and_curation_drops_or_regrades(tmp_path, sample_ca
     assert scores(out / "s_d") == {1.0, 2.0} and scores(out / "s_re") == {2.0}
 
 
+def test_judge_repair_rounds_and_a_rerun_with_more_asks_only_the_rejected(tmp_path, sample_captions):
+    caps = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:6])
+    out = tmp_path / "out"
+    calls: list[int] = []
+    with FakeOpenAI(answer=_judge_answer(calls)) as fake:
+        common = ["--captions", str(caps), "--out", str(out), "--base-url", fake.base_url,
+                  "--model", "m", "--no-progress"]
+        assert run_main([*common, "--no-curate"]) == 0
+        assert judge_main([*common, "--repair-rounds", "0"]) == 0
+        assert calls == [2] * 6                   # no repair: the short answer is rejected
+        j = pl.read_parquet(out / "judgements.parquet")
+        assert 0 < j["judge_grade"].null_count() < j.height
+        assert judge_main(common) == 0            # one round allowed now: only that chunk again
+        assert calls == [2] * 6 + [2, 4]
+    assert pl.read_parquet(out / "judgements.parquet")["judge_grade"].null_count() == 0
+
+
 def test_judge_before_generation_is_a_usage_error(tmp_path, sample_captions, capsys):
     caps = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:2])
     rc = judge_main(["--captions", str(caps), "--out", str(tmp_path / "none"), "--base-url",

@@ -130,6 +130,48 @@ def test_twice_invalid_goes_to_rejects_with_raw_and_is_not_asked_again(tmp_path,
     assert target["id"] not in {r["caption_id"] for r in read_rows(out / "queries.parquet")}
 
 
+def test_repair_rounds_how_many_and_a_rerun_with_more_asks_only_the_rejected(tmp_path, captions, sample_captions):
+    target = sample_captions[1]
+    bad = '{"queries": ["x"]}'
+    answer = lambda caption, body: bad if caption == target["text"] else default_answer(caption)
+    out = tmp_path / "out"
+    with FakeOpenAI(answer=answer) as fake:
+        assert run(captions, out, fake, "--repair-rounds", "0") == EXIT_OK
+        assert fake.count_for(target["text"]) == 1 and len(fake.requests) == 12
+        (rej,) = read_jsonl(out / "rejects.jsonl")
+        assert "invalid answer (no repair round)" in rej["reason"]
+        assert json.loads((out / "manifest.json").read_text())["repair_rounds"] == 0
+        # more rounds allowed: the rejected caption is asked again, the accepted ones are not
+        assert run(captions, out, fake, "--repair-rounds", "3") == EXIT_OK
+        assert fake.count_for(target["text"]) == 1 + 4 and len(fake.requests) == 12 + 4
+        # fewer rounds, or the same: nothing is asked again, nothing lost or duplicated
+        assert run(captions, out, fake, "--repair-rounds", "2") == EXIT_OK
+        assert run(captions, out, fake) == EXIT_OK
+        assert len(fake.requests) == 16
+    (rej,) = read_jsonl(out / "rejects.jsonl")
+    assert rej["caption_id"] == target["id"] and "after 3 repair rounds" in rej["reason"]
+    asked = [r["messages"] for r in fake.requests if target["text"] in r["messages"][1]["content"]]
+    # each round shows the first exchange and the last answer only: the context does not grow
+    assert [len(m) for m in asked] == [2, 2, 4, 4, 4]
+    assert {r["caption_id"] for r in read_rows(out / "queries.parquet")} == {c["id"] for c in sample_captions[:12]} - {target["id"]}
+
+
+def test_dry_run_counts_rejected_answers_a_rerun_with_more_rounds_would_ask_again(tmp_path, captions,
+                                                                                 sample_captions, capsys):
+    target = sample_captions[1]
+    answer = lambda caption, body: '{"queries": ["x"]}' if caption == target["text"] else default_answer(caption)
+    out = tmp_path / "out"
+    with FakeOpenAI(answer=answer) as fake:
+        assert run(captions, out, fake) == EXIT_OK
+    capsys.readouterr()
+    for rounds, to_request in (("1", 0), ("2", 1)):
+        assert main(["--captions", str(captions), "--out", str(out), "--model", "fake-model", "--dry-run",
+                     "--repair-rounds", rounds]) == EXIT_OK
+        plan = json.loads(capsys.readouterr().out)
+        assert (plan["cached"], plan["to_request"]) == (12 - to_request, to_request)
+        assert plan["requests_at_most"] == (1 + int(rounds)) * to_request
+
+
 def test_an_answer_invalid_in_one_query_keeps_the_rest_and_rejects_that_query(tmp_path, captions,
                                                                           sample_captions):
     target = sample_captions[3]

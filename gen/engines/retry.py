@@ -3,7 +3,7 @@
 Retried: 429 (rate limit), 408/409/5xx, timeouts, dropped connections, unreadable replies, and
 a 200 with no choices; all say "the server could not answer now", not "this request is wrong".
 Not retried: other 4xx (the request itself is wrong; retrying repeats the cost) and
-invalid answers (those get the repair round in gen.generate instead).
+invalid answers (those get repair rounds in gen.generate instead).
 A Retry-After header is honoured, capped so one bad header cannot stall a job for hours;
 otherwise exponential backoff with full jitter spreads many clients' retries apart.
 """
