@@ -41,14 +41,20 @@ def test_parse_demands_one_grade_per_query():
         raise AssertionError(f"accepted {bad!r}")
 
 
-def test_judge_grades_resumes_and_curation_drops_or_regrades(tmp_path, sample_captions):
+def _generated(tmp_path, sample_captions, fake) -> list[str]:
+    """Six captions' queries generated through `fake`; the options to judge them the same way."""
     caps = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:6])
+    common = ["--captions", str(caps), "--out", str(tmp_path / "out"), "--base-url", fake.base_url,
+              "--model", "m", "--no-progress"]
+    assert run_main([*common, "--no-curate"]) == 0
+    return common
+
+
+def test_judge_grades_resumes_and_curation_drops_or_regrades(tmp_path, sample_captions):
     out = tmp_path / "out"
     calls: list[int] = []
     with FakeOpenAI(answer=_judge_answer(calls)) as fake:
-        common = ["--captions", str(caps), "--out", str(out), "--base-url", fake.base_url,
-                  "--model", "m", "--no-progress"]
-        assert run_main([*common, "--no-curate"]) == 0
+        common = _generated(tmp_path, sample_captions, fake)
         assert judge_main(common) == 0
         first = len(calls)
         assert first == 6 + 1                     # one request per caption, one repair
@@ -69,13 +75,10 @@ def test_judge_grades_resumes_and_curation_drops_or_regrades(tmp_path, sample_ca
 
 
 def test_judge_repair_rounds_and_a_rerun_with_more_asks_only_the_rejected(tmp_path, sample_captions):
-    caps = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:6])
     out = tmp_path / "out"
     calls: list[int] = []
     with FakeOpenAI(answer=_judge_answer(calls)) as fake:
-        common = ["--captions", str(caps), "--out", str(out), "--base-url", fake.base_url,
-                  "--model", "m", "--no-progress"]
-        assert run_main([*common, "--no-curate"]) == 0
+        common = _generated(tmp_path, sample_captions, fake)
         assert judge_main([*common, "--repair-rounds", "0"]) == 0
         assert calls == [2] * 6                   # no repair: the short answer is rejected
         j = pl.read_parquet(out / "judgements.parquet")

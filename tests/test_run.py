@@ -114,28 +114,32 @@ def test_invalid_answer_gets_one_repair_round_with_the_error(tmp_path, captions,
     assert m["counts"]["repaired"] == 1 and m["counts"]["accepted"] == 12
 
 
+BAD = '{"queries": ["x"]}'
+
+
+def invalid_for(target: dict):
+    """The fake's answers: always invalid for `target`, the default answer for the rest."""
+    return lambda caption, body: BAD if caption == target["text"] else default_answer(caption)
+
+
 def test_twice_invalid_goes_to_rejects_with_raw_and_is_not_asked_again(tmp_path, captions, sample_captions):
     target = sample_captions[1]
-    bad = '{"queries": ["x"]}'
-    answer = lambda caption, body: bad if caption == target["text"] else default_answer(caption)
     out = tmp_path / "out"
-    with FakeOpenAI(answer=answer) as fake:
+    with FakeOpenAI(answer=invalid_for(target)) as fake:
         assert run(captions, out, fake) == EXIT_OK  # a rejected row is data, not a failed run
         assert fake.count_for(target["text"]) == 2
         run(captions, out, fake)
         assert fake.count_for(target["text"]) == 2
     (rej,) = read_jsonl(out / "rejects.jsonl")
-    assert rej["caption_id"] == target["id"] and rej["raw"] == bad
+    assert rej["caption_id"] == target["id"] and rej["raw"] == BAD
     assert "invalid answer after a repair round" in rej["reason"]
     assert target["id"] not in {r["caption_id"] for r in read_rows(out / "queries.parquet")}
 
 
 def test_repair_rounds_how_many_and_a_rerun_with_more_asks_only_the_rejected(tmp_path, captions, sample_captions):
     target = sample_captions[1]
-    bad = '{"queries": ["x"]}'
-    answer = lambda caption, body: bad if caption == target["text"] else default_answer(caption)
     out = tmp_path / "out"
-    with FakeOpenAI(answer=answer) as fake:
+    with FakeOpenAI(answer=invalid_for(target)) as fake:
         assert run(captions, out, fake, "--repair-rounds", "0") == EXIT_OK
         assert fake.count_for(target["text"]) == 1 and len(fake.requests) == 12
         (rej,) = read_jsonl(out / "rejects.jsonl")
@@ -158,10 +162,8 @@ def test_repair_rounds_how_many_and_a_rerun_with_more_asks_only_the_rejected(tmp
 
 def test_dry_run_counts_rejected_answers_a_rerun_with_more_rounds_would_ask_again(tmp_path, captions,
                                                                                  sample_captions, capsys):
-    target = sample_captions[1]
-    answer = lambda caption, body: '{"queries": ["x"]}' if caption == target["text"] else default_answer(caption)
     out = tmp_path / "out"
-    with FakeOpenAI(answer=answer) as fake:
+    with FakeOpenAI(answer=invalid_for(sample_captions[1])) as fake:
         assert run(captions, out, fake) == EXIT_OK
     capsys.readouterr()
     for rounds, to_request in (("1", 0), ("2", 1)):
