@@ -1,4 +1,4 @@
-"""Read captions, one at a time, from JSON lines or parquet.
+"""Read captions, one at a time, from JSON lines (plain, or gzip, zstd, bz2, xz) or parquet.
 
 Yields a `Caption` for every good record and a `Reject` (file, line, reason, the raw line)
 for every bad one, so a run goes on past bad input and loses nothing; `strict` turns the
@@ -7,17 +7,46 @@ from a 64-bit hash and a line number per id seen (needed to refuse duplicates).
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import io
 import json
+import lzma
 import unicodedata
+import zlib
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, BinaryIO, Iterator, Union
 
 from pydantic import ValidationError
 
 from schemas import Caption, Reject
 
 BOM = b"\xef\xbb\xbf"
+
+# The format is told by the first bytes, not the name: caption dumps come as captions.jsonl.gz,
+# as data.gz, as parquet named .pq; read as text, any of them used to become one reject
+# ("invalid UTF-8") and a run with nothing in it.
+MAGIC = ((b"PAR1", "parquet"), (b"\x1f\x8b", "gzip"), (b"(\xb5/\xfd", "zstd"), (b"BZh", "bz2"),
+         (b"\xfd7zXZ\x00", "xz"))
+# What a broken compressed stream raises (truncated download, bad block); pyarrow's zstd: OSError.
+BROKEN = (EOFError, OSError, zlib.error, lzma.LZMAError)
+
+
+def input_format(path: Path) -> str:
+    """parquet, gzip, zstd, bz2, xz or jsonl."""
+    with path.open("rb") as f:
+        head = f.read(6)
+    return next((kind for magic, kind in MAGIC if head.startswith(magic)), "jsonl")
+
+
+def open_lines(path: Path, kind: str) -> BinaryIO:
+    """The JSON lines' bytes, decompressed as they are read."""
+    if kind == "zstd":  # no zstd in this Python's stdlib; pyarrow, already here for parquet, has it
+        import pyarrow as pa
+        return io.BufferedReader(pa.input_stream(str(path), compression="zstd"))
+    opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}.get(kind)
+    return opener(path, "rb") if opener else path.open("rb")
 
 
 class CaptionError(ValueError):
@@ -75,29 +104,42 @@ class _Checker:
                            raw, caption.id)
 
 
-def _read_jsonl(path: Path, checker: _Checker) -> Iterator[Union[Caption, Reject]]:
-    with path.open("rb") as f:
-        for lineno, data in enumerate(f, 1):
-            if lineno == 1 and data.startswith(BOM):
-                data = data[len(BOM):]
-            data = data.rstrip(b"\r\n")
-            if not data.strip():
-                continue  # blank lines separate nothing; not a record
+def _read_jsonl(path: Path, checker: _Checker, kind: str) -> Iterator[Union[Caption, Reject]]:
+    lineno = 0
+    with open_lines(path, kind) as f:
+        lines = iter(f)
+        while True:
             try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield checker.reject(lineno, f"invalid UTF-8 at byte {e.start}",
-                                     data.decode("utf-8", errors="replace"))
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield checker.reject(lineno, f"not valid JSON: {e.msg} at column {e.colno}", text)
-                continue
-            except RecursionError:
-                yield checker.reject(lineno, "not valid JSON: nested too deeply", text[:10_000])
-                continue
-            yield checker.check(lineno, record, text)
+                data = next(lines)
+            except StopIteration:
+                return
+            except BROKEN as e:  # what came before is good; say where it broke and go on
+                yield checker.reject(lineno + 1, f"{kind} data broken after line {lineno} "
+                                     f"({type(e).__name__}: {e}); the rest of the file is not read", None)
+                return
+            lineno += 1
+            record = _line(lineno, data, checker)
+            if record is not None:
+                yield record
+
+
+def _line(lineno: int, data: bytes, checker: _Checker) -> Union[Caption, Reject, None]:
+    if lineno == 1 and data.startswith(BOM):
+        data = data[len(BOM):]
+    data = data.rstrip(b"\r\n")
+    if not data.strip():
+        return None  # blank lines separate nothing; not a record
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return checker.reject(lineno, f"invalid UTF-8 at byte {e.start}", data.decode("utf-8", errors="replace"))
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        return checker.reject(lineno, f"not valid JSON: {e.msg} at column {e.colno}", text)
+    except RecursionError:
+        return checker.reject(lineno, "not valid JSON: nested too deeply", text[:10_000])
+    return checker.check(lineno, record, text)
 
 
 def _read_parquet(path: Path, checker: _Checker) -> Iterator[Union[Caption, Reject]]:
@@ -111,8 +153,9 @@ def _read_parquet(path: Path, checker: _Checker) -> Iterator[Union[Caption, Reje
 
 
 def read_captions(path: Path, max_chars: int, strict: bool = False) -> Iterator[Union[Caption, Reject]]:
-    """Line numbers are 1-based; for parquet they count rows."""
+    """Line numbers are 1-based (of the decompressed text); for parquet they count rows."""
     checker = _Checker(path, max_chars, strict)
-    if path.suffix == ".parquet":
+    kind = input_format(path)
+    if kind == "parquet":
         return _read_parquet(path, checker)
-    return _read_jsonl(path, checker)
+    return _read_jsonl(path, checker, kind)

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                                  description="Generate entity- and event-level queries for captions.")
     a = ap.add_argument
     a("--config", type=Path, help="TOML file with any of the settings below (flags win)")
-    a("--captions", type=Path, help="JSON lines or parquet with id and text (required here or in the config)")
+    a("--captions", type=Path, help="JSON lines (plain, gzip, zstd, bz2 or xz) or parquet with id and text (required here or in the config)")
     a("--out", type=Path, help="output directory (default: outputs/<captions stem>/)")
     a("--cache", type=Path, help="answer store (default: <out>/cache.sqlite); share it across outputs to reuse answers")
     a("--engine", choices=["vllm", "openai"], help="default: openai when a base URL is given, else vllm")

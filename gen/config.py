@@ -82,7 +82,10 @@ class RunConfig(BaseModel):
 
     @property
     def out_dir(self) -> Path:
-        return self.out or Path("outputs") / self.captions.stem
+        name = self.captions.name
+        for packed in (".gz", ".zst", ".bz2", ".xz"):   # raw.jsonl.gz -> outputs/raw/, as raw.jsonl
+            name = name.removesuffix(packed)
+        return self.out or Path("outputs") / Path(name).stem
 
     @property
     def cache_path(self) -> Path:

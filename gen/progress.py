@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from gen.captions import BROKEN, input_format, open_lines
 from gen.generate import GenStats
 
 log = logging.getLogger("gen.progress")
@@ -13,13 +14,17 @@ log = logging.getLogger("gen.progress")
 
 def count_lines(path: Path) -> Optional[int]:
     """A total for the bar; counts newlines in blocks, never holds the file."""
-    if path.suffix == ".parquet":
+    kind = input_format(path)
+    if kind == "parquet":
         import pyarrow.parquet as pq
         return pq.ParquetFile(path).metadata.num_rows
     n = 0
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            n += block.count(b"\n")
+    try:
+        with open_lines(path, kind) as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                n += block.count(b"\n")
+    except BROKEN:  # the reader says where, as a reject; the bar just has no total
+        return None
     return n
 
 

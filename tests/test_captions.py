@@ -75,6 +75,52 @@ def test_parquet_input_with_row_numbers(tmp_path):
     assert out[2].extra == {"lang": "zh"}
 
 
+def _compress(kind: str, data: bytes, path):
+    import bz2, gzip, lzma  # noqa: E401
+    if kind == "zstd":
+        with pa.output_stream(str(path), compression="zstd") as out:
+            out.write(data)
+    else:
+        path.write_bytes({"gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[kind](data))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd", "bz2", "xz"])
+def test_compressed_json_lines_read_as_the_plain_file_whatever_the_name(tmp_path, kind):
+    from gen.progress import count_lines
+    lines = [json.dumps({"id": f"c{i}", "text": f"第{i}只狗"}, ensure_ascii=False) for i in range(5000)]
+    data = ("\n".join(lines[:10] + ["{broken"] + lines[10:]) + "\n").encode()
+    plain = tmp_path / "caps.jsonl"
+    plain.write_bytes(data)
+    packed = _compress(kind, data, tmp_path / "caps.data")   # a name that says nothing
+    unnamed = lambda rs: [r.model_copy(update={"file": ""}) if isinstance(r, Reject) else r for r in rs]  # noqa: E731
+    assert unnamed(_read(packed)) == unnamed(_read(plain)) and len(_read(plain)) == 5001
+    assert [(r.line, r.file) for r in _read(packed) if isinstance(r, Reject)] == [(11, str(packed))]
+    assert count_lines(packed) == count_lines(plain) == 5001
+
+
+def test_parquet_is_found_by_its_bytes_not_its_name(tmp_path):
+    path = tmp_path / "caps.pq"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["一只猫", "两只狗"]}), path)
+    assert [c.text for c in _read(path)] == ["一只猫", "两只狗"]
+
+
+def test_a_truncated_download_keeps_what_came_and_says_where_it_broke(tmp_path):
+    import gzip
+    lines = [json.dumps({"id": f"c{i}", "text": f"第{i}只狗在草地上奔跑"}, ensure_ascii=False) for i in range(20000)]
+    whole = gzip.compress(("\n".join(lines) + "\n").encode())
+    path = tmp_path / "caps.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    out = _read(path)
+    good = [r for r in out if isinstance(r, Caption)]
+    *_, last = out
+    assert 1000 < len(good) < 20000 and [c.id for c in good] == [f"c{i}" for i in range(len(good))]
+    assert isinstance(last, Reject) and last.file == str(path) and last.line >= len(good) + 1
+    assert "gzip data broken after line" in last.reason and "EOFError" in last.reason
+    with pytest.raises(CaptionError, match="caps.jsonl.gz:.*gzip data broken"):
+        _read(path, strict=True)
+
+
 def test_reader_streams(tmp_path):
     # A generator: the first record is available before the file is read to the end.
     path = tmp_path / "in.jsonl"

@@ -47,6 +47,19 @@ def test_outputs_every_caption_with_records_rejects_and_manifest(tmp_path, capti
     assert fake.requests[0]["chat_template_kwargs"] == {"enable_thinking": False}
 
 
+def test_gzipped_captions_give_the_plain_files_outputs(tmp_path, captions, monkeypatch):
+    import gzip
+    packed = tmp_path / "caps.jsonl.gz"
+    packed.write_bytes(gzip.compress(captions.read_bytes()))
+    monkeypatch.chdir(tmp_path)
+    with FakeOpenAI() as fake:
+        assert run(captions, tmp_path / "plain", fake) == EXIT_OK
+        assert main(["--captions", str(packed), "--base-url", fake.base_url, "--model", "fake-model",
+                     "--no-progress"]) == EXIT_OK   # the default --out: outputs/caps/, as for caps.jsonl
+        assert len(fake.requests) == 12 * 2
+    assert read_rows(tmp_path / "outputs" / "caps" / "queries.parquet") == read_rows(tmp_path / "plain" / "queries.parquet")
+
+
 def test_rerun_makes_no_calls_and_new_captions_pay_only_for_themselves(tmp_path, captions, sample_captions):
     out = tmp_path / "out"
     with FakeOpenAI() as fake:
