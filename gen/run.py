@@ -5,9 +5,9 @@ caption travels: captions -> prompts -> engines -> validate/generate (into the s
 to export as each answer arrives: queries.parquet, rejects.jsonl) -> manifest.json.
 
 Exit codes, for schedulers: 0 done (rejected rows are data, not failure); 1 the run itself
-failed; 2 bad usage or, with --strict, bad input; 3 finished but some captions got no answer
-after every retry (a rerun asks only for those); 143 stopped by SIGTERM or Ctrl-C (the
-engine is shut down first; a rerun resumes).
+failed; 2 bad usage, or bad input (with --strict any bad line; else no good line at all);
+3 finished but some captions got no answer after every retry (a rerun asks only for those);
+143 stopped by SIGTERM or Ctrl-C (the engine is shut down first; a rerun resumes).
 """
 from __future__ import annotations
 
@@ -246,6 +246,12 @@ async def _run_locked(config: RunConfig) -> int:
              c["cached"], c["input_rejects"], c["rejected"], c["salvaged"], c["failed"], stats.requests,
              stats.prompt_tokens + stats.completion_tokens, out_dir,
              extra={"fields": {"summary": manifest["counts"], "usage": manifest["usage"]}})
+    if stats.input_rejects and not stats.captions:
+        # Some bad lines are data; every line bad is the wrong file (a CSV, a JSON array), and a
+        # scheduled job must not report an empty success. The rejects are written all the same.
+        log.error("no line of %s is a caption (%d rejected, reasons in %s): check the file's format",
+                  config.captions, stats.input_rejects, out_dir / "rejects.jsonl")
+        return EXIT_USAGE
     return EXIT_INCOMPLETE if stats.failed else EXIT_OK
 
 

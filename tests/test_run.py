@@ -60,6 +60,17 @@ def test_gzipped_captions_give_the_plain_files_outputs(tmp_path, captions, monke
     assert read_rows(tmp_path / "outputs" / "caps" / "queries.parquet") == read_rows(tmp_path / "plain" / "queries.parquet")
 
 
+def test_a_file_with_no_caption_in_it_is_bad_input_not_an_empty_success(tmp_path, capsys):
+    csv = tmp_path / "caps.csv"
+    csv.write_text("id,text\ncr.0,一只猫\ncr.1,两只狗\n", encoding="utf-8")
+    with FakeOpenAI() as fake:
+        assert run(csv, tmp_path / "out", fake) == EXIT_USAGE
+        assert fake.requests == []
+    assert [r["line"] for r in read_jsonl(tmp_path / "out" / "rejects.jsonl")] == [1, 2, 3]  # kept all the same
+    err = capsys.readouterr().err
+    assert "no line of" in err and "check the file's format" in err
+
+
 def test_rerun_makes_no_calls_and_new_captions_pay_only_for_themselves(tmp_path, captions, sample_captions):
     out = tmp_path / "out"
     with FakeOpenAI() as fake:
