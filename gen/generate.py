@@ -181,7 +181,11 @@ class InOrder:
         self.drain()
 
     def drain(self) -> None:
-        while self.window and (self.window[0][2] is None or self.window[0][2].done()):
+        while self.window:
+            outcome = self.window[0][2]
+            # Cancelled: the run is stopping on a failure, and nothing from here on is exported.
+            if outcome is not None and (not outcome.done() or outcome.cancelled()):
+                return
             rec, key, outcome = self.window.popleft()
             if key is None:
                 self.sink.reject(rec)
@@ -193,7 +197,7 @@ class InOrder:
                                   o.answer, o.raw, o.reason)
 
     async def room(self) -> None:
-        while len(self.window) >= self.limit:
+        while len(self.window) >= self.limit and not self.window[0][2].cancelled():
             await asyncio.wait({self.window[0][2]})
             self.drain()
 
@@ -215,27 +219,34 @@ async def generate(records: Iterable[Union[Caption, Reject]], *, engine: Engine,
     order = InOrder(sink, store, limit=max(64 * concurrency, 4096)) if sink is not None else None
     loop = asyncio.get_running_loop()
 
+    # An exception in a task is a bug or a store or file that cannot be written (engine
+    # failures are outcomes, not exceptions). The first one stops the run: no new request,
+    # the ones in flight cancelled, and it is raised from here, where the CLI reports it.
+    failures: list[Exception] = []
+
     async def run(caption: Caption, key: str, outcome: asyncio.Future) -> None:
         try:
             done = await answer_caption(caption, key, engine, prompts, repair_rounds)
             record(done, store, stats)
             outcome.set_result(done)
-        except Exception as e:  # a bug, not an engine failure (those are outcomes): fail the run
-            outcome.set_exception(e)
-            raise
+            if order is not None:
+                order.drain()
+        except Exception as e:
+            failures.append(e)
         finally:
             if not outcome.done():
                 outcome.cancel()
             in_flight.pop(key, None)
             slots.release()
             on_progress(stats)
-        if order is not None:
-            order.drain()
 
     for rec, key, needed in classify(records, store, fingerprint, force, stats, on_progress, in_flight,
                                      repair_rounds):
         if needed:
             await slots.acquire()
+            if failures:
+                slots.release()
+                break
             outcome = in_flight[key] = loop.create_future()
             task = asyncio.create_task(run(rec, key, outcome))
             tasks.add(task)
@@ -245,8 +256,15 @@ async def generate(records: Iterable[Union[Caption, Reject]], *, engine: Engine,
         if order is not None:
             order.add(rec, key, outcome)
             await order.room()
-    if tasks:
+        if failures:
+            break
+    if tasks and not failures:
         await asyncio.gather(*tasks)
+    if failures:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise failures[0]
     if order is not None:
         order.drain()
     return stats

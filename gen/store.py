@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
@@ -47,35 +48,61 @@ class Stored:
     completion_tokens: int
 
 
+class StoreError(OSError):
+    """The store cannot be read or written: disk full, not a database, locked past the wait.
+    An OSError, so the CLI reports it as it does any file it cannot write (exit 1)."""
+
+
+@contextmanager
+def _sqlite(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.OperationalError as e:
+        raise StoreError(f"answer store {path}: {e} (answers stored before this are kept; "
+                         "a rerun resumes from them)") from e
+    except sqlite3.DatabaseError as e:
+        if type(e) is not sqlite3.DatabaseError:  # integrity and programming errors are bugs
+            raise
+        raise StoreError(f"answer store {path}: {e}") from e
+
+
 class AnswerStore:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(str(path), isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a killed process (only power loss can drop the tail).
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute(_SCHEMA)
+        with _sqlite(path):
+            # --cache lets runs on other output directories share this store; SQLite takes one
+            # writer at a time. A write is one row, so the wait is short (three runs at once:
+            # tests/test_reliability.py); 60 s rather than sqlite3's 5 so that a slow disk is
+            # a slow run, not a failed one.
+            self.db = sqlite3.connect(str(path), isolation_level=None, timeout=60.0)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a killed process (only power loss can drop the tail).
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute(_SCHEMA)
 
     def get(self, key: str) -> Optional[Stored]:
-        row = self.db.execute(
-            "SELECT key, status, answer, raw, reason, requests, prompt_tokens, completion_tokens "
-            "FROM answers WHERE key = ?", (key,)).fetchone()
+        with _sqlite(self.path):
+            row = self.db.execute(
+                "SELECT key, status, answer, raw, reason, requests, prompt_tokens, completion_tokens "
+                "FROM answers WHERE key = ?", (key,)).fetchone()
         return Stored(*row) if row else None
 
     def has(self, key: str, since: float = 0.0, repair_rounds: int = 0) -> bool:
         """Whether `key` has an answer stored at or after `since` (a time.time()) that a run
         with `repair_rounds` keeps (see KEPT)."""
-        return self.db.execute(f"SELECT 1 FROM answers WHERE key = ? AND created >= ? AND {KEPT}",
-                               (key, since, repair_rounds)).fetchone() is not None
+        with _sqlite(self.path):
+            return self.db.execute(f"SELECT 1 FROM answers WHERE key = ? AND created >= ? AND {KEPT}",
+                                   (key, since, repair_rounds)).fetchone() is not None
 
     def put(self, key: str, status: str, *, answer: Optional[str], raw: Optional[str],
             reason: Optional[str], requests: int, prompt_tokens: int, completion_tokens: int) -> None:
         # REPLACE: --force regenerates an existing key; one row per key either way.
-        self.db.execute(
-            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (key, status, answer, raw, reason, requests, prompt_tokens, completion_tokens, time.time()),
-        )
+        with _sqlite(self.path):
+            self.db.execute(
+                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, status, answer, raw, reason, requests, prompt_tokens, completion_tokens, time.time()),
+            )
 
     def __len__(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]

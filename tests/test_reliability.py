@@ -120,6 +120,81 @@ def test_kill_9_twice_then_rerun_equals_an_uninterrupted_run(tmp_path):
     assert read_jsonl(out / "rejects.jsonl") == []
 
 
+def _answer_rows(caption: str) -> list[tuple]:
+    """The (type, query) rows of the fake's deterministic answer for a caption."""
+    return sorted((q["type"], q["query"]) for q in
+                  CaptionQueries.model_validate_json(default_answer(caption)).queries())
+
+
+def test_three_runs_writing_one_shared_store_at_once_lose_and_duplicate_nothing(tmp_path):
+    caps = real_captions(1500)
+    parts = {"a": caps[:1000], "b": caps[500:1500], "c": caps[:500] + caps[1000:]}
+    store = tmp_path / "shared.sqlite"
+    with FakeOpenAI() as fake:
+        procs = {name: subprocess.Popen(
+            [sys.executable, "-m", "gen.run", *cli(write_jsonl(tmp_path / f"{name}.jsonl", part),
+                                                   tmp_path / name, fake.base_url, "--cache", str(store),
+                                                   "--concurrency", "64", "--no-curate")],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True) for name, part in parts.items()}
+        errs = {name: p.communicate(timeout=300)[1] for name, p in procs.items()}
+        for name, p in procs.items():
+            assert p.returncode == EXIT_OK, errs[name][-3000:]
+        # Each caption was asked at most once per run (a run cannot see another's request in flight).
+        assert 1500 <= len(fake.requests) <= 3000
+        assert len(_stored_keys(store)) == 1500
+        before = len(fake.requests)
+        assert main(cli(tmp_path / "a.jsonl", tmp_path / "a", fake.base_url, "--cache", str(store),
+                        "--no-curate")) == EXIT_OK
+        assert len(fake.requests) == before   # everything is in the shared store
+    for name, part in parts.items():
+        rows = read_rows(tmp_path / name / "queries.parquet")
+        got: dict[str, list] = {}
+        for r in rows:
+            got.setdefault(r["caption_id"], []).append((r["type"], r["query"]))
+        assert set(got) == {c["id"] for c in part}
+        assert all(sorted(got[c["id"]]) == _answer_rows(c["text"]) for c in part)
+
+
+def test_a_full_answer_store_is_a_clear_error_and_a_rerun_resumes(tmp_path, capsys, monkeypatch):
+    from gen.store import AnswerStore
+    caps = real_captions(300)
+    path = write_jsonl(tmp_path / "caps.jsonl", caps)
+    out = tmp_path / "out"
+    real_init = AnswerStore.__init__
+
+    def small_disk(self, p):   # SQLite's own "database or disk is full", at 40 pages (160 KiB)
+        real_init(self, p)
+        self.db.execute("PRAGMA max_page_count = 40")
+
+    with FakeOpenAI() as fake:
+        monkeypatch.setattr(AnswerStore, "__init__", small_disk)
+        assert main(cli(path, out, fake.base_url, "--concurrency", "8")) == EXIT_FAILED
+        err = capsys.readouterr().err
+        assert "database or disk is full" in err and str(out / "cache.sqlite") in err
+        assert "a rerun resumes" in err and "Traceback" not in err
+        stored = _stored_keys(out / "cache.sqlite")
+        assert 0 < len(stored) < 300
+        assert len(fake.requests) < len(stored) + 100   # it stopped, it did not ask for everything
+        assert not (out / "manifest.json").exists() and not any(out.glob("*.parquet"))
+        monkeypatch.setattr(AnswerStore, "__init__", real_init)   # space freed
+        asked = len(fake.requests)
+        assert main(cli(path, out, fake.base_url, "--concurrency", "8")) == EXIT_OK
+        assert len(fake.requests) - asked == 300 - len(stored)
+    assert {r["caption_id"] for r in read_rows(out / "queries.parquet")} == {c["id"] for c in caps}
+
+
+def test_a_cache_that_is_not_a_store_is_a_clear_error_and_left_as_it_is(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "caps.jsonl", real_captions(3))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, not a database\n" * 200, encoding="utf-8")
+    with FakeOpenAI() as fake:
+        assert main(cli(path, tmp_path / "out", fake.base_url, "--cache", str(notes))) == EXIT_FAILED
+        assert fake.requests == []
+    err = capsys.readouterr().err
+    assert f"answer store {notes}: file is not a database" in err and "Traceback" not in err
+    assert notes.read_text(encoding="utf-8") == "my notes, not a database\n" * 200
+
+
 def test_sigterm_stops_cleanly_and_a_rerun_resumes(tmp_path):
     caps = real_captions(200)
     path = write_jsonl(tmp_path / "caps.jsonl", caps)
