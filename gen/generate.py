@@ -3,8 +3,8 @@
 One coroutine per caption, at most `concurrency` alive at once (so memory does not grow
 with the input). Each caption costs one request; an invalid answer gets up to
 `repair_rounds` repair rounds (default 1) that show the model its validation error; an
-answer still invalid after the last is stored as rejected with the reason. Every outcome is written to the store as soon as it is known, which is what
-makes a killed run resumable.
+answer still invalid after the last is stored as rejected with the reason. Every outcome
+is written to the store as soon as it is known, which is what makes a killed run resumable.
 """
 from __future__ import annotations
 
