@@ -55,3 +55,21 @@ def test_curation_drops_contaminated_captions_and_their_queries(tmp_path):
     assert [r["query"] for r in out] == ["桥梁"]
     assert all("cr.6" not in r["neg_ids"] for r in out)   # gone as a negative too
     assert m["settings"]["decontaminate_against"] != []   # the file's digest is in the settings
+
+
+def test_eval_sets_are_read_as_captions_are_compressed_or_parquet(tmp_path):
+    import gzip
+    texts = _unrelated(5) + [NEAR_COPY]
+    lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
+    (tmp_path / "eval.jsonl.gz").write_bytes(gzip.compress(lines))
+    pl.DataFrame({"id": range(6), "text": texts}).write_parquet(tmp_path / "eval.pq")
+    assert dc.load_eval_texts([tmp_path / "eval.jsonl.gz"]) == dc.load_eval_texts([tmp_path / "eval.pq"]) == texts
+    pl.DataFrame({"caption": texts}).write_parquet(tmp_path / "wrong.parquet")
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(lines * 200)[:300])
+    for bad, says in (("wrong.parquet", "no `text` column"), ("cut.gz", "gzip data broken after line")):
+        try:
+            dc.load_eval_texts([tmp_path / bad])
+        except ValueError as e:
+            assert says in str(e) and bad in str(e)
+        else:
+            raise AssertionError(f"{bad} read without an error")

@@ -21,6 +21,7 @@ from typing import Iterable
 import polars as pl
 from rapidfuzz.distance import LCSseq
 
+from gen.captions import BROKEN, input_format, open_lines
 from gen.curate.normalize import char_ngrams, normalized
 
 # An n-gram in more eval texts than this share (and at least _STOP_MIN) is not indexed.
@@ -36,15 +37,26 @@ _CHUNK = 20_000
 
 
 def load_eval_texts(paths: Iterable[Path]) -> list[str]:
+    """The `text` of every record; read as captions are (JSON lines, compressed or not, or parquet)."""
     texts: list[str] = []
-    for path in paths:
-        with Path(path).open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
+    for path in map(Path, paths):
+        kind = input_format(path)
+        if kind == "parquet":
+            try:
+                texts += pl.read_parquet(path, columns=["text"])["text"].to_list()
+            except pl.exceptions.ColumnNotFoundError as e:
+                raise ValueError(f"{path}: no `text` column") from e
+            continue
+        n = 0
+        try:
+            with open_lines(path, kind) as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
                         texts.append(json.loads(line)["text"])
-                    except (ValueError, KeyError, TypeError) as e:
-                        raise ValueError(f"{path}:{n}: not a JSON object with a `text` field ({e})") from e
+        except BROKEN as e:
+            raise ValueError(f"{path}: {kind} data broken after line {n} ({e})") from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: not a JSON object with a `text` field ({e})") from e
     return texts
 
 
