@@ -65,28 +65,39 @@ def rejection(rounds: int, error: str) -> str:
     return f"invalid answer after {'a repair round' if rounds == 1 else f'{rounds} repair rounds'}: {error}"
 
 
+async def ask_until_valid(engine: Engine, first: list[dict], schema: Optional[dict],
+                          parse: Callable[[Completion], object],
+                          repair: Callable[[list[dict], str, str], list[dict]], rounds: int,
+                          completions: list[Completion]) -> tuple[object, Optional[str]]:
+    """Ask, then up to `rounds` repair rounds while `parse` raises AnswerError: (parsed, None),
+    or (None, the last error). Each round is `repair(first, answer, error)`: the first
+    exchange and the latest answer only, so the context stays one answer long however many
+    rounds are allowed. Every completion goes into `completions`, also when the engine fails
+    midway, so the caller counts what was paid for. Generation and the judge both ask this way.
+    """
+    messages, error = first, None
+    for _ in range(1 + rounds):
+        done = await engine.complete(messages, schema)
+        completions.append(done)
+        try:
+            return parse(done), None
+        except AnswerError as e:
+            error = str(e)
+            messages = repair(first, done.text, error)
+    return None, error
+
+
 async def answer_caption(caption: Caption, key: str, engine: Engine, prompts: PromptSet,
                          repair_rounds: int = 1) -> Outcome:
     """One request, and up to `repair_rounds` more while the answer does not validate."""
-    first = prompts.messages(caption)
-    messages = first
     schema = SHORT_CAPTION_SCHEMA if is_short(caption.text) else None
     completions: list[Completion] = []
-    error: Optional[str] = None
     answer = None
     try:
-        for _ in range(1 + repair_rounds):
-            done = await engine.complete(messages, schema)
-            completions.append(done)
-            try:
-                answer = parse_answer(done.text, caption.text, done.refusal)
-                error = None
-                break
-            except AnswerError as e:
-                error = str(e)
-                # From the first exchange each time, not the whole history: the context stays
-                # one prompt and one answer long however many rounds are allowed.
-                messages = prompts.repair(first, done.text, error)
+        answer, error = await ask_until_valid(
+            engine, prompts.messages(caption), schema,
+            lambda done: parse_answer(done.text, caption.text, done.refusal),
+            prompts.repair, repair_rounds, completions)
     except EngineError as e:
         status, reason = "failed", str(e)
     else:

@@ -38,10 +38,11 @@ from pydantic import ValidationError
 from gen.atomic import atomic_path
 from gen.config import RunConfig, Sampling, model_identity
 from gen.curate.judged import CANDIDATE_JUDGEMENTS, JUDGEMENTS  # the files curation reads
-from gen.engines import EngineError, build_engine
-from gen.generate import rejection
+from gen.engines import Completion, EngineError, build_engine
+from gen.generate import ask_until_valid, rejection
 from gen.shards import query_shards
 from gen.store import AnswerStore
+from gen.validate import AnswerError
 from prompts import TEMPLATE_DIR
 from schemas.judge import Judgement, judge_json_schema
 
@@ -74,9 +75,9 @@ def parse(text: str, n: int) -> list[int]:
     try:
         grades = Judgement.model_validate_json(text[start:end + 1] if start >= 0 else text).grades
     except ValidationError as e:
-        raise ValueError(f"not a JSON object {{\"grades\": [0|1|2, ...]}}: {e.errors()[0]['msg']}") from None
+        raise AnswerError(f"not a JSON object {{\"grades\": [0|1|2, ...]}}: {e.errors()[0]['msg']}") from None
     if len(grades) != n:
-        raise ValueError(f"{len(grades)} grades for {n} queries; give exactly one per query, in order")
+        raise AnswerError(f"{len(grades)} grades for {n} queries; give exactly one per query, in order")
     return grades
 
 
@@ -108,24 +109,20 @@ def requests(pairs: pl.DataFrame) -> list[tuple[str, list[str]]]:
 
 
 async def _judge_one(engine, prompts: JudgePrompts, caption: str, queries: list[str], rounds: int) -> dict:
-    first = prompts.messages(caption, queries)
-    messages = first
-    used = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
-    error, text = None, ""
-    for _ in range(1 + rounds):
-        done = await engine.complete(messages, judge_json_schema(len(queries)))
-        used["requests"] += 1
-        used["prompt_tokens"] += done.prompt_tokens
-        used["completion_tokens"] += done.completion_tokens
-        text = done.text
-        try:
-            return {"status": "ok", "answer": json.dumps(parse(text, len(queries))), "raw": text,
-                    "reason": None, **used}
-        except ValueError as e:
-            error = str(e)
-            messages = [*first, {"role": "assistant", "content": text},
-                        {"role": "user", "content": f"你的输出不符合要求：{error}。请只输出一个完整的 JSON 对象。"}]
-    return {"status": "rejected", "answer": None, "raw": text, "reason": f"judge: {rejection(rounds, error)}", **used}
+    def repair(first: list[dict], text: str, error: str) -> list[dict]:
+        return [*first, {"role": "assistant", "content": text},
+                {"role": "user", "content": f"你的输出不符合要求：{error}。请只输出一个完整的 JSON 对象。"}]
+
+    done: list[Completion] = []
+    grades, error = await ask_until_valid(engine, prompts.messages(caption, queries),
+                                          judge_json_schema(len(queries)),
+                                          lambda c: parse(c.text, len(queries)), repair, rounds, done)
+    used = {"requests": len(done), "prompt_tokens": sum(c.prompt_tokens for c in done),
+            "completion_tokens": sum(c.completion_tokens for c in done)}
+    if error is None:
+        return {"status": "ok", "answer": json.dumps(grades), "raw": done[-1].text, "reason": None, **used}
+    return {"status": "rejected", "answer": None, "raw": done[-1].text,
+            "reason": f"judge: {rejection(rounds, error)}", **used}
 
 
 class _Judge:
