@@ -1,22 +1,42 @@
 """File helpers: write-then-rename, so a crash never leaves a file that looks complete but is
-not; groups of renames that a stop signal cannot split; and the sha256 of a file's content,
-read in blocks."""
+not; groups of renames that a stop signal cannot split, and the stop signals themselves;
+and the sha256 of a file's content, read in blocks."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator, Optional
 
 
+def _umask() -> int:
+    # Only os.umask() reads it, by setting it; /proc says it without that brief change.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yields a temporary path beside `target`; renamed onto it only if the block succeeds."""
+    """Yields a temporary path beside `target`; renamed onto it only if the block succeeds.
+    The file gets the mode open() would give it: mkstemp's 0600 would hide every output
+    from the other accounts (a trainer's) that the umask lets read it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -30,6 +50,17 @@ def atomic_path(target: Path) -> Iterator[Path]:
 class _Held:
     depth = 0
     signal: Optional[BaseException] = None
+    stopping = False       # a stop signal came; later ones are the same request
+    installed = 0          # depth of stop_signals()
+
+
+# What schedulers, terminals and a closed SSH session send.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+class Terminated(KeyboardInterrupt):
+    """A stop signal. A KeyboardInterrupt, so that asyncio lets it out of the loop at once and
+    cancels the rest, running every `finally` (engine shut down, partial files removed)."""
 
 
 def raise_unless_held(exc: BaseException) -> None:
@@ -55,6 +86,38 @@ def all_or_none() -> Iterator[None]:
             held, _Held.signal = _Held.signal, None
     if held is not None:   # the block ended normally; the stop it held goes on now
         raise held
+
+
+def on_stop_signal(signum, frame) -> None:
+    """The handler for STOP_SIGNALS: raises Terminated where the main thread is, once. A
+    second Ctrl-C 50 ms later lands in the clean-up the first one started; raised there it
+    left temporary files and a traceback behind."""
+    if _Held.stopping:
+        return
+    _Held.stopping = True
+    raise_unless_held(Terminated(signal.Signals(signum).name))
+
+
+@contextlib.contextmanager
+def stop_signals(after=None) -> Iterator[None]:
+    """Inside, SIGTERM, SIGINT and SIGHUP raise Terminated (held by all_or_none); afterwards
+    the handlers are as they were, or `after` (signal.SIG_IGN for a process that has only
+    its exit left: a late Ctrl-C must not change its exit code). Nests; does nothing
+    outside the main thread."""
+    originals = {}
+    if _Held.installed == 0:
+        if threading.current_thread() is not threading.main_thread():
+            yield   # signals are the main thread's to take
+            return
+        originals = {s: signal.signal(s, on_stop_signal) for s in STOP_SIGNALS}
+        _Held.stopping = False
+    _Held.installed += 1
+    try:
+        yield
+    finally:
+        _Held.installed -= 1
+        for s, h in originals.items():
+            signal.signal(s, h if after is None else after)
 
 
 def sha256_file(path: Path) -> str:
