@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 import polars as pl
 
-from gen.curate import cross, dedup, filters, judged, negatives, positives, roundtrip, split
+from gen.curate import check_run_dir, cross, dedup, filters, judged, negatives, positives, roundtrip, split
 from gen.curate.config import CurateConfig
 from gen.curate.decontaminate import contaminated, load_eval_texts
 from gen.curate.normalize import normalized, tokenize
@@ -52,6 +52,7 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
     """Curate one generation run; returns the manifest written to out_dir/manifest.json."""
     config = config or CurateConfig()
     run_dir = Path(run_dir)
+    check_run_dir(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "shards"
     out.mkdir(parents=True, exist_ok=True)
     # Until the new manifest is written last, the folder must not claim to be complete.
