@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     a("--force", action="store_true", help="regenerate answers already in the store")
     a("--no-curate", dest="curate", action="store_false",
       help="stop after generation (curate later with python -m gen.curate)")
+    a("--keep-versions", type=int, help=f"curated versions kept under <out>/shards/ (default: {d['keep_versions'].default})")
+    a("--min-share-of-previous", type=float,
+      help="refuse to publish when the captions (or curated pairs) fall below this share of the previous "
+           f"run's, keeping the previous outputs, 0-1 (default: {d['min_share_of_previous'].default})")
+    a("--allow-shrink", dest="min_share_of_previous", action="store_const", const=0.0,
+      help="publish however much the captions or pairs shrank (--min-share-of-previous 0)")
     a("--decontaminate-against", action="append", type=Path,
       help="drop captions too close (ROUGE-L > 0.6) to this evaluation set (records with text, as captions: JSON lines, compressed or not, or parquet); repeatable")
     a("--dry-run", action="store_true", help="say what would be generated and its cost; call no LLM, write nothing")

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gen import localmodel
 from gen.curate.config import CurateConfig
+from gen.publish import KEEP_VERSIONS, MIN_SHARE
 from schemas.caption import MAX_CAPTION_CHARS
 
 
@@ -77,6 +78,11 @@ class RunConfig(BaseModel):
     # After generation, curate into versioned training shards (see gen/publish.py).
     curate: bool = True
     curation: CurateConfig = Field(default_factory=CurateConfig)
+    # Curated versions kept under <out>/shards/ (shards/latest's is never removed).
+    keep_versions: int = Field(KEEP_VERSIONS, ge=1, le=1000)
+    # A run whose captions (or a curation whose pairs) fall below this share of the previous
+    # publication's is refused, the previous outputs kept (gen/publish.py); 0 allows any.
+    min_share_of_previous: float = Field(MIN_SHARE, ge=0, le=1)
     log_format: Literal["text", "json"] = "text"
     progress: bool = True
 

@@ -1,26 +1,89 @@
 """Versioned curation: each curation goes to shards/<version>/ beside the older ones, and
 shards/latest points at the newest good one. The pointer is a symlink swapped atomically,
 and only after a curation finished, so a trainer reading shards/latest never sees a half
-version; a failed curation leaves it where it was.
+version; a failed or stopped curation leaves it where it was, and its folder (written as
+shards/.<version>.partial) is removed.
 
 A rerun whose inputs (the run's queries and captions, the judge's grades it uses, and the
 curation settings) are those of the latest version makes no new version: scheduled jobs
 pay only for what changed.
+
+Shrink guard: a publication that keeps less than `min_share` of the previous one (a run's
+captions, a version's pairs) is refused, the previous one kept: a nightly file that lost
+most of its lines is far more often a broken export than a real deletion.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from gen.atomic import atomic_path
-from gen.curate import CurateConfig, curate, judged
+from gen.atomic import all_or_none, atomic_path
+from gen.curate import CurateConfig, check_run_dir, curate, judged
+
+log = logging.getLogger("gen.publish")
 
 KEEP_VERSIONS = 5
+MIN_SHARE = 0.5
+SHRINK_HINT = "--allow-shrink (or min_share_of_previous = 0 in the job file)"
+
+
+class PublishRefused(Exception):
+    """Publishing would lose or hide data; nothing was changed. Bad input: exit 2."""
+
+
+def check_pointer(root: Path) -> None:
+    """shards/latest must be capgen's symlink (or absent). A real folder there (a `cp -rL`
+    copy) is the user's data: refused before anything is replaced, never deleted."""
+    latest = root / "latest"
+    if latest.exists() and not latest.is_symlink():
+        raise PublishRefused(f"{latest} is a real {'folder' if latest.is_dir() else 'file'}, not the "
+                             "symlink capgen moves to each new version (a copy?): nothing was changed; "
+                             f"move it away (mv {latest} {latest}.copy) and rerun")
+
+
+def check_share(what: str, previous: Optional[int], new: int, min_share: float, where: str) -> None:
+    if previous and new < min_share * previous:
+        raise PublishRefused(f"{new} {what}, under {min_share:.0%} of the {previous} of the previous "
+                             f"publication ({where}): refused, the previous one is kept. If the shrink "
+                             f"is expected, rerun with {SHRINK_HINT}")
+
+
+def published_captions(out_dir: Path) -> Optional[int]:
+    """Captions of the outputs in out_dir now: the manifest's count, else (a run stopped
+    after its files were replaced) the rows of captions.parquet, a lower bound."""
+    try:
+        return int(json.loads((out_dir / "manifest.json").read_text())["counts"]["captions"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        import pyarrow.parquet as pq
+        return pq.ParquetFile(out_dir / "captions.parquet").metadata.num_rows
+    except Exception:
+        return None
+
+
+def _latest_pairs(root: Path) -> Optional[int]:
+    try:
+        return int(json.loads((root / "latest" / "manifest.json").read_text())["stats"]["pairs_out"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def why_dropped(manifest: dict) -> str:
+    """The dominant drop reason, for a log line about few or no pairs."""
+    reasons = manifest["stats"].get("dropped_by_reason") or {}
+    if not reasons:
+        return "no input records"
+    reason, n = max(reasons.items(), key=lambda kv: kv[1])
+    total = sum(reasons.values())
+    return f"{n} of {total} dropped records as {reason!r} (all reasons in dropped.parquet)"
 
 
 def _inputs_digest(run_dir: Path, config: CurateConfig) -> str:
@@ -43,26 +106,96 @@ def _point(latest: Path, version: str) -> None:
     os.replace(tmp, latest)
 
 
-def _prune(root: Path, keep: int, current: str) -> None:
+def prune(root: Path, keep: int) -> None:
+    """Keeps the newest `keep` versions, and always the one shards/latest points at."""
+    current = os.readlink(root / "latest") if (root / "latest").is_symlink() else None
     versions = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name[0].isdigit())
     for old in versions[:-keep]:
         if old.name != current:
             shutil.rmtree(old)
 
 
-def curate_versioned(run_dir: Path, config: CurateConfig, keep: int = KEEP_VERSIONS) -> dict[str, Any]:
-    root = run_dir / "shards"
+def _clear_partial(root: Path) -> None:
+    """Folders of curations killed outright (kill -9); the caller holds the run's lock."""
+    for partial in root.glob(".*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+@dataclass
+class Prepared:
+    """A curated version ready to publish: commit() moves it into place and shards/latest to
+    it; discard() removes it. Until commit() the previous version is what readers see."""
+    root: Path
+    version: str
+    reused: bool
+    manifest: dict
+    partial: Optional[Path] = None
+
+    def commit(self) -> None:
+        if self.partial is not None:
+            os.replace(self.partial, self.root / self.version)
+            self.partial = None
+        _point(self.root / "latest", self.version)
+
+    def discard(self) -> None:
+        if self.partial is not None:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.partial = None
+
+    def result(self) -> dict[str, Any]:
+        return {"version": self.version, "reused": self.reused, **self.manifest}
+
+
+def prepare_version(run_dir: Path, config: CurateConfig, root: Path,
+                    min_share: float = MIN_SHARE) -> Prepared:
+    """Curates run_dir into a hidden folder under root (nothing a reader sees changes).
+    Refused (PublishRefused) when shards/latest is not capgen's pointer, or the new version
+    keeps less than min_share of the latest one's pairs."""
+    check_run_dir(run_dir)
+    check_pointer(root)
     root.mkdir(parents=True, exist_ok=True)
+    _clear_partial(root)
     latest = root / "latest"
     digest = _inputs_digest(run_dir, config)
     if (latest / "inputs.json").is_file() and (latest / "manifest.json").is_file():
         if json.loads((latest / "inputs.json").read_text())["digest"] == digest:
             manifest = json.loads((latest / "manifest.json").read_text())
-            return {"version": os.readlink(latest), "reused": True, **manifest}
+            return Prepared(root, os.readlink(latest), True, manifest)
     version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest[:8]
-    manifest = curate(run_dir, config, out_dir=root / version)
-    with atomic_path(root / version / "inputs.json") as tmp:
-        tmp.write_text(json.dumps({"digest": digest, "curation_fingerprint": config.fingerprint()}) + "\n")
-    _point(latest, version)
-    _prune(root, keep, version)
-    return {"version": version, "reused": False, **manifest}
+    partial = root / f".{version}.partial"
+    try:
+        manifest = curate(run_dir, config, out_dir=partial)
+        with atomic_path(partial / "inputs.json") as tmp:
+            tmp.write_text(json.dumps({"digest": digest, "curation_fingerprint": config.fingerprint()}) + "\n")
+        pairs = manifest["stats"]["pairs_out"]
+        previous = _latest_pairs(root)
+        if pairs < min_share * (previous or 0):
+            raise PublishRefused(f"curation kept {pairs} pairs, under {min_share:.0%} of the {previous} of "
+                                 f"{latest} ({why_dropped(manifest)}): refused, shards/latest stays on "
+                                 f"{os.readlink(latest)}. If that is expected, rerun with {SHRINK_HINT}")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if pairs == 0:
+        log.warning("curation kept no pair: %s%s", why_dropped(manifest),
+                    f"; published over {previous} pairs as asked" if previous else "")
+    return Prepared(root, version, False, manifest, partial)
+
+
+def curate_versioned(run_dir: Path, config: CurateConfig, keep: int = KEEP_VERSIONS,
+                     min_share: float = MIN_SHARE) -> dict[str, Any]:
+    """Curates run_dir into a new version under run_dir/shards and moves shards/latest to it."""
+    root = Path(run_dir) / "shards"
+    prepared = prepare_version(run_dir, config, root, min_share)
+    published = False
+    try:
+        with all_or_none():   # a stop signal waits for the folder's rename and the pointer's
+            prepared.commit()
+            published = True
+    except BaseException as e:
+        e.published = published   # which state a stop left, for the caller's last line
+        raise
+    finally:
+        prepared.discard()
+    prune(root, keep)
+    return prepared.result()

@@ -7,15 +7,22 @@ to export as each answer arrives: queries.parquet, rejects.jsonl) -> manifest.js
 Exit codes, for schedulers: 0 done (rejected rows are data, not failure); 1 the run itself
 failed; 2 bad usage, or bad input (with --strict any bad line; else no good line at all);
 3 finished but some captions got no answer after every retry (a rerun asks only for those);
-143 stopped by SIGTERM or Ctrl-C (the engine is shut down first; a rerun resumes).
+143 stopped by SIGTERM, SIGHUP or Ctrl-C (the engine is shut down first; a rerun resumes).
+
+Publication is all or nothing: the new files are made in OUT/.staging/ and the new curated
+version in a hidden folder; only when all are complete are they renamed into place, in
+one step a stop signal waits for. A run that fails, stops or is refused (gen.publish's
+shrink guard, a shards/latest that is not capgen's) leaves the previous outputs as they were.
 """
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -23,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from gen import __version__, localmodel, report
-from gen.atomic import atomic_path, raise_unless_held
+from gen.atomic import STOP_SIGNALS, Terminated, all_or_none, atomic_path, on_stop_signal, stop_signals
 from gen.captions import CaptionError, read_captions
 from gen.cli import ConfigError, load_config
 from gen.config import RunConfig, generation_fingerprint, model_identity
@@ -33,6 +40,7 @@ from gen.export import Exporter, export
 from gen.generate import generate
 from gen.progress import Progress, count_lines
 from gen.prompts import PromptSet
+from gen.curate.judged import CANDIDATE_JUDGEMENTS, JUDGEMENTS
 from gen.store import AnswerStore
 from schemas import decoding_constraints
 
@@ -94,26 +102,28 @@ async def run(config: RunConfig) -> int:
         lock.close()  # also on failure: a library caller may run again in this process
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM. A KeyboardInterrupt, so that asyncio lets it out of the loop at once and
-    cancels the rest, running every `finally` (engine shut down, partial files removed)."""
-
-
 def stop_on_sigterm() -> Callable[[], None]:
-    """SIGTERM (what schedulers send) stops the run like Ctrl-C. Killed outright, capgen left
-    vLLM's engine processes running. An asyncio callback would have to wait for the loop,
-    which vLLM's start-up blocks for minutes, so the handler raises wherever the main thread
-    is; the loop's own wakeup (registered through asyncio) makes sure that thread wakes up
-    though the signal may reach another thread. Stored answers stay; a rerun resumes.
-    Returns the undo."""
-    def stop(signum, frame):
-        raise_unless_held(Terminated())   # not in the middle of the output files' renames
+    """SIGTERM (what schedulers send), SIGHUP and Ctrl-C stop the run alike (gen.atomic's
+    stop_signals). Killed outright, capgen left vLLM's engine processes running. An asyncio
+    callback would have to wait for the loop, which vLLM's start-up blocks for minutes, so
+    the handler raises wherever the main thread is; the loop's own wakeup (registered
+    through asyncio) makes sure that thread wakes up though the signal may reach another
+    thread. Stored answers stay; a rerun resumes. Returns the undo."""
     loop = asyncio.get_running_loop()
-    original = signal.getsignal(signal.SIGTERM)
+    held = contextlib.ExitStack()
+    held.enter_context(stop_signals())
+    original = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    added = []
     try:
-        loop.add_signal_handler(signal.SIGTERM, lambda: None)
-        signal.signal(signal.SIGTERM, stop)
+        for s in STOP_SIGNALS:
+            loop.add_signal_handler(s, lambda: None)
+            added.append(s)
+            signal.signal(s, on_stop_signal)   # held while the output files are renamed
     except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no unix signals
+        for s in added:
+            loop.remove_signal_handler(s)
+            signal.signal(s, original[s])
+        held.close()
         return lambda: None
     previous = loop.get_exception_handler()
 
@@ -131,8 +141,10 @@ def stop_on_sigterm() -> Callable[[], None]:
     loop.set_exception_handler(quiet)
 
     def undo() -> None:
-        loop.remove_signal_handler(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, original)
+        for s in added:
+            loop.remove_signal_handler(s)
+            signal.signal(s, original[s])
+        held.close()
     return undo
 
 
@@ -149,7 +161,64 @@ def dry_run(config: RunConfig) -> int:
     return EXIT_OK
 
 
+STAGING = ".staging"
+OUTPUTS = ("queries.parquet", "captions.parquet", "rejects.jsonl", "report.html")
+
+
 async def _run_locked(config: RunConfig) -> int:
+    out_dir = config.out_dir
+    staging = out_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)   # a killed run's; we hold the lock
+    prepared, published = None, False
+    try:
+        try:
+            if config.curate:
+                from gen.publish import check_pointer
+                check_pointer(out_dir / "shards")   # before paying for anything
+            staging.mkdir()
+            code, prepared, manifest = await _generate(config, staging)
+            with all_or_none():   # a stop signal waits: the previous state or the new one, not a mix
+                _commit(out_dir, staging, prepared)
+                published = True
+        finally:
+            if prepared is not None:
+                prepared.discard()
+            shutil.rmtree(staging, ignore_errors=True)
+        if prepared is not None:
+            from gen.publish import prune
+            prune(out_dir / "shards", config.keep_versions)
+    except BaseException as e:
+        e.published = published   # for entry's last line: which state the outputs are in
+        raise
+    c = manifest["counts"]
+    log.info("done in %.1fs: %d captions, %d with queries (%d queries), %d cached, %d rejected "
+             "inputs, %d rejected answers (%d kept in part), %d without answer; %d requests, %d tokens -> %s",
+             manifest["timings"]["total_s"], c["captions"], c["captions_with_queries"], c["queries"],
+             c["cached"], c["input_rejects"], c["rejected"], c["salvaged"], c["failed"],
+             manifest["usage"]["requests"], manifest["usage"]["prompt_tokens"] + manifest["usage"]["completion_tokens"],
+             out_dir, extra={"fields": {"summary": manifest["counts"], "usage": manifest["usage"]}})
+    if c["input_rejects"] and not c["captions"]:
+        # Some bad lines are data; every line bad is the wrong file (a CSV, a JSON array), and a
+        # scheduled job must not report an empty success. The rejects are written all the same.
+        log.error("no line of %s is a caption (%d rejected, reasons in %s): check the file's format",
+                  config.captions, c["input_rejects"], out_dir / "rejects.jsonl")
+        return EXIT_USAGE
+    return code
+
+
+def _commit(out_dir: Path, staging: Path, prepared) -> None:
+    """Renames only: the new files, the new version and shards/latest, the manifest last."""
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    for name in OUTPUTS:
+        os.replace(staging / name, out_dir / name)
+    if prepared is not None:
+        prepared.commit()
+    os.replace(staging / "manifest.json", out_dir / "manifest.json")
+
+
+async def _generate(config: RunConfig, staging: Path):
+    """Generation, export and curation into `staging` and a hidden version folder: nothing
+    a reader sees changes here. Returns (exit code, the prepared version, the manifest)."""
     started = time.time()
     out_dir = config.out_dir
     prompts = PromptSet(config.prompts)
@@ -172,10 +241,10 @@ async def _run_locked(config: RunConfig) -> int:
                     raise UsageError(str(e)) from None
                 generated_at = time.time()
                 exported = export(read(), store=store, fingerprint=fingerprint,
-                                  model=model_identity(config.model), out_dir=out_dir, failures=stats.failures)
+                                  model=model_identity(config.model), out_dir=staging, failures=stats.failures)
                 exported_at = time.time()
             else:  # exports as it generates: the files are done moments after the last answer
-                with Exporter(out_dir, model_identity(config.model)) as sink:
+                with Exporter(staging, model_identity(config.model)) as sink:
                     stats = await generate(read(), engine=engine, prompts=prompts, store=store,
                                            fingerprint=fingerprint, concurrency=config.concurrency,
                                            force=config.force, repair_rounds=config.repair_rounds,
@@ -222,37 +291,39 @@ async def _run_locked(config: RunConfig) -> int:
         "outputs": {"queries": "queries.parquet", "captions": "captions.parquet",
                     "rejects": "rejects.jsonl", "report": "report.html", "cache": str(config.cache_path)},
     }
-    if config.curate and exported.queries:
-        from gen.publish import curate_versioned
+    from gen import publish
+    publish.check_share(f"captions ({stats.input_rejects} lines rejected)" if stats.input_rejects else "captions",
+                        publish.published_captions(out_dir), stats.captions, config.min_share_of_previous,
+                        str(config.captions))
+    prepared = None
+    # Without queries only an existing shards/latest needs curating: it must not describe
+    # other captions than the outputs beside it.
+    if config.curate and (exported.queries or (out_dir / "shards" / "latest").is_symlink()):
+        for name in (JUDGEMENTS, CANDIDATE_JUDGEMENTS):   # curation reads them beside the run's files
+            if (out_dir / name).is_file():
+                os.symlink((out_dir / name).resolve(), staging / name)
         t = time.time()
-        cur = curate_versioned(out_dir, config.curation)
+        prepared = publish.prepare_version(staging, config.curation, out_dir / "shards",
+                                           config.min_share_of_previous)
+        cur = prepared.result()
         manifest["curation"] = {k: cur[k] for k in ("version", "reused", "fingerprint", "stats", "files")}
         manifest["curation"]["dir"] = f"shards/{cur['version']}"
         manifest["timings"]["curate_s"] = round(time.time() - t, 3)
         manifest["timings"]["total_s"] = round(time.time() - started, 3)
         log.info("curated: %s pairs in shards/%s%s", cur["stats"]["pairs_out"], cur["version"],
                  " (unchanged inputs: latest version reused)" if cur["reused"] else "")
-    summary = exported.tally.summary()
-    manifest["report"] = {k: v for k, v in summary.items() if k != "sample"}
-    with atomic_path(out_dir / "report.html") as tmp:
-        tmp.write_text(report.render(manifest, summary), encoding="utf-8")
-    # Last: a manifest says the files beside it are complete.
-    with atomic_path(out_dir / "manifest.json") as tmp:
-        tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    c = manifest["counts"]
-    log.info("done in %.1fs: %d captions, %d with queries (%d queries), %d cached, %d rejected "
-             "inputs, %d rejected answers (%d kept in part), %d without answer; %d requests, %d tokens -> %s",
-             manifest["timings"]["total_s"], c["captions"], c["captions_with_queries"], c["queries"],
-             c["cached"], c["input_rejects"], c["rejected"], c["salvaged"], c["failed"], stats.requests,
-             stats.prompt_tokens + stats.completion_tokens, out_dir,
-             extra={"fields": {"summary": manifest["counts"], "usage": manifest["usage"]}})
-    if stats.input_rejects and not stats.captions:
-        # Some bad lines are data; every line bad is the wrong file (a CSV, a JSON array), and a
-        # scheduled job must not report an empty success. The rejects are written all the same.
-        log.error("no line of %s is a caption (%d rejected, reasons in %s): check the file's format",
-                  config.captions, stats.input_rejects, out_dir / "rejects.jsonl")
-        return EXIT_USAGE
-    return EXIT_INCOMPLETE if stats.failed else EXIT_OK
+    try:
+        summary = exported.tally.summary()
+        manifest["report"] = {k: v for k, v in summary.items() if k != "sample"}
+        with atomic_path(staging / "report.html") as tmp:
+            tmp.write_text(report.render(manifest, summary), encoding="utf-8")
+        with atomic_path(staging / "manifest.json") as tmp:
+            tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        if prepared is not None:
+            prepared.discard()
+        raise
+    return (EXIT_INCOMPLETE if stats.failed else EXIT_OK), prepared, manifest
 
 
 def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int]) -> int:
@@ -265,9 +336,15 @@ def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int]) -> int:
         log.error("%s", e)
         return EXIT_USAGE
     logs.setup(config.log_format)
+    from gen.publish import PublishRefused
+    with stop_signals():   # kept to the end: a second Ctrl-C must not cut the clean-up short
+        return _work(config, work, PublishRefused)
+
+
+def _work(config: RunConfig, work: Callable[[RunConfig], int], refused: type) -> int:
     try:
         return work(config)
-    except (UsageError, CaptionError) as e:
+    except (UsageError, CaptionError, refused) as e:
         log.error("%s", e)
         return EXIT_USAGE
     except EngineError as e:
@@ -276,9 +353,14 @@ def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int]) -> int:
     except OSError as e:
         log.error("cannot read or write: %s", e)
         return EXIT_FAILED
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        log.error("stopped before the end: every answer received so far is stored, and a rerun "
-                  "resumes from there; the output files were left as they were")
+    except (asyncio.CancelledError, KeyboardInterrupt) as e:
+        if getattr(e, "published", False):
+            log.error("stopped after the new outputs were complete: %s holds them (manifest.json, "
+                      "shards/latest)", config.out_dir)
+        else:
+            log.error("stopped before the end: every answer received so far is stored, and a rerun "
+                      "resumes from there; the previous outputs in %s were left as they were",
+                      config.out_dir)
         return EXIT_STOPPED
 
 
@@ -290,7 +372,8 @@ def cli() -> int:
     """`capgen` and `python -m gen.run`: main() in a process of our own."""
     from gen.export import skip_pandas_probe
     skip_pandas_probe()
-    return main()
+    with stop_signals(after=signal.SIG_IGN):
+        return main()
 
 
 if __name__ == "__main__":
