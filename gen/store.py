@@ -109,3 +109,106 @@ class AnswerStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+# --- pruning: `python -m gen.store prune` --------------------------------------------------
+
+def unused_keys(store_path: Path, keep: set[str]) -> tuple[int, list[str]]:
+    """(answers stored, keys of those not in `keep`)."""
+    with _sqlite(store_path):
+        db = sqlite3.connect(str(store_path))
+        try:
+            stored = [k for (k,) in db.execute("SELECT key FROM answers")]
+        finally:
+            db.close()
+    return len(stored), [k for k in stored if k not in keep]
+
+
+def delete_keys(store_path: Path, keys: list[str]) -> None:
+    store = AnswerStore(store_path)
+    try:
+        with _sqlite(store_path):
+            store.db.execute("BEGIN IMMEDIATE")
+            store.db.executemany("DELETE FROM answers WHERE key = ?", [(k,) for k in keys])
+            store.db.execute("COMMIT")
+            store.db.execute("VACUUM")   # give the space back to the disk
+    finally:
+        store.close()
+
+
+def prune_main(argv: Optional[list[str]] = None) -> int:
+    """Answers no current caption uses: listed by default, deleted with --apply."""
+    import argparse
+    import json
+    import logging
+
+    from gen.captions import CaptionError, read_captions
+    from gen.config import answer_key
+    from gen.run import UsageError, lock_out_dir
+    from schemas import Caption
+    from schemas.caption import MAX_CAPTION_CHARS
+
+    ap = argparse.ArgumentParser(prog="python -m gen.store prune", description=(
+        "Answers in the store that none of the captions uses under the fingerprint of the output "
+        "directory's last run (its manifest.json) or one named with --fingerprint. Counts them; "
+        "--apply deletes them. A store shared by several jobs (--cache) needs every job's captions "
+        "and fingerprints, or it loses answers those jobs pay for again."))
+    ap.add_argument("--out", type=Path, required=True, help="the run's output directory (locked while pruning)")
+    ap.add_argument("--captions", type=Path, action="append", required=True,
+                    help="the current captions file; repeat for several")
+    ap.add_argument("--cache", type=Path, help="the answer store (default: OUT/cache.sqlite)")
+    ap.add_argument("--fingerprint", action="append", default=[],
+                    help="another generation fingerprint whose answers stay; repeatable")
+    ap.add_argument("--apply", action="store_true", help="delete them (default: count only)")
+    args = ap.parse_args(argv)
+    log = logging.getLogger("gen.store")
+    logging.basicConfig(format="%(levelname)s %(message)s", level=logging.INFO)
+
+    cache = args.cache or args.out / "cache.sqlite"
+    if not args.out.is_dir():
+        log.error("output directory not found: %s", args.out)
+        return 2
+    fingerprints = list(args.fingerprint)
+    try:
+        fingerprints.append(json.loads((args.out / "manifest.json").read_text())["fingerprint"])
+    except (OSError, ValueError, KeyError):
+        if not fingerprints:
+            log.error("no finished run in %s (manifest.json with its fingerprint): nothing says which "
+                      "answers are in use; run gen.run first or name --fingerprint", args.out)
+            return 2
+    if not cache.is_file():
+        log.error("answer store not found: %s", cache)
+        return 2
+    lock = None
+    try:
+        lock = lock_out_dir(args.out) if args.apply else None   # no run writes the store meanwhile
+        texts = set()
+        for path in args.captions:
+            if not path.is_file():
+                raise UsageError(f"captions file not found: {path}")
+            texts.update(r.text for r in read_captions(path, MAX_CAPTION_CHARS * 100) if isinstance(r, Caption))
+        keep = {answer_key(fp, text) for fp in fingerprints for text in texts}
+        total, unused = unused_keys(cache, keep)
+        log.info("%s: %d answers, %d used by the %d distinct captions of %s, %d unused%s", cache, total,
+                 total - len(unused), len(texts), ", ".join(map(str, args.captions)), len(unused),
+                 "" if args.apply else " (count only: --apply deletes them)")
+        if args.apply and unused:
+            delete_keys(cache, unused)
+            log.info("deleted %d unused answers; %d kept", len(unused), total - len(unused))
+        return 0
+    except (UsageError, CaptionError) as e:
+        log.error("%s", e)
+        return 2
+    except StoreError as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] != ["prune"]:
+        sys.exit("usage: python -m gen.store prune --out DIR --captions FILE [--apply]")
+    sys.exit(prune_main(sys.argv[2:]))
