@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gen import localmodel
 from gen.curate.config import CurateConfig
-from gen.publish import KEEP_VERSIONS, MIN_SHARE
 from schemas.caption import MAX_CAPTION_CHARS
 
 
@@ -38,6 +37,11 @@ class Sampling(BaseModel):
     def _seed_none(cls, value: Any) -> Any:
         """TOML has no null: `seed = "none"` there, `--seed none` on the command line."""
         return None if isinstance(value, str) and value.strip().lower() == "none" else value
+
+
+# Defaults of publication (gen/publish.py); here so that importing gen.config stays light.
+KEEP_VERSIONS = 5
+MIN_SHARE = 0.5
 
 
 class RunConfig(BaseModel):

@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gen.atomic import all_or_none, atomic_path
-from gen.curate import CurateConfig, check_run_dir, curate, judged
+from gen.config import KEEP_VERSIONS, MIN_SHARE
+from gen.curate import CurateConfig, check_run_dir, curate
 
 log = logging.getLogger("gen.publish")
 
-KEEP_VERSIONS = 5
-MIN_SHARE = 0.5
 SHRINK_HINT = "--allow-shrink (or min_share_of_previous = 0 in the job file)"
 
 
@@ -87,6 +86,7 @@ def why_dropped(manifest: dict) -> str:
 
 
 def _inputs_digest(run_dir: Path, config: CurateConfig) -> str:
+    from gen.curate import judged   # polars and jieba: only once there is something to curate
     h = hashlib.sha256(config.fingerprint().encode())
     # The judge's files change the output too: a re-judged run must make a new version.
     judge_files = judged.inputs(run_dir, config.judge, config.judge_candidates)

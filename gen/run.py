@@ -40,7 +40,6 @@ from gen.export import Exporter, export
 from gen.generate import generate
 from gen.progress import Progress, count_lines
 from gen.prompts import PromptSet
-from gen.curate.judged import CANDIDATE_JUDGEMENTS, JUDGEMENTS
 from gen.store import AnswerStore
 from schemas import decoding_constraints
 
@@ -299,6 +298,7 @@ async def _generate(config: RunConfig, staging: Path):
     # Without queries only an existing shards/latest needs curating: it must not describe
     # other captions than the outputs beside it.
     if config.curate and (exported.queries or (out_dir / "shards" / "latest").is_symlink()):
+        from gen.curate.judged import CANDIDATE_JUDGEMENTS, JUDGEMENTS
         for name in (JUDGEMENTS, CANDIDATE_JUDGEMENTS):   # curation reads them beside the run's files
             if (out_dir / name).is_file():
                 os.symlink((out_dir / name).resolve(), staging / name)
