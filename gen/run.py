@@ -17,8 +17,8 @@ shrink guard, a shards/latest that is not capgen's) leaves the previous outputs 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from gen import __version__, localmodel, report
-from gen.atomic import STOP_SIGNALS, Terminated, all_or_none, atomic_path, on_stop_signal, stop_signals
+from gen.atomic import (STOP_SIGNALS, Terminated, all_or_none, atomic_path,  # noqa: F401 (Terminated: for callers)
+                        on_stop_signal, stop_signals)
 from gen.captions import CaptionError, read_captions
 from gen.cli import ConfigError, load_config
 from gen.config import RunConfig, generation_fingerprint, model_identity
@@ -186,9 +187,14 @@ async def _run_locked(config: RunConfig) -> int:
         if prepared is not None:
             from gen.publish import prune
             prune(out_dir / "shards", config.keep_versions)
+        return _report(config, code, manifest)
     except BaseException as e:
         e.published = published   # for entry's last line: which state the outputs are in
         raise
+
+
+def _report(config: RunConfig, code: int, manifest: dict) -> int:
+    out_dir = config.out_dir
     c = manifest["counts"]
     log.info("done in %.1fs: %d captions, %d with queries (%d queries), %d cached, %d rejected "
              "inputs, %d rejected answers (%d kept in part), %d without answer; %d requests, %d tokens -> %s",

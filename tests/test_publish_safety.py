@@ -220,6 +220,37 @@ def test_sigint_during_gen_curate_leaves_latest_and_no_partial_version(tmp_path)
     assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(["latest", os.readlink(out / "shards" / "latest")])
 
 
+def test_a_stop_after_publishing_says_the_new_outputs_are_complete(tmp_path, monkeypatch, capsys):
+    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(10))
+    out = tmp_path / "out"
+    real_replace = os.replace
+
+    def replace_then_stop(src, dst):   # SIGTERM as the manifest lands, the last file
+        real_replace(src, dst)
+        if Path(dst) == out / "manifest.json":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(os, "replace", replace_then_stop)
+    with FakeOpenAI() as fake:
+        assert main(cli(path, out, fake.base_url)) == 143
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "stopped after the new outputs were complete" in last
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["captions"] == 10 and m["curation"]["dir"] == "shards/" + os.readlink(out / "shards" / "latest")
+
+
+def test_what_a_killed_run_left_half_made_is_cleared_by_the_next(tmp_path):
+    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(10))
+    out = tmp_path / "out"
+    (out / ".staging").mkdir(parents=True)
+    (out / ".staging" / "queries.parquet").write_text("half")
+    (out / "shards" / ".20260101T000000Z-deadbeef.partial").mkdir(parents=True)
+    with FakeOpenAI() as fake:
+        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+    assert not leftovers(out)
+    assert json.loads((out / "manifest.json").read_text())["counts"]["captions"] == 10
+
+
 # --- a captions file that shrank -------------------------------------------------------------
 
 def test_a_captions_file_that_shrank_is_refused_unless_the_job_expects_it(tmp_path, capsys):
@@ -283,7 +314,7 @@ def test_store_prune_counts_then_deletes_only_unused_answers_and_respects_the_lo
             assert prune_main([*args, "--apply"]) == 2     # a run holds the directory
         finally:
             lock.close()
-        assert "in use" in capsys.readouterr().err and _stored(out) == 27
+        assert str(out) in capsys.readouterr().err and _stored(out) == 27
         assert prune_main([*args, "--apply"]) == 0
         assert _stored(out) == 12
         requests = len(fake.requests)
