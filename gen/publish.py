@@ -182,6 +182,37 @@ def prepare_version(run_dir: Path, config: CurateConfig, root: Path,
     return Prepared(root, version, False, manifest, partial)
 
 
+def curate_into(run_dir: Path, config: CurateConfig, out: Path) -> dict[str, Any]:
+    """Curates run_dir into the folder `out` (gen.curate --out): made whole in out/.partial,
+    then moved in by renames a stop signal waits for, the manifest last; curation files of
+    an earlier curation there that this one does not rewrite go (write.py's _OWNED)."""
+    from gen.curate.write import _OWNED
+    check_run_dir(run_dir)
+    partial = out / ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    published = False
+    try:
+        manifest = curate(run_dir, config, out_dir=partial)
+        made = [p.relative_to(partial) for p in partial.rglob("*") if p.is_file() and p.name != "manifest.json"]
+        with all_or_none():
+            (out / "manifest.json").unlink(missing_ok=True)
+            for rel in made:
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(partial / rel, out / rel)
+            for pattern in _OWNED:
+                for stale in out.glob(pattern):
+                    if stale.relative_to(out) not in made:
+                        stale.unlink()
+            os.replace(partial / "manifest.json", out / "manifest.json")
+            published = True
+    except BaseException as e:
+        e.published = published
+        raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return manifest
+
+
 def curate_versioned(run_dir: Path, config: CurateConfig, keep: int = KEEP_VERSIONS,
                      min_share: float = MIN_SHARE) -> dict[str, Any]:
     """Curates run_dir into a new version under run_dir/shards and moves shards/latest to it."""

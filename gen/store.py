@@ -210,5 +210,6 @@ def prune_main(argv: Optional[list[str]] = None) -> int:
 if __name__ == "__main__":
     import sys
     if sys.argv[1:2] != ["prune"]:
-        sys.exit("usage: python -m gen.store prune --out DIR --captions FILE [--apply]")
+        print("usage: python -m gen.store prune --out DIR --captions FILE [--apply]", file=sys.stderr)
+        sys.exit(2)
     sys.exit(prune_main(sys.argv[2:]))

@@ -251,6 +251,27 @@ def test_what_a_killed_run_left_half_made_is_cleared_by_the_next(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["counts"]["captions"] == 10
 
 
+def test_sigint_during_gen_curate_out_leaves_the_previous_curation_there(tmp_path):
+    from gen.curate.__main__ import main as curate_main
+    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(300))
+    run, dest = tmp_path / "run", tmp_path / "dest"
+    with FakeOpenAI() as fake:
+        assert main(cli(path, run, fake.base_url, "--no-curate")) == EXIT_OK
+    assert curate_main(["--queries", str(run), "--out", str(dest), "--negatives", "3"]) == 0
+    before = {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    proc = _start(["-m", "gen.curate", "--queries", str(run), "--out", str(dest), "--negatives", "2"])
+    _wait_for(lambda: (dest / ".partial").exists() or not (dest / "manifest.json").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "was left as it was" in err
+    assert {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
+    # and uninterrupted, the new curation replaces the old whole
+    assert curate_main(["--queries", str(run), "--out", str(dest), "--negatives", "2"]) == 0
+    assert json.loads((dest / "manifest.json").read_text())["settings"]["negatives"] == 2
+    assert not leftovers(dest)
+
+
 # --- a captions file that shrank -------------------------------------------------------------
 
 def test_a_captions_file_that_shrank_is_refused_unless_the_job_expects_it(tmp_path, capsys):

@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from gen.atomic import stop_signals
-from gen.curate import CurateConfig, InputError, curate
+from gen.curate import CurateConfig, InputError
 from gen.publish import KEEP_VERSIONS, MIN_SHARE, PublishRefused
 
 EXIT_STOPPED = 143
@@ -79,13 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:
-            if args.out is not None:   # written in place, its manifest last
-                print(f"stopped: {args.out} holds an unfinished curation (no manifest.json); rerun",
-                      file=sys.stderr)
-            elif getattr(e, "published", False):
-                print("stopped: the new version was complete and shards/latest points at it", file=sys.stderr)
+            where = "shards/latest" if args.out is None else str(args.out)
+            if getattr(e, "published", False):
+                print(f"stopped: the new curation was complete and {where} holds it", file=sys.stderr)
             else:
-                print("stopped: nothing new was published, shards/latest was left as it was", file=sys.stderr)
+                print(f"stopped: nothing new was published, {where} was left as it was", file=sys.stderr)
             return EXIT_STOPPED
     summary = {k: manifest["stats"][k] for k in ("queries_in", "pairs_out", "dropped_by_reason", "splits")}
     print(json.dumps({"fingerprint": manifest["fingerprint"], **summary,
@@ -94,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _curate(args: argparse.Namespace, config: CurateConfig) -> dict:
-    if args.out is not None:
-        return curate(args.queries, config, args.out)
     from gen.curate import check_run_dir
-    from gen.publish import curate_versioned  # the same versions and pointer as gen.run
+    from gen.publish import curate_into, curate_versioned  # the same versions and pointer as gen.run
+    if args.out is not None:
+        return curate_into(args.queries, config, args.out)
     from gen.run import UsageError, lock_out_dir
     check_run_dir(args.queries)   # before the lock file: a mistyped path must stay absent
     try:
