@@ -123,18 +123,22 @@ def _clear_partial(root: Path) -> None:
 
 @dataclass
 class Prepared:
-    """A curated version ready to publish: commit() moves it into place and shards/latest to
-    it; discard() removes it. Until commit() the previous version is what readers see."""
+    """A curated version ready to publish: place() gives its folder its name (no reader
+    looks there yet), commit() also moves shards/latest to it; discard() removes it. Until
+    commit() the previous version is what readers see."""
     root: Path
     version: str
     reused: bool
     manifest: dict
     partial: Optional[Path] = None
 
-    def commit(self) -> None:
+    def place(self) -> None:
         if self.partial is not None:
             os.replace(self.partial, self.root / self.version)
             self.partial = None
+
+    def commit(self) -> None:
+        self.place()
         _point(self.root / "latest", self.version)
 
     def discard(self) -> None:

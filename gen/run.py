@@ -212,7 +212,11 @@ def _report(config: RunConfig, code: int, manifest: dict) -> int:
 
 
 def _commit(out_dir: Path, staging: Path, prepared) -> None:
-    """Renames only: the new files, the new version and shards/latest, the manifest last."""
+    """Renames only: the new version's folder first (unseen until shards/latest points at it,
+    so a failure there changes nothing a reader sees), then the new files, the pointer, and
+    the manifest last."""
+    if prepared is not None:
+        prepared.place()
     (out_dir / "manifest.json").unlink(missing_ok=True)
     for name in OUTPUTS:
         os.replace(staging / name, out_dir / name)
