@@ -83,7 +83,7 @@ class RunConfig(BaseModel):
     curate: bool = True
     curation: CurateConfig = Field(default_factory=CurateConfig)
     # Curated versions kept under <out>/shards/ (shards/latest's is never removed).
-    keep_versions: int = Field(KEEP_VERSIONS, ge=1, le=1000)
+    keep_versions: int = Field(KEEP_VERSIONS, ge=1)
     # A run whose captions (or a curation whose pairs) fall below this share of the previous
     # publication's is refused, the previous outputs kept (gen/publish.py); 0 allows any.
     min_share_of_previous: float = Field(MIN_SHARE, ge=0, le=1)

@@ -127,6 +127,9 @@ def test_curate_on_a_wrong_path_or_damaged_file_names_it_and_creates_nothing(tmp
     assert "caps.jsonl is a file" in capsys.readouterr().err
     assert curate_main(["--queries", str(run / "nested")]) == 2
     assert not (run / "nested").exists()
+    for bad in (["--keep-versions", "0"], ["--min-share-of-previous", "2"]):
+        assert curate_main(["--queries", str(run), *bad]) == 2
+    assert "invalid settings" in capsys.readouterr().err
     data = (run / "queries.parquet").read_bytes()
     (run / "queries.parquet").write_bytes(data[: len(data) // 2])   # truncated
     for extra in ([], ["--out", str(tmp_path / "elsewhere")]):
