@@ -354,7 +354,10 @@ def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int]) -> int:
 def _work(config: RunConfig, work: Callable[[RunConfig], int], refused: type) -> int:
     try:
         return work(config)
-    except (UsageError, CaptionError, refused) as e:
+    except refused as e:
+        log.error("%s", e, extra={"fields": {"outputs": "previous"}})
+        return EXIT_USAGE
+    except (UsageError, CaptionError) as e:
         log.error("%s", e)
         return EXIT_USAGE
     except EngineError as e:
@@ -366,11 +369,11 @@ def _work(config: RunConfig, work: Callable[[RunConfig], int], refused: type) ->
     except (asyncio.CancelledError, KeyboardInterrupt) as e:
         if getattr(e, "published", False):
             log.error("stopped after the new outputs were complete: %s holds them (manifest.json, "
-                      "shards/latest)", config.out_dir)
+                      "shards/latest)", config.out_dir, extra={"fields": {"outputs": "new"}})
         else:
             log.error("stopped before the end: every answer received so far is stored, and a rerun "
                       "resumes from there; the previous outputs in %s were left as they were",
-                      config.out_dir)
+                      config.out_dir, extra={"fields": {"outputs": "previous"}})
         return EXIT_STOPPED
 
 

@@ -235,9 +235,9 @@ def test_a_stop_after_publishing_says_the_new_outputs_are_complete(tmp_path, mon
 
     monkeypatch.setattr(os, "replace", replace_then_stop)
     with FakeOpenAI() as fake:
-        assert main(cli(path, out, fake.base_url)) == 143
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "stopped after the new outputs were complete" in last
+        assert main(cli(path, out, fake.base_url, "--log-format", "json")) == 143
+    last = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert "stopped after the new outputs were complete" in last["message"] and last["outputs"] == "new"
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["captions"] == 10 and m["curation"]["dir"] == "shards/" + os.readlink(out / "shards" / "latest")
 
