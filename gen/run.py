@@ -5,7 +5,8 @@ caption travels: captions -> prompts -> engines -> validate/generate (into the s
 to export as each answer arrives: queries.parquet, rejects.jsonl) -> manifest.json.
 
 Exit codes, for schedulers: 0 done (rejected rows are data, not failure); 1 the run itself
-failed; 2 bad usage, or bad input (with --strict any bad line; else no good line at all);
+failed; 2 bad usage, or bad input (with --strict any bad line; else no good line at all;
+a publication gen.publish refuses);
 3 finished but some captions got no answer after every retry (a rerun asks only for those);
 143 stopped by SIGTERM, SIGHUP or Ctrl-C (the engine is shut down first; a rerun resumes).
 
