@@ -76,13 +76,14 @@ def _latest_pairs(root: Path) -> Optional[int]:
 
 
 def why_dropped(manifest: dict) -> str:
-    """The dominant drop reason, for a log line about few or no pairs."""
-    reasons = manifest["stats"].get("dropped_by_reason") or {}
+    """The drop reasons of dropped.parquet, the dominant first, for a log line about few or no
+    pairs: what a person reads to see why."""
+    reasons = sorted((manifest["stats"].get("dropped_by_reason") or {}).items(), key=lambda kv: -kv[1])
     if not reasons:
-        return "no input records"
-    reason, n = max(reasons.items(), key=lambda kv: kv[1])
-    total = sum(reasons.values())
-    return f"{n} of {total} dropped records as {reason!r} (all reasons in dropped.parquet)"
+        return "there was no query record to curate"
+    (reason, n), total = reasons[0], sum(v for _, v in reasons)
+    rest = ", ".join(f"{r} {v}" for r, v in reasons[1:4])
+    return f"{n} of {total} records dropped as {reason}" + (f" (then {rest})" if rest else "")
 
 
 def _inputs_digest(run_dir: Path, config: CurateConfig) -> str:
@@ -181,8 +182,8 @@ def prepare_version(run_dir: Path, config: CurateConfig, root: Path,
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if pairs == 0:
-        log.warning("curation kept no pair: %s%s", why_dropped(manifest),
-                    f"; published over {previous} pairs as asked" if previous else "")
+        log.warning("curation kept no pair: %s; every record with its reason in shards/%s/dropped.parquet%s",
+                    why_dropped(manifest), version, f"; published over {previous} pairs as asked" if previous else "")
     return Prepared(root, version, False, manifest, partial)
 
 
