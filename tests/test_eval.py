@@ -331,23 +331,3 @@ def test_human_split_halves_are_disjoint_and_pairs_keep_to_the_captions(tmp_path
         pairs = read(f"pairs_{half}.jsonl")
         assert sorted(p["caption_id"] for p in pairs) == sorted(r["positives"][0]["id"] for r in rows)
         assert all(module.half(r["id"]) == half for r in rows)
-
-
-def test_hypernym_variants_swap_whole_words_only_and_take_the_lower_grade():
-    """benchmarks/quality/hypernym_variants.py: an entity inside a condition becomes each of its
-    hypernyms, but never the front of a longer word ("燃气" in "燃气表")."""
-    import polars as pl
-    hv = _benchmark("hypernym_variants")
-    row = lambda q, t, grade=2, source=None: {"caption_id": "c1", "query": q, "type": t, "subtype": None,  # noqa: E731
-                                              "grade": grade, "salience": 1, "source": source}
-    queries = pl.DataFrame([
-        row("野猪", "entity", grade=1), row("动物", "hypernym", grade=1, source="野猪"),
-        row("燃气", "entity"), row("能源", "hypernym", source="燃气"),
-        row("乡间公路上的野猪", "simple_condition"),
-        row("墙上的燃气表", "simple_condition"),
-        row("动物和野猪", "conjunction"),           # holds the hypernym already: no variant
-    ], schema_overrides={"grade": pl.Int8, "salience": pl.Int16})
-    got = hv.variants(queries)
-    assert got.select("query", "type", "subtype", "grade", "source").rows() == [
-        ("乡间公路上的动物", "simple_condition", "variant", 1, "野猪->动物")]
-    assert got.columns == queries.columns

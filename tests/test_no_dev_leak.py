@@ -10,7 +10,7 @@ from prompts import TEMPLATE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV = ROOT.parent / "shared/data/capretrieval/dev_queries.jsonl"
-# the bundled templates and every variant a measurement ran with
+# the bundled templates and any template kept under benchmarks/
 TEMPLATES = sorted([*TEMPLATE_DIR.glob("*.j2"), *(ROOT / "benchmarks").rglob("*.j2")])
 
 
