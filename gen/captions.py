@@ -25,7 +25,7 @@ from schemas import Caption, Reject
 BOM = b"\xef\xbb\xbf"
 
 # The format is told by the first bytes, not the name: caption dumps come as captions.jsonl.gz,
-# as data.gz, as parquet named .pq; read as text, any of them used to become one reject
+# as data.gz, as parquet named .pq; read as text, any of them would become one reject
 # ("invalid UTF-8") and a run with nothing in it.
 MAGIC = ((b"PAR1", "parquet"), (b"\x1f\x8b", "gzip"), (b"(\xb5/\xfd", "zstd"), (b"BZh", "bz2"),
          (b"\xfd7zXZ\x00", "xz"))

@@ -1,4 +1,4 @@
-"""Faults, kills and hostile input lose nothing (issue: reliability).
+"""Faults, kills and hostile input lose nothing.
 
 Each test states a figure recorded in docs/reliability.md.
 """
