@@ -1,8 +1,16 @@
-"""Settings are validated once, wherever they come from."""
+"""Settings are validated once, wherever they come from; templates and captions streams fail
+clearly, before any request."""
+import gzip
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
 
 import pytest
-from conftest import write_jsonl
+from conftest import ROOT, read_jsonl, read_rows, write_jsonl
 from fake_openai import FakeOpenAI
 from pydantic import BaseModel, ValidationError
 
@@ -10,9 +18,14 @@ from gen.cli import ConfigError, load_config
 from gen.config import RunConfig, Sampling
 from gen.curate import CurateConfig
 from gen.curate.__main__ import main as curate_main
+from gen.judge import JudgePrompts
 from gen.judge import main as judge_main
-from gen.run import EXIT_USAGE, main
+from gen.prompts import PromptError, PromptSet
+from gen.run import EXIT_OK, EXIT_USAGE, main
 from gen.settings import _base
+from prompts import TEMPLATE_DIR
+
+PY = sys.executable
 
 # --- settings -------------------------------------------------------------------------
 
@@ -147,3 +160,124 @@ def test_curate_command_names_its_flags_and_ranges(tmp_path, capsys):
 def test_judge_command_validates_the_same_settings(tmp_path, capsys):
     assert judge_main(["--captions", "x.jsonl", "--out", str(tmp_path), "--timeout", "inf"]) == EXIT_USAGE
     assert "--timeout: expected a finite number greater than 0, got inf" in capsys.readouterr().err
+
+
+# --- templates ------------------------------------------------------------------------
+
+BROKEN = {
+    "syntax": ("queries.user.j2", "描述：{{ caption.text }}\n{% if caption.text %}\n输出：\n",
+               r"queries.user.j2:\d: template syntax error: Unexpected end of template"),
+    "undefined": ("queries.user.j2", "描述：\n{{ caption.txt }}\n输出：\n",
+                  r"queries.user.j2:2: 'dict object' has no attribute 'txt' \(this template is given caption.id, caption.text\)"),
+    "undefined name": ("repair.j2", "错误：\n\n{{ eror }}\n", r"repair.j2:3: 'eror' is undefined \(this template is given error\)"),
+    "sandbox": ("queries.system.j2", "说明\n{{ ''.__class__.__mro__ }}\n",
+                r"queries.system.j2:2: not allowed in the template sandbox: access to attribute '__class__'"),
+    "include": ("queries.system.j2", "说明\n{% include 'parts.j2' %}\n", r"parts.j2:1: 'undefined_name' is undefined"),
+    "missing": ("repair.j2", None, r"no template repair.j2 \(a prompts directory needs queries.system.j2"),
+    "not utf-8": ("queries.user.j2", "描述：{{ caption.text }}".encode("gbk"), r"queries.user.j2: cannot read the template"),
+}
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_a_broken_template_is_named_by_file_and_line_before_any_request(kind, tmp_path, capsys):
+    prompts = tmp_path / "prompts"
+    shutil.copytree(TEMPLATE_DIR, prompts, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    (prompts / "parts.j2").write_text("{{ undefined_name }}\n")
+    name, text, expected = BROKEN[kind]
+    if text is None:
+        (prompts / name).unlink()
+    elif isinstance(text, bytes):
+        (prompts / name).write_bytes(text)
+    else:
+        (prompts / name).write_text(text, encoding="utf-8")
+    with pytest.raises(PromptError, match=expected):
+        PromptSet(prompts)
+    caps = write_jsonl(tmp_path / "caps.jsonl", [{"id": "a", "text": "一只猫"}])
+    with FakeOpenAI() as fake:
+        for extra in ([], ["--dry-run"]):
+            assert main(["--captions", str(caps), "--out", str(tmp_path / "out"), "--prompts", str(prompts),
+                         "--base-url", fake.base_url, "--model", "m", "--no-progress", *extra]) == EXIT_USAGE
+        assert fake.requests == []
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(prompts) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_prompts_directory_that_is_not_there(tmp_path):
+    with pytest.raises(PromptError, match="prompts directory not found"):
+        PromptSet(tmp_path / "nope")
+
+
+def test_judge_templates_are_probed_too(tmp_path):
+    for name in ("judge.system.j2", "judge.user.j2"):
+        shutil.copy(TEMPLATE_DIR / name, tmp_path / name)
+    JudgePrompts(tmp_path)
+    (tmp_path / "judge.user.j2").write_text("描述：{{ caption }}\n{% for q in querys %}{{ q }}{% endfor %}\n")
+    with pytest.raises(PromptError, match=r"judge.user.j2:2: 'querys' is undefined \(this template is given caption, queries\)"):
+        JudgePrompts(tmp_path)
+
+
+# --- captions from a stream -----------------------------------------------------------
+
+
+def _feed(path, data: bytes) -> threading.Thread:
+    def write():
+        with open(path, "wb") as f:
+            f.write(data)
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_captions_from_a_fifo_run_like_a_file(tmp_path, sample_captions, packed):
+    rows = sample_captions[:6] + [{"id": "bad"}]
+    plain = write_jsonl(tmp_path / "caps.jsonl", rows)
+    data = plain.read_bytes()
+    fifo = tmp_path / "caps.fifo"
+    os.mkfifo(fifo)
+    args = ["--model", "m", "--no-progress", "--no-curate"]
+    with FakeOpenAI() as fake:
+        assert main(["--captions", str(plain), "--out", str(tmp_path / "plain"), "--base-url", fake.base_url, *args]) == EXIT_OK
+        writer = _feed(fifo, gzip.compress(data) if packed else data)
+        assert main(["--captions", str(fifo), "--out", str(tmp_path / "out"), "--base-url", fake.base_url, *args]) == EXIT_OK
+        writer.join(5)
+    assert read_rows(tmp_path / "out" / "queries.parquet") == read_rows(tmp_path / "plain" / "queries.parquet")
+    rejects = read_jsonl(tmp_path / "out" / "rejects.jsonl")
+    assert [(r["file"], r["line"]) for r in rejects] == [(str(fifo), 7)]   # the name the user gave
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["captions_file"] == str(fifo) and manifest["counts"]["captions"] == 6
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".captions-")) == []
+
+
+def test_a_stream_needs_out_and_a_directory_is_not_a_file(tmp_path, capsys):
+    fifo = tmp_path / "caps.fifo"
+    os.mkfifo(fifo)
+    assert main(["--captions", str(fifo), "--model", "m", "--base-url", "http://127.0.0.1:9/v1"]) == EXIT_USAGE
+    assert "need --out DIR" in capsys.readouterr().err
+    assert main(["--captions", str(tmp_path), "--model", "m", "--base-url", "http://127.0.0.1:9/v1"]) == EXIT_USAGE
+    assert "is not a file" in capsys.readouterr().err
+    assert main(["--captions", str(tmp_path / "nope.jsonl"), "--model", "m", "--base-url", "http://127.0.0.1:9/v1"]) == EXIT_USAGE
+    assert "captions file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["-", "/dev/stdin"])
+def test_captions_from_standard_input(tmp_path, sample_captions, name):
+    data = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:5] + [{"id": "bad"}]).read_bytes()
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with FakeOpenAI() as fake:
+        cmd = [PY, "-m", "gen.run", "--captions", name, "--out", str(out), "--base-url", fake.base_url,
+               "--model", "m", "--no-progress", "--no-curate"]
+        dry = subprocess.run([*cmd, "--dry-run"], input=data, capture_output=True, cwd=ROOT, env=env, timeout=120)
+        assert dry.returncode == EXIT_OK, dry.stderr.decode()
+        plan = json.loads(dry.stdout)
+        assert (plan["captions"], plan["input_rejects"], plan["to_request"]) == (5, 1, 5)
+        assert fake.requests == [] and not out.exists()
+        done = subprocess.run(cmd, input=data, capture_output=True, cwd=ROOT, env=env, timeout=120)
+        assert done.returncode == EXIT_OK, done.stderr.decode()
+        assert len(fake.requests) == 5
+    assert len({r["caption_id"] for r in read_rows(out / "queries.parquet")}) == 5
+    file = "<stdin>" if name == "-" else name
+    assert [(r["file"], r["line"]) for r in read_jsonl(out / "rejects.jsonl")] == [(file, 6)]
+    assert not [p for p in out.iterdir() if p.name.startswith(".captions-")]
