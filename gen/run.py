@@ -139,11 +139,14 @@ def stop_on_sigterm() -> Callable[[], None]:
 
 
 def check_input(captions: Path, out: Optional[Path]) -> None:
+    # outputs/<stem>/ would be outputs/stdin/ or outputs/63/ (<(zcat ...)) whatever the data;
+    # /dev/stdin redirected from a file is a regular file, but no better a name.
+    if out is None and (is_stream(captions) or captions.parts[:2] in (("/", "dev"), ("/", "proc"))):
+        raise UsageError(f"captions from a stream ({captions}) need --out DIR: a stream has no "
+                         "file name to name the output directory after")
     if is_stream(captions):
-        if out is None:  # outputs/<stem>/ would be outputs/stdin/ or outputs/63/ for every stream
-            raise UsageError(f"captions from a stream ({captions}) need --out DIR: a stream has no "
-                             "file name to name the output directory after")
-    elif not captions.exists():
+        return
+    if not captions.exists():
         raise UsageError(f"captions file not found: {captions}")
     elif not captions.is_file():
         raise UsageError(f"captions: {captions} is not a file (a directory?); give a JSON lines or parquet file, or - for standard input")

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, read_jsonl, read_rows, write_jsonl
@@ -21,7 +22,7 @@ from gen.curate.__main__ import main as curate_main
 from gen.judge import JudgePrompts
 from gen.judge import main as judge_main
 from gen.prompts import PromptError, PromptSet
-from gen.run import EXIT_OK, EXIT_USAGE, main
+from gen.run import EXIT_OK, EXIT_USAGE, UsageError, check_input, main
 from gen.settings import _base
 from prompts import TEMPLATE_DIR
 
@@ -255,6 +256,8 @@ def test_a_stream_needs_out_and_a_directory_is_not_a_file(tmp_path, capsys):
     os.mkfifo(fifo)
     assert main(["--captions", str(fifo), "--model", "m", "--base-url", "http://127.0.0.1:9/v1"]) == EXIT_USAGE
     assert "need --out DIR" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="need --out DIR"):   # even when a file is redirected to it
+        check_input(Path("/dev/stdin"), None)
     assert main(["--captions", str(tmp_path), "--model", "m", "--base-url", "http://127.0.0.1:9/v1"]) == EXIT_USAGE
     assert "is not a file" in capsys.readouterr().err
     assert main(["--captions", str(tmp_path / "nope.jsonl"), "--model", "m", "--base-url", "http://127.0.0.1:9/v1"]) == EXIT_USAGE
