@@ -148,8 +148,9 @@ def check_input(captions: Path, out: Optional[Path]) -> None:
         return
     if not captions.exists():
         raise UsageError(f"captions file not found: {captions}")
-    elif not captions.is_file():
-        raise UsageError(f"captions: {captions} is not a file (a directory?); give a JSON lines or parquet file, or - for standard input")
+    if not captions.is_file():
+        raise UsageError(f"captions: {captions} is not a file (a directory?); give a JSON lines "
+                         "or parquet file, or - for standard input")
 
 
 def _input_name(config: RunConfig) -> str:
