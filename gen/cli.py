@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 from pydantic import ValidationError
 
 from gen.config import RunConfig, Sampling
+from gen.settings import describe, problems
 
 PATH_FIELDS = ("captions", "out", "cache", "prompts")
 SAMPLING_FIELDS = tuple(Sampling.model_fields)
@@ -29,7 +30,11 @@ class ConfigError(ValueError):
 
 
 def _parser() -> argparse.ArgumentParser:
-    d, s = RunConfig.model_fields, Sampling()
+    d = RunConfig.model_fields
+
+    def r(name: str, model=RunConfig) -> str:  # the range the model enforces, and the default
+        field = model.model_fields[name]
+        return f"{describe(field)}; default: {field.default}"
     S = argparse.SUPPRESS  # an absent flag must not override the file or the environment
     ap = argparse.ArgumentParser(prog="python -m gen.run", argument_default=S,
                                  description="Generate entity- and event-level queries for captions.")
@@ -45,19 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     a("--api-key-env", help=f"environment variable holding the API key (default: {d['api_key_env'].default})")
     a("--prompts", type=Path, help="directory of templates replacing the bundled prompts/")
     a("--executor", choices=["local", "ray"], help="where generation runs (default: local; ray: a Ray cluster, see docs/ray.md)")
-    a("--ray-actors", type=int, help=f"--executor ray: actor pool size (default: {d['ray_actors'].default})")
-    a("--concurrency", type=int, help=f"requests in flight; for vLLM the largest batch (default: {d['concurrency'].default})")
-    a("--timeout", type=float, help=f"seconds per request (default: {d['timeout'].default})")
-    a("--max-attempts", type=int, help=f"tries per request on transient faults (default: {d['max_attempts'].default})")
-    a("--retry-wait", type=float, help=f"first backoff in seconds, doubling with jitter (default: {d['retry_wait'].default})")
+    a("--ray-actors", type=int, help=f"--executor ray: actor pool size ({r('ray_actors')})")
+    a("--concurrency", type=int, help=f"requests in flight; for vLLM the largest batch ({r('concurrency')})")
+    a("--timeout", type=float, help=f"seconds per request ({r('timeout')})")
+    a("--max-attempts", type=int, help=f"tries per request on transient faults ({r('max_attempts')})")
+    a("--retry-wait", type=float, help=f"first backoff in seconds, doubling with jitter ({r('retry_wait')})")
     a("--repair-rounds", type=int,
-      help=f"requests after an invalid answer, each showing the model its error, 0-5 (default: {d['repair_rounds'].default})")
-    a("--temperature", type=float, help=f"(default: {s.temperature})")
-    a("--top-p", type=float, help=f"(default: {s.top_p})")
-    a("--max-tokens", type=int, help=f"(default: {s.max_tokens})")
-    a("--seed", type=_seed, help=f"an integer, or 'none' to send no seed (default: {s.seed})")
-    a("--max-caption-chars", type=int, help=f"longer captions are rejected (default: {d['max_caption_chars'].default})")
-    a("--max-model-len", type=int, help=f"vLLM context length (default: {d['max_model_len'].default})")
+      help=f"requests after an invalid answer, each showing the model its error ({r('repair_rounds')})")
+    a("--temperature", type=float, help=f"({r('temperature', Sampling)})")
+    a("--top-p", type=float, help=f"({r('top_p', Sampling)})")
+    a("--max-tokens", type=int, help=f"({r('max_tokens', Sampling)})")
+    a("--seed", type=_seed, help=f"'none' sends no seed ({r('seed', Sampling)})")
+    a("--max-caption-chars", type=int, help=f"longer captions are rejected ({r('max_caption_chars')})")
+    a("--max-model-len", type=int, help=f"vLLM context length, more than --max-tokens ({r('max_model_len')})")
     a("--vllm-arg", dest="vllm_args", action="append", type=_key_value, metavar="KEY=VALUE",
       help="passed to vllm.LLM, e.g. tensor_parallel_size=2 (VALUE read as JSON when it parses); repeatable")
     a("--allow-thinking", dest="disable_thinking", action="store_false",
@@ -154,6 +159,27 @@ def load_config(argv: Optional[list[str]] = None, env: Mapping[str, str] = os.en
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        where = f" in {config_file}" if config_file else ""
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"invalid settings{where}: {problems}") from None
+        name = _namer(flags=_nest(args), env=_from_env(env), file=config_file)
+        raise ConfigError("invalid settings: " + "; ".join(problems(e, RunConfig, name))) from None
+
+
+def _namer(flags: dict, env: dict, file: Optional[Path]):
+    """A setting's name as the user wrote it, where the winning value came from: the flag,
+    the environment variable or the job file's key."""
+    options = {a.dest: a.option_strings[0] for a in _parser()._actions if a.option_strings}
+
+    def has(layer: dict, names: tuple[str, ...]) -> bool:
+        for n in names:
+            if not isinstance(layer, dict) or n not in layer:
+                return False
+            layer = layer[n]
+        return True
+
+    def name(names: tuple[str, ...]) -> str:
+        if has(flags, names) and names[-1] in options:
+            return options[names[-1]]
+        if has(env, names):
+            return f"CAPGEN_{names[-1].upper()}"
+        key = ".".join(names)
+        return f"{key} in {file}" if file else key
+    return name

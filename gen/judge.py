@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Optional
 
 import polars as pl
-from jinja2 import FileSystemLoader, StrictUndefined
-from jinja2.sandbox import SandboxedEnvironment
 from pydantic import ValidationError
 
 from gen.atomic import atomic_path
@@ -40,6 +38,7 @@ from gen.config import RunConfig, Sampling, model_identity
 from gen.curate.judged import CANDIDATE_JUDGEMENTS, JUDGEMENTS  # the files curation reads
 from gen.engines import Completion, EngineError, build_engine
 from gen.generate import ask_until_valid, rejection
+from gen.prompts import PROBE, Templates
 from gen.shards import query_shards
 from gen.store import AnswerStore
 from gen.validate import AnswerError
@@ -56,14 +55,15 @@ CHUNK = 32
 class JudgePrompts:
     def __init__(self, directory: Optional[Path] = None):
         d = Path(directory) if directory and (Path(directory) / SYSTEM).is_file() else TEMPLATE_DIR
-        env = SandboxedEnvironment(loader=FileSystemLoader(str(d)), undefined=StrictUndefined, autoescape=False)
-        self.system = env.get_template(SYSTEM).render().strip()
-        self.user = env.get_template(USER)
+        self.templates = Templates(d, {SYSTEM: "nothing", USER: "caption, queries"})
+        self.system = self.templates.render(self.templates.load(SYSTEM)).strip()
+        self.user = self.templates.load(USER)
         self.digest = hashlib.sha256(b"".join((d / n).read_bytes() for n in (SYSTEM, USER))).hexdigest()
+        self.messages(PROBE.text, [PROBE.text])  # fails now, not at the first request
 
     def messages(self, caption: str, queries: list[str]) -> list[dict[str, str]]:
-        return [{"role": "system", "content": self.system},
-                {"role": "user", "content": self.user.render(caption=caption, queries=queries).strip()}]
+        user = self.templates.render(self.user, caption=caption, queries=queries).strip()
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
 
 def judge_sampling(config: RunConfig) -> Sampling:
@@ -128,8 +128,9 @@ async def _judge_one(engine, prompts: JudgePrompts, caption: str, queries: list[
 class _Judge:
     """One engine and one store for every request of a run."""
 
-    def __init__(self, config: RunConfig, engine, store: AnswerStore, texts: dict[str, str]):
-        self.prompts = JudgePrompts(config.prompts)
+    def __init__(self, config: RunConfig, engine, store: AnswerStore, texts: dict[str, str],
+                 prompts: JudgePrompts):
+        self.prompts = prompts
         self.fp = hashlib.sha256(json.dumps(
             {"model": model_identity(config.model), "templates": self.prompts.digest,
              "schema": judge_json_schema(), "exact_count": True,
@@ -198,8 +199,9 @@ async def judge(config: RunConfig, candidates: int = 0) -> dict:
     jconfig = config.model_copy(update={"sampling": judge_sampling(config)})
     model = resolve_model(config)
     engine = LazyEngine(lambda: build_engine(jconfig, model, judge_json_schema()))
+    prompts = JudgePrompts(config.prompts)   # a broken template: an error before the store opens
     store = AnswerStore(out / "judge.sqlite")
-    judge_ = _Judge(config, engine, store, texts)
+    judge_ = _Judge(config, engine, store, texts, prompts)
     stats: dict = {"fingerprint": judge_.fp}
     undo_sigterm = stop_on_sigterm()
     try:

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from gen import __version__, localmodel, report
 from gen.atomic import atomic_path, raise_unless_held
-from gen.captions import CaptionError, read_captions
+from gen.captions import STDIN, CaptionError, is_stream, read_captions, spooled
 from gen.cli import ConfigError, load_config
 from gen.config import RunConfig, generation_fingerprint, model_identity
 from gen.engines import EngineError, build_engine
@@ -32,7 +32,7 @@ from gen.engines.lazy import LazyEngine
 from gen.export import Exporter, export
 from gen.generate import generate
 from gen.progress import Progress, count_lines
-from gen.prompts import PromptSet
+from gen.prompts import PromptError, PromptSet
 from gen.store import AnswerStore
 from schemas import decoding_constraints
 
@@ -81,14 +81,16 @@ def lock_out_dir(out_dir: Path):
 
 
 async def run(config: RunConfig) -> int:
-    if not config.captions.is_file():
-        raise UsageError(f"captions file not found: {config.captions}")
+    check_input(config.captions, config.out)
+    prompts = PromptSet(config.prompts)   # a template that cannot render fails here, before any request
     if config.dry_run:
-        return dry_run(config)
+        with spooled(config.captions, None) as source:
+            return dry_run(config, prompts, source)
     lock = lock_out_dir(config.out_dir)
     stop = stop_on_sigterm()
     try:
-        return await _run_locked(config)
+        with spooled(config.captions, config.out_dir) as source:
+            return await _run_locked(config, prompts, source)
     finally:
         stop()
         lock.close()  # also on failure: a library caller may run again in this process
@@ -136,11 +138,29 @@ def stop_on_sigterm() -> Callable[[], None]:
     return undo
 
 
-def dry_run(config: RunConfig) -> int:
+def check_input(captions: Path, out: Optional[Path]) -> None:
+    # outputs/<stem>/ would be outputs/stdin/ or outputs/63/ (<(zcat ...)) whatever the data;
+    # /dev/stdin redirected from a file is a regular file, but no better a name.
+    if out is None and (is_stream(captions) or captions.parts[:2] in (("/", "dev"), ("/", "proc"))):
+        raise UsageError(f"captions from a stream ({captions}) need --out DIR: a stream has no "
+                         "file name to name the output directory after")
+    if is_stream(captions):
+        return
+    if not captions.exists():
+        raise UsageError(f"captions file not found: {captions}")
+    if not captions.is_file():
+        raise UsageError(f"captions: {captions} is not a file (a directory?); give a JSON lines "
+                         "or parquet file, or - for standard input")
+
+
+def _input_name(config: RunConfig) -> str:
+    return "<stdin>" if config.captions == STDIN else str(config.captions)
+
+
+def dry_run(config: RunConfig, prompts: PromptSet, source: Path) -> int:
     from gen.plan import plan
-    prompts = PromptSet(config.prompts)
     fingerprint = generation_fingerprint(config, prompts.digest, decoding_constraints())
-    records = read_captions(config.captions, config.max_caption_chars, config.strict)
+    records = read_captions(source, config.max_caption_chars, config.strict, _input_name(config))
     result = plan(records, config, prompts, fingerprint)
     log.info("dry run: %d captions, %d cached, %d to request (%d-%d requests), ~%s prompt tokens",
              result["captions"], result["cached"], result["to_request"], result["requests_at_least"],
@@ -149,18 +169,18 @@ def dry_run(config: RunConfig) -> int:
     return EXIT_OK
 
 
-async def _run_locked(config: RunConfig) -> int:
+async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> int:
+    """`source`: the captions as a regular file (a stream's copy)."""
     started = time.time()
     out_dir = config.out_dir
-    prompts = PromptSet(config.prompts)
     constraints = decoding_constraints()
     schema = constraints["caption"]   # the engine's own; gen.generate picks a short caption's
     fingerprint = generation_fingerprint(config, prompts.digest, constraints)
     model = resolve_model(config)
     store = AnswerStore(config.cache_path)
     engine = LazyEngine(lambda: build_engine(config, model, schema))
-    progress = Progress(count_lines(config.captions), bar=config.progress)
-    read = lambda: read_captions(config.captions, config.max_caption_chars, config.strict)
+    progress = Progress(count_lines(source), bar=config.progress)
+    read = lambda: read_captions(source, config.max_caption_chars, config.strict, _input_name(config))
     try:
         try:
             if config.executor == "ray":
@@ -267,7 +287,7 @@ def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int]) -> int:
     logs.setup(config.log_format)
     try:
         return work(config)
-    except (UsageError, CaptionError) as e:
+    except (UsageError, CaptionError, PromptError) as e:
         log.error("%s", e)
         return EXIT_USAGE
     except EngineError as e:

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from gen.curate import CurateConfig, curate
+from gen.settings import describe, problems
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         is_tuple = typing.get_origin(field.annotation) is tuple
         default = field.default if not is_tuple or len(field.default) < 6 else f"{len(field.default)} built-in entries"
-        help_text = f"default: {default}" + ("; repeat for several, 'none' for empty" if is_tuple else "")
+        help_text = f"{describe(field)}; default: {default}" + ("; repeat for several, 'none' for empty" if is_tuple else "")
         if is_tuple:
             p.add_argument(flag, dest=name, action="append", metavar="VALUE", help=help_text)
         else:
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = CurateConfig.model_validate(settings)   # pydantic parses "0.7", "12", ...
     except ValidationError as e:
-        print(f"invalid settings:\n{e}", file=sys.stderr)
+        flag = lambda names: "--" + names[-1].replace("_", "-")
+        print("invalid settings: " + "; ".join(problems(e, CurateConfig, flag)), file=sys.stderr)
         return 2
     try:
         if args.out is None:
