@@ -79,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
       help="stop after generation (curate later with python -m gen.curate)")
     a("--decontaminate-against", action="append", type=Path,
       help="drop captions too close (ROUGE-L > 0.6) to this evaluation set (records with text, as captions: JSON lines, compressed or not, or parquet); repeatable")
-    a("--dry-run", action="store_true", help="say what would be generated and its cost; call no LLM, write nothing")
+    a("--dry-run", action="store_true", help="say what would be generated and its cost, whether curation would "
+      "publish, and whether each server lists the model (GET /v1/models; exit 1 if none would serve); "
+      "generate nothing, write nothing")
     a("--log-format", choices=["text", "json"], help="json: one object per line, for scheduled jobs")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return ap
