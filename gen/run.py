@@ -78,6 +78,10 @@ class UsageError(Exception):
 class DirectoryLocked(Exception):
     """Another run holds the output directory."""
 
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
+
 
 def resolve_model(config: RunConfig) -> str:
     if not config.model.startswith("local:"):
@@ -106,7 +110,8 @@ def lock_out_dir(out_dir: Path):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise DirectoryLocked(f"{out_dir} is in use by a running capgen ({holder}); wait for it or use another --out")
+        raise DirectoryLocked(f"{out_dir} is in use by a running capgen ({holder}); wait for it or use another --out",
+                              out_dir)
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()}\n")
@@ -319,15 +324,16 @@ async def _run_locked(config: RunConfig) -> int:
     return EXIT_INCOMPLETE if stats.failed else EXIT_OK
 
 
-def _start_fields(config: RunConfig, command: str) -> dict:
-    """The main settings, for the `start` event. The API key lives only in the environment
-    and is never among them; URLs lose any user, password or query string."""
+def start_event(config: RunConfig, command: str) -> tuple[str, dict]:
+    """The `start` event: its text and the main settings. The API key lives only in the
+    environment and is never among them; URLs lose any user, password or query string."""
     try:
         fingerprint = generation_fingerprint(config, PromptSet(config.prompts).digest, decoding_constraints())
     except Exception:   # bad templates: the command itself reports them, after this event
         fingerprint = None
     note(fingerprint=fingerprint)
-    return {"event": "start", "command": command, "capgen_version": __version__, "pid": os.getpid(),
+    text = f"{command} started: {config.captions} -> {config.out_dir} ({config.engine}, {config.model})"
+    return text, {"event": "start", "command": command, "capgen_version": __version__, "pid": os.getpid(),
             "fingerprint": fingerprint, "captions": str(config.captions), "out": str(config.out_dir),
             "cache": str(config.cache_path), "engine": config.engine, "model": config.model,
             "base_urls": [logs.public_url(u) for u in config.base_urls], "api_key_env": config.api_key_env,
@@ -337,7 +343,8 @@ def _start_fields(config: RunConfig, command: str) -> dict:
 
 
 def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int], command: str = "gen.run",
-          load: Callable[[list[str]], RunConfig] = load_config) -> int:
+          load: Callable[[list[str]], RunConfig] = load_config,
+          start: Callable[[RunConfig, str], tuple[str, dict]] = start_event) -> int:
     """What every capgen command shares: settings, logging, errors turned into exit codes,
     and the `start` and `finished` events a scheduler reads. The log format is known before
     the settings are checked, so that a JSON log is JSON from its first line to its last."""
@@ -346,7 +353,7 @@ def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int], command: 
     facts: dict = {}
     token = _facts.set(facts)
     try:
-        code = _entry(argv, work, command, load)
+        code = _entry(argv, work, command, load, start)
     finally:
         _facts.reset(token)
     level, meaning = OUTCOMES.get(code, (logging.ERROR, "failed"))
@@ -357,8 +364,7 @@ def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int], command: 
     return code
 
 
-def _entry(argv: list[str], work: Callable[[RunConfig], int], command: str,
-           load: Callable[[list[str]], RunConfig]) -> int:
+def _entry(argv: list[str], work: Callable, command: str, load: Callable, start: Callable) -> int:
     fmt = log_format_hint(argv)
     logs.setup(fmt)
     try:
@@ -369,12 +375,12 @@ def _entry(argv: list[str], work: Callable[[RunConfig], int], command: str,
         log.error("%s", e, extra={"fields": {"event": "error", "kind": "usage"}})
         return EXIT_USAGE
     logs.setup(config.log_format)
-    log.info("%s started: %s -> %s (%s, %s)", command, config.captions, config.out_dir, config.engine,
-             config.model, extra={"fields": _start_fields(config, command)})
+    text, fields = start(config, command)
+    log.info("%s", text, extra={"fields": fields})
     try:
         return work(config)
     except DirectoryLocked as e:
-        log.warning("%s", e, extra={"fields": {"event": "locked", "out": str(config.out_dir)}})
+        log.warning("%s", e, extra={"fields": {"event": "locked", "out": str(e.path)}})
         return EXIT_LOCKED
     except (UsageError, CaptionError) as e:
         log.error("%s", e, extra={"fields": {"event": "error", "kind": "usage"}})

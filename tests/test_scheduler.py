@@ -328,3 +328,30 @@ def test_progress_and_a_server_taken_out_carry_their_figures(tmp_path, sample_ca
     lines = json_lines(capsys.readouterr().err)
     out = [line for line in lines if line.get("event") == "server_out"]
     assert out and out[0]["server"] == down.base_url and out[0]["cooldown_s"] == 30 and out[0]["level"] == "warning"
+
+
+def test_curate_shares_the_exit_codes_the_lock_and_the_json_log(tmp_path, captions, capsys):
+    from gen.curate.__main__ import main as curate_main
+    out = tmp_path / "out"
+    with FakeOpenAI() as fake:
+        assert main(args(captions, out, fake, "--no-curate")) == EXIT_OK
+    capsys.readouterr()
+    assert curate_main(["--queries", str(out), "--log-format", "json"]) == EXIT_OK
+    got = capsys.readouterr()
+    lines = json_lines(got.err)
+    assert lines[0]["event"] == "start" and lines[0]["fingerprint"] == json.loads(got.out)["fingerprint"]
+    end = finished(lines, EXIT_OK)
+    assert end["shards_reused"] is False and (out / "shards" / end["shards_version"]).is_dir()
+    held = lock_out_dir(out)
+    try:
+        assert curate_main(["--queries", str(out), "--log-format", "json", "--negatives", "2"]) == EXIT_LOCKED
+    finally:
+        held.close()
+    finished(json_lines(capsys.readouterr().err), EXIT_LOCKED)
+    assert curate_main(["--queries", str(out), "--log-format", "json", "--negatives", "-1"]) == EXIT_USAGE
+    lines = json_lines(capsys.readouterr().err)
+    assert "invalid settings: negatives" in lines[0]["message"] and lines[0]["event"] == "error"
+    finished(lines, EXIT_USAGE)
+    assert curate_main(["--queries", str(tmp_path / "nothing"), "--log-format", "json"]) == EXIT_USAGE
+    finished(json_lines(capsys.readouterr().err), EXIT_USAGE)
+    assert not (tmp_path / "nothing").exists()
