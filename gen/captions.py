@@ -203,3 +203,26 @@ def spooled(path: Path, directory: Optional[Path]) -> Iterator[Path]:
         yield Path(tmp)
     finally:
         os.unlink(tmp)
+
+
+class CaptionDigest:
+    """What a run read, order-free and in constant memory: the sum of each caption's hash
+    (id, text, extra). A run records it in its manifest; --dry-run compares it to tell
+    whether a rerun would export the same captions."""
+
+    def __init__(self):
+        self.total, self.count = 0, 0
+
+    def add(self, record: Caption) -> None:
+        blob = json.dumps([record.id, record.text, record.extra], ensure_ascii=False, sort_keys=True)
+        self.total = (self.total + int.from_bytes(hashlib.sha256(blob.encode("utf-8", "surrogatepass")).digest(), "big")) % (1 << 256)
+        self.count += 1
+
+    def through(self, records: Iterator[Union[Caption, Reject]]) -> Iterator[Union[Caption, Reject]]:
+        for record in records:
+            if isinstance(record, Caption):
+                self.add(record)
+            yield record
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(f"{self.count}:{self.total}".encode()).hexdigest()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -26,7 +27,17 @@ CURATION_FLAGS = ("decontaminate_against",)
 
 
 class ConfigError(ValueError):
-    pass
+    def __init__(self, message: str, usage: Optional[str] = None):
+        super().__init__(message)
+        self.usage = usage
+
+
+class Parser(argparse.ArgumentParser):
+    """Raises ConfigError where argparse would print and exit: the caller logs it in the
+    job's log format, and a JSON log stays JSON from its first line."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message}", usage=self.format_usage())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         field = model.model_fields[name]
         return f"{describe(field)}; default: {field.default}"
     S = argparse.SUPPRESS  # an absent flag must not override the file or the environment
-    ap = argparse.ArgumentParser(prog="python -m gen.run", argument_default=S,
+    ap = Parser(prog="python -m gen.run", argument_default=S,
                                  description="Generate entity- and event-level queries for captions.")
     a = ap.add_argument
     a("--config", type=Path, help="TOML file with any of the settings below (flags win)")
@@ -73,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
       help="stop after generation (curate later with python -m gen.curate)")
     a("--decontaminate-against", action="append", type=Path,
       help="drop captions too close (ROUGE-L > 0.6) to this evaluation set (records with text, as captions: JSON lines, compressed or not, or parquet); repeatable")
-    a("--dry-run", action="store_true", help="say what would be generated and its cost; call no LLM, write nothing")
+    a("--dry-run", action="store_true", help="say what would be generated and its cost, whether curation would "
+      "publish, and whether each server lists the model (GET /v1/models; exit 1 if none would serve); "
+      "generate nothing, write nothing")
     a("--log-format", choices=["text", "json"], help="json: one object per line, for scheduled jobs")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return ap
@@ -136,6 +149,45 @@ def _from_file(path: Path) -> dict[str, Any]:
     if isinstance(evals, list):
         data["curation"]["decontaminate_against"] = [str((path.parent / p).resolve()) for p in evals]
     return data
+
+
+_TOP_LOG_FORMAT = re.compile(r"""^\s*log_format\s*=\s*["'](\w+)["']""")
+
+
+def _file_log_format(path: Optional[Path]) -> Optional[str]:
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    try:
+        return tomllib.loads(text).get("log_format")
+    except tomllib.TOMLDecodeError:
+        # A file broken elsewhere may still say how its job is logged; top-level keys only.
+        for line in text.splitlines():
+            if line.lstrip().startswith("["):
+                break
+            if m := _TOP_LOG_FORMAT.match(line):
+                return m.group(1)
+    return None
+
+
+def log_format_hint(argv: list[str], env: Mapping[str, str] = os.environ) -> str:
+    """The log format asked for, found before the settings are checked, so that an error in
+    them is logged as the job's scheduler reads its log. Precedence as in load_config."""
+    pre = Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    pre.add_argument("--config", type=Path)
+    pre.add_argument("--log-format")
+    try:
+        args, _ = pre.parse_known_args(argv)
+    except ConfigError:
+        args = argparse.Namespace()
+    for found in (getattr(args, "log_format", None), env.get("CAPGEN_LOG_FORMAT"),
+                  _file_log_format(getattr(args, "config", None))):
+        if found in ("text", "json"):
+            return found
+    return "text"
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,6 @@ Greedy decoding: a grade should not depend on a dice roll.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import json
@@ -226,15 +225,22 @@ def _main(config: RunConfig, candidates: int) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from gen.cli import ConfigError, Parser, load_config
     from gen.run import entry
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--candidates", type=int, default=0)
-    ours, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if {"-h", "--help"} & set(rest):   # the engine options below are gen.run's
-        print(__doc__)
-    if ours.candidates < 0:
-        ap.error("--candidates must be 0 or more")
-    return entry(rest, lambda config: _main(config, ours.candidates))
+    ours = {}
+
+    def load(args: list[str]) -> RunConfig:   # inside entry(): its errors are logged as the job asks
+        ap = Parser(prog="python -m gen.judge", add_help=False)
+        ap.add_argument("--candidates", type=int, default=0)
+        got, rest = ap.parse_known_args(args)
+        if {"-h", "--help"} & set(rest):   # the engine options below are gen.run's
+            print(__doc__)
+        if got.candidates < 0:
+            raise ConfigError("python -m gen.judge: --candidates must be 0 or more")
+        ours["candidates"] = got.candidates
+        return load_config(rest)
+
+    return entry(argv, lambda config: _main(config, ours["candidates"]), command="gen.judge", load=load)
 
 
 if __name__ == "__main__":

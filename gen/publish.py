@@ -50,15 +50,30 @@ def _prune(root: Path, keep: int, current: str) -> None:
             shutil.rmtree(old)
 
 
+def latest_version(run_dir: Path) -> tuple[str, str] | None:
+    """(version, inputs digest) of shards/latest, or None when there is no version to reuse."""
+    latest = run_dir / "shards" / "latest"
+    if not ((latest / "inputs.json").is_file() and (latest / "manifest.json").is_file()):
+        return None
+    return os.readlink(latest), json.loads((latest / "inputs.json").read_text())["digest"]
+
+
+def reusable(run_dir: Path, config: CurateConfig) -> str | None:
+    """The version a curation of the run's present files would reuse; None: it makes a new one.
+    The rule curate_versioned follows, and what --dry-run reports."""
+    current = latest_version(run_dir)
+    return current[0] if current and current[1] == _inputs_digest(run_dir, config) else None
+
+
 def curate_versioned(run_dir: Path, config: CurateConfig, keep: int = KEEP_VERSIONS) -> dict[str, Any]:
     root = run_dir / "shards"
     root.mkdir(parents=True, exist_ok=True)
     latest = root / "latest"
     digest = _inputs_digest(run_dir, config)
-    if (latest / "inputs.json").is_file() and (latest / "manifest.json").is_file():
-        if json.loads((latest / "inputs.json").read_text())["digest"] == digest:
-            manifest = json.loads((latest / "manifest.json").read_text())
-            return {"version": os.readlink(latest), "reused": True, **manifest}
+    current = latest_version(run_dir)
+    if current and current[1] == digest:
+        manifest = json.loads((latest / "manifest.json").read_text())
+        return {"version": current[0], "reused": True, **manifest}
     version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest[:8]
     manifest = curate(run_dir, config, out_dir=root / version)
     with atomic_path(root / version / "inputs.json") as tmp:

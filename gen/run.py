@@ -7,11 +7,19 @@ to export as each answer arrives: queries.parquet, rejects.jsonl) -> manifest.js
 Exit codes, for schedulers: 0 done (rejected rows are data, not failure); 1 the run itself
 failed; 2 bad usage, or bad input (with --strict any bad line; else no good line at all);
 3 finished but some captions got no answer after every retry (a rerun asks only for those);
+75 another run holds the output directory, nothing done (EX_TEMPFAIL of sysexits.h: a
+temporary condition, retry later; clear of the shell's 126-165 and of capgen's own codes);
 143 stopped by SIGTERM or Ctrl-C (the engine is shut down first; a rerun resumes).
+--dry-run exits 1 when no server would serve the model (none reachable, the key refused, the
+model not listed) or the in-process engine's model directory is missing: as the run would.
+
+Every command logs a `start` event first and a `finished` event last (exit status, its
+meaning, fingerprint, shards version, duration), at a level that follows the exit status.
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import fcntl
 import json
 import logging
@@ -22,10 +30,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from gen import __version__, localmodel, report
+from gen import __version__, localmodel, logs, report
 from gen.atomic import atomic_path, raise_unless_held
-from gen.captions import STDIN, CaptionError, is_stream, read_captions, spooled
-from gen.cli import ConfigError, load_config
+from gen.captions import STDIN, CaptionDigest, CaptionError, is_stream, read_captions, spooled
+from gen.cli import ConfigError, load_config, log_format_hint
 from gen.config import RunConfig, generation_fingerprint, model_identity
 from gen.engines import EngineError, build_engine
 from gen.engines.lazy import LazyEngine
@@ -39,11 +47,40 @@ from schemas import decoding_constraints
 log = logging.getLogger("gen.run")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the output directory; try again later
 EXIT_STOPPED = 128 + signal.SIGTERM  # stopped by SIGTERM or Ctrl-C; what shells report for a kill
+
+# What each exit status means, and the level of the `finished` event that reports it.
+OUTCOMES = {
+    EXIT_OK: (logging.INFO, "done"),
+    EXIT_FAILED: (logging.ERROR, "failed"),
+    EXIT_USAGE: (logging.ERROR, "bad usage or input"),
+    EXIT_INCOMPLETE: (logging.WARNING, "finished, some captions got no answer: a rerun asks only for them"),
+    EXIT_LOCKED: (logging.WARNING, "another run holds the output directory: nothing done, retry later"),
+    EXIT_STOPPED: (logging.WARNING, "stopped by a signal: a rerun resumes"),
+}
+
+# What the command found out for its `finished` event (fingerprint, shards version, ...).
+_facts: contextvars.ContextVar[dict] = contextvars.ContextVar("capgen_facts")
+
+
+def note(**facts) -> None:
+    """Adds facts to the `finished` event of the command running (no-op outside one)."""
+    found = _facts.get(None)
+    if found is not None:
+        found.update(facts)
 
 
 class UsageError(Exception):
     pass
+
+
+class DirectoryLocked(Exception):
+    """Another run holds the output directory."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
 
 
 def resolve_model(config: RunConfig) -> str:
@@ -72,7 +109,9 @@ def lock_out_dir(out_dir: Path):
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "another process"
-        raise UsageError(f"{out_dir} is in use by a running capgen ({holder}); wait for it or use another --out")
+        f.close()
+        raise DirectoryLocked(f"{out_dir} is in use by a running capgen ({holder}); wait for it or use another --out",
+                              out_dir)
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()}\n")
@@ -158,15 +197,32 @@ def _input_name(config: RunConfig) -> str:
 
 
 def dry_run(config: RunConfig, prompts: PromptSet, source: Path) -> int:
-    from gen.plan import plan
+    """The plan, whether curation would publish, and whether the engine could serve the run.
+    Exit 1 when it could not, as the run would fail: a pre-flight check is asked exactly
+    that. Also with nothing to ask: the captions file grows before the scheduled run does."""
+    from gen.plan import check_engine, plan
     fingerprint = generation_fingerprint(config, prompts.digest, decoding_constraints())
+    note(fingerprint=fingerprint)
+    model = resolve_model(config)
     records = read_captions(source, config.max_caption_chars, config.strict, _input_name(config))
     result = plan(records, config, prompts, fingerprint)
-    log.info("dry run: %d captions, %d cached, %d to request (%d-%d requests), ~%s prompt tokens",
-             result["captions"], result["cached"], result["to_request"], result["requests_at_least"],
-             result["requests_at_most"], result["prompt_tokens_estimate"], extra={"fields": {"plan": result}})
+    result["engine"] = check_engine(config, model)
+    cur, engine = result["curation"], result["engine"]
+    log.info("dry run: %d captions, %d cached, %d to request (%d-%d requests), ~%s prompt tokens; "
+             "curation: %s (%s)", result["captions"], result["cached"], result["to_request"],
+             result["requests_at_least"], result["requests_at_most"], result["prompt_tokens_estimate"],
+             "a new version" if cur["new_version"] else "no new version", cur["reason"],
+             extra={"fields": {"event": "dry_run", "plan": result}})
+    for server in engine.get("servers", []):
+        if server["error"]:
+            log.warning("server %s: %s", server["url"], server["error"],
+                        extra={"fields": {"event": "server_check", **server}})
+    if not engine["ready"]:
+        log.error("the engine could not serve this run: %s", "no server answers with the model "
+                  f"{model!r}" if engine["engine"] == "openai" else f"no model directory {model}",
+                  extra={"fields": {"event": "engine_check", "engine": engine}})
     print(json.dumps(result, ensure_ascii=False, indent=2))
-    return EXIT_OK
+    return EXIT_OK if engine["ready"] else EXIT_FAILED
 
 
 async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> int:
@@ -176,11 +232,13 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> in
     constraints = decoding_constraints()
     schema = constraints["caption"]   # the engine's own; gen.generate picks a short caption's
     fingerprint = generation_fingerprint(config, prompts.digest, constraints)
+    note(fingerprint=fingerprint)
     model = resolve_model(config)
     store = AnswerStore(config.cache_path)
     engine = LazyEngine(lambda: build_engine(config, model, schema))
     progress = Progress(count_lines(source), bar=config.progress)
     read = lambda: read_captions(source, config.max_caption_chars, config.strict, _input_name(config))
+    digest = CaptionDigest()   # of the pass that exports: what --dry-run compares against
     try:
         try:
             if config.executor == "ray":
@@ -191,12 +249,12 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> in
                 except ExecutorUnavailable as e:
                     raise UsageError(str(e)) from None
                 generated_at = time.time()
-                exported = export(read(), store=store, fingerprint=fingerprint,
+                exported = export(digest.through(read()), store=store, fingerprint=fingerprint,
                                   model=model_identity(config.model), out_dir=out_dir, failures=stats.failures)
                 exported_at = time.time()
             else:  # exports as it generates: the files are done moments after the last answer
                 with Exporter(out_dir, model_identity(config.model)) as sink:
-                    stats = await generate(read(), engine=engine, prompts=prompts, store=store,
+                    stats = await generate(digest.through(read()), engine=engine, prompts=prompts, store=store,
                                            fingerprint=fingerprint, concurrency=config.concurrency,
                                            force=config.force, repair_rounds=config.repair_rounds,
                                            on_progress=progress, sink=sink)
@@ -210,6 +268,7 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> in
     manifest = {
         "capgen_version": __version__,
         "captions_file": str(config.captions),
+        "captions_digest": digest.hexdigest(),
         "fingerprint": fingerprint,
         "model": model_identity(config.model),
         "template_digest": prompts.digest,
@@ -250,8 +309,15 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> in
         manifest["curation"]["dir"] = f"shards/{cur['version']}"
         manifest["timings"]["curate_s"] = round(time.time() - t, 3)
         manifest["timings"]["total_s"] = round(time.time() - started, 3)
-        log.info("curated: %s pairs in shards/%s%s", cur["stats"]["pairs_out"], cur["version"],
-                 " (unchanged inputs: latest version reused)" if cur["reused"] else "")
+        note(shards_version=cur["version"], shards_reused=cur["reused"])
+        stats_ = cur["stats"]
+        log.info("curated: %s pairs in shards/%s%s", stats_["pairs_out"], cur["version"],
+                 " (unchanged inputs: latest version reused)" if cur["reused"] else "",
+                 extra={"fields": {"event": "curated", "shards_version": cur["version"],
+                                   "shards_reused": cur["reused"], "queries_in": stats_.get("queries_in"),
+                                   "pairs": stats_["pairs_out"], "splits": stats_.get("splits"),
+                                   "dropped_by_reason": stats_.get("dropped_by_reason"),
+                                   "curate_s": manifest["timings"]["curate_s"]}})
     summary = exported.tally.summary()
     manifest["report"] = {k: v for k, v in summary.items() if k != "sample"}
     with atomic_path(out_dir / "report.html") as tmp:
@@ -265,7 +331,10 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> in
              manifest["timings"]["total_s"], c["captions"], c["captions_with_queries"], c["queries"],
              c["cached"], c["input_rejects"], c["rejected"], c["salvaged"], c["failed"], stats.requests,
              stats.prompt_tokens + stats.completion_tokens, out_dir,
-             extra={"fields": {"summary": manifest["counts"], "usage": manifest["usage"]}})
+             extra={"fields": {"event": "summary", "summary": manifest["counts"], "usage": manifest["usage"],
+                               "timings": manifest["timings"],
+                               "captions_per_s": round(c["captions"] / max(manifest["timings"]["total_s"], 1e-3), 3)}})
+    note(captions=c["captions"], queries=c["queries"], failed=c["failed"], requests=stats.requests)
     if stats.input_rejects and not stats.captions:
         # Some bad lines are data; every line bad is the wrong file (a CSV, a JSON array), and a
         # scheduled job must not report an empty success. The rejects are written all the same.
@@ -275,31 +344,82 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> in
     return EXIT_INCOMPLETE if stats.failed else EXIT_OK
 
 
-def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int]) -> int:
-    """What every capgen command shares: settings, logging, and errors turned into exit codes."""
-    from gen import logs
+def start_event(config: RunConfig, command: str) -> tuple[str, dict]:
+    """The `start` event: its text and the main settings. The API key lives only in the
+    environment and is never among them; URLs lose any user, password or query string."""
     try:
-        config = load_config(argv)
+        fingerprint = generation_fingerprint(config, PromptSet(config.prompts).digest, decoding_constraints())
+    except Exception:   # bad templates: the command itself reports them, after this event
+        fingerprint = None
+    note(fingerprint=fingerprint)
+    text = f"{command} started: {config.captions} -> {config.out_dir} ({config.engine}, {config.model})"
+    return text, {"event": "start", "command": command, "capgen_version": __version__, "pid": os.getpid(),
+            "fingerprint": fingerprint, "captions": str(config.captions), "out": str(config.out_dir),
+            "cache": str(config.cache_path), "engine": config.engine, "model": config.model,
+            "base_urls": [logs.public_url(u) for u in config.base_urls], "api_key_env": config.api_key_env,
+            "executor": config.executor, "concurrency": config.concurrency,
+            "repair_rounds": config.repair_rounds, "sampling": config.sampling.model_dump(),
+            "curate": config.curate, "dry_run": config.dry_run, "force": config.force, "strict": config.strict}
+
+
+def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int], command: str = "gen.run",
+          load: Callable[[list[str]], RunConfig] = load_config,
+          start: Callable[[RunConfig, str], tuple[str, dict]] = start_event) -> int:
+    """What every capgen command shares: settings, logging, errors turned into exit codes,
+    and the `start` and `finished` events a scheduler reads. The log format is known before
+    the settings are checked, so that a JSON log is JSON from its first line to its last."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    started = time.monotonic()
+    facts: dict = {}
+    token = _facts.set(facts)
+    try:
+        code = _entry(argv, work, command, load, start)
+    finally:
+        _facts.reset(token)
+    level, meaning = OUTCOMES.get(code, (logging.ERROR, "failed"))
+    fields = {"event": "finished", "command": command, "exit_status": code, "outcome": meaning,
+              "fingerprint": None, "shards_version": None, "shards_reused": None,
+              "duration_s": round(time.monotonic() - started, 3), **facts}
+    log.log(level, "%s finished: exit %d, %s", command, code, meaning, extra={"fields": fields})
+    return code
+
+
+def _entry(argv: list[str], work: Callable, command: str, load: Callable, start: Callable) -> int:
+    fmt = log_format_hint(argv)
+    logs.setup(fmt)
+    try:
+        config = load(argv)
     except ConfigError as e:
-        logs.setup("text")
-        log.error("%s", e)
+        if e.usage and fmt == "text":
+            sys.stderr.write(e.usage)   # as argparse would show it
+        log.error("%s", e, extra={"fields": {"event": "error", "kind": "usage"}})
         return EXIT_USAGE
     logs.setup(config.log_format)
+    text, fields = start(config, command)
+    log.info("%s", text, extra={"fields": fields})
     try:
         return work(config)
+    except DirectoryLocked as e:
+        log.warning("%s", e, extra={"fields": {"event": "locked", "out": str(e.path)}})
+        return EXIT_LOCKED
     except (UsageError, CaptionError, PromptError) as e:
-        log.error("%s", e)
+        log.error("%s", e, extra={"fields": {"event": "error", "kind": "usage"}})
         return EXIT_USAGE
     except EngineError as e:
-        log.error("engine failed: %s", e)
+        log.error("engine failed: %s", e, extra={"fields": {"event": "error", "kind": "engine"}})
         return EXIT_FAILED
     except OSError as e:
-        log.error("cannot read or write: %s", e)
+        log.error("cannot read or write: %s", e, extra={"fields": {"event": "error", "kind": "io"}})
         return EXIT_FAILED
     except (asyncio.CancelledError, KeyboardInterrupt):
-        log.error("stopped before the end: every answer received so far is stored, and a rerun "
-                  "resumes from there; the output files were left as they were")
+        log.warning("stopped before the end: every answer received so far is stored, and a rerun "
+                    "resumes from there; the output files were left as they were",
+                    extra={"fields": {"event": "stopped"}})
         return EXIT_STOPPED
+    except Exception as e:   # a defect: still one log line and a finished event, then exit 1
+        log.exception("unexpected failure: %s: %s", type(e).__name__, e,
+                      extra={"fields": {"event": "error", "kind": "unexpected"}})
+        return EXIT_FAILED
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, read_jsonl, read_rows, write_jsonl
 from fake_openai import FakeOpenAI, default_answer
 
-from gen.run import EXIT_FAILED, EXIT_OK, main
+from gen.run import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, main
 from schemas import CaptionQueries
 
 SHARED = ROOT.parent / "shared" / "data" / "capretrieval" / "captions.jsonl"
@@ -275,7 +275,7 @@ def test_stale_lock_from_a_killed_run_is_not_a_lock(tmp_path, sample_captions):
     assert holder.stdout.readline().strip() == "held"
     path = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:3])
     with FakeOpenAI() as fake:
-        assert main(cli(path, out, fake.base_url)) == 2  # held: refused, with the holder's pid
+        assert main(cli(path, out, fake.base_url)) == EXIT_LOCKED  # held: refused, with the holder's pid
         holder.send_signal(signal.SIGKILL)
         holder.wait()
         assert (out / ".lock").exists()  # the file stays...

@@ -3,28 +3,38 @@
 Re-curates a finished generation run with other settings, without calling the LLM. Every
 CurateConfig field is an option (--near-dup-threshold 0.7, --summary-share 0.3, ...);
 tuple fields repeat (--decontaminate-against a.jsonl --decontaminate-against b.jsonl).
+Exit codes and log events are gen.run's (--log-format json for one JSON object a line); a
+new version under RUN_DIR/shards/ takes the run directory's lock, as gen.run does (exit 75).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from pydantic import ValidationError
 
 from gen.curate import CurateConfig, curate
 from gen.settings import describe, problems
 
+log = logging.getLogger("gen.curate")
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gen.curate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from gen.cli import Parser
+    p = Parser(prog="python -m gen.curate", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queries", required=True, type=Path, metavar="RUN_DIR",
                    help="run directory with queries.parquet and captions.parquet")
     p.add_argument("--out", type=Path, help="output folder (default: a new version under "
                    "RUN_DIR/shards/, and shards/latest moved to it, as gen.run does)")
+    p.add_argument("--log-format", choices=["text", "json"],
+                   help="json: one object per line, for scheduled jobs (default: $CAPGEN_LOG_FORMAT or text)")
     for name, field in CurateConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         is_tuple = typing.get_origin(field.annotation) is tuple
@@ -37,7 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Job:
+    run_dir: Path
+    out: Optional[Path]
+    config: CurateConfig
+    log_format: str
+
+
+def load(argv: list[str]) -> Job:
+    from gen.cli import ConfigError, log_format_hint
     args = _parser().parse_args(argv)
     settings = {}
     for name in CurateConfig.model_fields:
@@ -53,21 +72,52 @@ def main(argv: list[str] | None = None) -> int:
         config = CurateConfig.model_validate(settings)   # pydantic parses "0.7", "12", ...
     except ValidationError as e:
         flag = lambda names: "--" + names[-1].replace("_", "-")
-        print("invalid settings: " + "; ".join(problems(e, CurateConfig, flag)), file=sys.stderr)
-        return 2
+        raise ConfigError("invalid settings: " + "; ".join(problems(e, CurateConfig, flag))) from None
+    return Job(args.queries, args.out, config, args.log_format or log_format_hint(argv))
+
+
+def start_event(job: Job, command: str) -> tuple[str, dict]:
+    from gen.run import note
+    fingerprint = job.config.fingerprint()
+    note(fingerprint=fingerprint)
+    out = str(job.out) if job.out else str(job.run_dir / "shards")
+    return f"{command} started: {job.run_dir} -> {out}", {
+        "event": "start", "command": command, "run_dir": str(job.run_dir), "out": out,
+        "fingerprint": fingerprint, "settings": job.config.model_dump(mode="json")}
+
+
+def work(job: Job) -> int:
+    from gen.run import UsageError, lock_out_dir, note
+    if not job.run_dir.is_dir():
+        raise UsageError(f"{job.run_dir}: no such run directory")
     try:
-        if args.out is None:
+        if job.out is None:
             from gen.publish import curate_versioned  # the same versions and pointer as gen.run
-            manifest = curate_versioned(args.queries, config)
+            lock = lock_out_dir(job.run_dir)          # and the same one writer at a time
+            try:
+                manifest = curate_versioned(job.run_dir, job.config)
+            finally:
+                lock.close()
+            note(shards_version=manifest["version"], shards_reused=manifest["reused"])
         else:
-            manifest = curate(args.queries, config, args.out)
+            manifest = curate(job.run_dir, job.config, job.out)
     except FileNotFoundError as e:   # a run or judge file the settings need
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     summary = {k: manifest["stats"][k] for k in ("queries_in", "pairs_out", "dropped_by_reason", "splits")}
+    log.info("curated: %s pairs from %s queries", summary["pairs_out"], summary["queries_in"],
+             extra={"fields": {"event": "curated", "shards_version": manifest.get("version"),
+                               "shards_reused": manifest.get("reused"), "queries_in": summary["queries_in"],
+                               "pairs": summary["pairs_out"], "splits": summary["splits"],
+                               "dropped_by_reason": summary["dropped_by_reason"],
+                               "curate_s": manifest["timings_s"].get("total")}})
     print(json.dumps({"fingerprint": manifest["fingerprint"], **summary,
                       "timings_s": manifest["timings_s"]}, ensure_ascii=False, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gen.run import entry
+    return entry(argv, work, command="gen.curate", load=load, start=start_event)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from gen.logs import public_url
+
 log = logging.getLogger(__name__)
 
 
@@ -57,8 +59,11 @@ class ServerPool:
             server.down_until = self.clock() + self.cooldown
             server.consecutive_failures = 0
             server.taken_out += 1
-            log.warning("server %s failed %d times in a row; out for %.0f s",
-                        server.url, self.failures_to_eject, self.cooldown)
+            url = public_url(server.url)
+            log.warning("server %s failed %d times in a row; out for %.0f s", url, self.failures_to_eject,
+                        self.cooldown, extra={"fields": {"event": "server_out", "server": url,
+                                                         "failures": server.failures, "taken_out": server.taken_out,
+                                                         "cooldown_s": self.cooldown}})
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"url": s.url, "requests": s.requests, "failures": s.failures,
