@@ -136,7 +136,7 @@ def test_judge_usage_error_of_its_own_flag_is_json(tmp_path, capsys):
 def test_an_unexpected_failure_is_one_json_line_with_its_traceback(tmp_path, captions, capsys, monkeypatch):
     import gen.run
 
-    async def broken(config):
+    async def broken(*args):
         raise RuntimeError("a defect")
     monkeypatch.setattr(gen.run, "_run_locked", broken)
     with FakeOpenAI() as fake:
