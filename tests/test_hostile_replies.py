@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import read_jsonl, read_rows, write_jsonl
-from fake_openai import FakeOpenAI
+from fake_openai import FakeOpenAI, default_answer
 
 from gen.config import Sampling
 from gen.engines import EngineError, RetryPolicy
@@ -251,6 +251,17 @@ def test_a_reply_of_another_shape_is_a_reject_with_its_reason(tmp_path, captions
     assert len(rejects) == 12 and all(reason in r["reason"] for r in rejects)
     with FakeOpenAI() as good:
         assert run(captions, out, good) == EXIT_OK and len(good.requests) == 12
+
+
+def test_an_answer_nested_past_the_stack_is_an_invalid_answer(tmp_path, captions, sample_captions):
+    target = sample_captions[0]
+    deep = '{"entities": ' + "[" * 50_000 + "]" * 50_000 + "}"   # 100 kB: inside the reply limit
+    out = tmp_path / "out"
+    with FakeOpenAI(answer=lambda caption, body: deep if caption == target["text"] else default_answer(caption)) as fake:
+        assert run(captions, out, fake) == EXIT_OK
+        assert fake.count_for(target["text"]) == 2   # the repair round saw the error, not a traceback
+    (rej,) = read_jsonl(out / "rejects.jsonl")
+    assert rej["caption_id"] == target["id"] and "nested too deeply" in rej["reason"]
 
 
 def test_usage_of_the_wrong_type_counts_nothing_and_keeps_the_answer(tmp_path, captions):
