@@ -341,7 +341,7 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> in
         log.error("no line of %s is a caption (%d rejected, reasons in %s): check the file's format",
                   config.captions, stats.input_rejects, out_dir / "rejects.jsonl")
         return EXIT_USAGE
-    return EXIT_INCOMPLETE if stats.failed else EXIT_OK
+    return EXIT_INCOMPLETE if stats.failed or exported.unreadable else EXIT_OK
 
 
 def start_event(config: RunConfig, command: str) -> tuple[str, dict]:
