@@ -350,7 +350,7 @@ def test_curate_shares_the_exit_codes_the_lock_and_the_json_log(tmp_path, captio
     finished(json_lines(capsys.readouterr().err), EXIT_LOCKED)
     assert curate_main(["--queries", str(out), "--log-format", "json", "--negatives", "-1"]) == EXIT_USAGE
     lines = json_lines(capsys.readouterr().err)
-    assert "invalid settings: negatives" in lines[0]["message"] and lines[0]["event"] == "error"
+    assert "invalid settings: --negatives" in lines[0]["message"] and lines[0]["event"] == "error"
     finished(lines, EXIT_USAGE)
     assert curate_main(["--queries", str(tmp_path / "nothing"), "--log-format", "json"]) == EXIT_USAGE
     finished(json_lines(capsys.readouterr().err), EXIT_USAGE)

@@ -271,7 +271,7 @@ def test_captions_from_standard_input(tmp_path, sample_captions, name):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with FakeOpenAI() as fake:
         cmd = [PY, "-m", "gen.run", "--captions", name, "--out", str(out), "--base-url", fake.base_url,
-               "--model", "m", "--no-progress", "--no-curate"]
+               "--model", "fake-model", "--no-progress", "--no-curate"]
         dry = subprocess.run([*cmd, "--dry-run"], input=data, capture_output=True, cwd=ROOT, env=env, timeout=120)
         assert dry.returncode == EXIT_OK, dry.stderr.decode()
         plan = json.loads(dry.stdout)
