@@ -9,6 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# All 3,024 CapRetrieval captions, kept in the repository (fixtures/README.md).
+CAPRETRIEVAL_CAPTIONS = FIXTURES / "capretrieval_captions.jsonl"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/fake_openai.py
 
 

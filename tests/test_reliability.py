@@ -15,19 +15,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, read_jsonl, read_rows, write_jsonl
+from conftest import CAPRETRIEVAL_CAPTIONS, ROOT, read_jsonl, read_rows, write_jsonl
 from fake_openai import FakeOpenAI, default_answer
 
 from gen.run import EXIT_FAILED, EXIT_OK, main
 from schemas import CaptionQueries
 
-SHARED = ROOT.parent / "shared" / "data" / "capretrieval" / "captions.jsonl"
-
 
 def real_captions(n: int) -> list[dict]:
-    if not SHARED.is_file():
-        pytest.skip("shared CapRetrieval captions not available")
-    with SHARED.open(encoding="utf-8") as f:
+    with CAPRETRIEVAL_CAPTIONS.open(encoding="utf-8") as f:
         return [json.loads(next(f)) for _ in range(n)]
 
 
