@@ -15,9 +15,10 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from gen.atomic import atomic_path
+from gen.card import write_card
 from gen.curate import CurateConfig, curate, judged
 
 KEEP_VERSIONS = 5
@@ -50,7 +51,10 @@ def _prune(root: Path, keep: int, current: str) -> None:
             shutil.rmtree(old)
 
 
-def curate_versioned(run_dir: Path, config: CurateConfig, keep: int = KEEP_VERSIONS) -> dict[str, Any]:
+def curate_versioned(run_dir: Path, config: CurateConfig, keep: int = KEEP_VERSIONS,
+                     generation: Optional[dict] = None) -> dict[str, Any]:
+    """generation: the run's manifest, for the dataset card (gen/card.py); None reads the
+    finished run's manifest.json."""
     root = run_dir / "shards"
     root.mkdir(parents=True, exist_ok=True)
     latest = root / "latest"
@@ -61,6 +65,7 @@ def curate_versioned(run_dir: Path, config: CurateConfig, keep: int = KEEP_VERSI
             return {"version": os.readlink(latest), "reused": True, **manifest}
     version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest[:8]
     manifest = curate(run_dir, config, out_dir=root / version)
+    write_card(root / version, run_dir, config, manifest, generation)
     with atomic_path(root / version / "inputs.json") as tmp:
         tmp.write_text(json.dumps({"digest": digest, "curation_fingerprint": config.fingerprint()}) + "\n")
     _point(latest, version)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from gen import __version__, localmodel, report
-from gen.atomic import atomic_path, raise_unless_held
+from gen.atomic import atomic_path, raise_unless_held, sha256_file
 from gen.captions import CaptionError, read_captions
 from gen.cli import ConfigError, load_config
 from gen.config import RunConfig, generation_fingerprint, model_identity
@@ -190,6 +190,7 @@ async def _run_locked(config: RunConfig) -> int:
     manifest = {
         "capgen_version": __version__,
         "captions_file": str(config.captions),
+        "captions_sha256": sha256_file(config.captions),
         "fingerprint": fingerprint,
         "model": model_identity(config.model),
         "template_digest": prompts.digest,
@@ -225,7 +226,7 @@ async def _run_locked(config: RunConfig) -> int:
     if config.curate and exported.queries:
         from gen.publish import curate_versioned
         t = time.time()
-        cur = curate_versioned(out_dir, config.curation)
+        cur = curate_versioned(out_dir, config.curation, generation=manifest)
         manifest["curation"] = {k: cur[k] for k in ("version", "reused", "fingerprint", "stats", "files")}
         manifest["curation"]["dir"] = f"shards/{cur['version']}"
         manifest["timings"]["curate_s"] = round(time.time() - t, 3)

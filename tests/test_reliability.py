@@ -14,7 +14,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
 from conftest import CAPRETRIEVAL_CAPTIONS, ROOT, read_jsonl, read_rows, write_jsonl
 from fake_openai import FakeOpenAI, default_answer
 
