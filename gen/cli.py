@@ -23,7 +23,7 @@ from gen.settings import describe, problems
 PATH_FIELDS = ("captions", "out", "cache", "prompts")
 SAMPLING_FIELDS = tuple(Sampling.model_fields)
 # Curation settings reachable by flag; the rest go in the file's [curation] table.
-CURATION_FLAGS = ("decontaminate_against",)
+CURATION_FLAGS = ("decontaminate_against", "dataset_license")
 
 
 class ConfigError(ValueError):
@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
       help="stop after generation (curate later with python -m gen.curate)")
     a("--decontaminate-against", action="append", type=Path,
       help="drop captions too close (ROUGE-L > 0.6) to this evaluation set (records with text, as captions: JSON lines, compressed or not, or parquet); repeatable")
+    a("--dataset-license", help="the licence each shard version's dataset card states, e.g. cc-by-4.0 (default: unknown)")
     a("--dry-run", action="store_true", help="say what would be generated and its cost, whether curation would "
       "publish, and whether each server lists the model (GET /v1/models; exit 1 if none would serve); "
       "generate nothing, write nothing")

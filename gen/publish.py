@@ -15,9 +15,10 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from gen.atomic import atomic_path
+from gen.card import write_card
 from gen.curate import CurateConfig, curate, judged
 
 KEEP_VERSIONS = 5
@@ -65,7 +66,10 @@ def reusable(run_dir: Path, config: CurateConfig) -> str | None:
     return current[0] if current and current[1] == _inputs_digest(run_dir, config) else None
 
 
-def curate_versioned(run_dir: Path, config: CurateConfig, keep: int = KEEP_VERSIONS) -> dict[str, Any]:
+def curate_versioned(run_dir: Path, config: CurateConfig, keep: int = KEEP_VERSIONS,
+                     generation: Optional[dict] = None) -> dict[str, Any]:
+    """generation: the run's manifest, for the dataset card (gen/card.py); None reads the
+    finished run's manifest.json."""
     root = run_dir / "shards"
     root.mkdir(parents=True, exist_ok=True)
     latest = root / "latest"
@@ -76,6 +80,7 @@ def curate_versioned(run_dir: Path, config: CurateConfig, keep: int = KEEP_VERSI
         return {"version": current[0], "reused": True, **manifest}
     version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest[:8]
     manifest = curate(run_dir, config, out_dir=root / version)
+    write_card(root / version, run_dir, config, manifest, generation)
     with atomic_path(root / version / "inputs.json") as tmp:
         tmp.write_text(json.dumps({"digest": digest, "curation_fingerprint": config.fingerprint()}) + "\n")
     _point(latest, version)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from gen import __version__, localmodel, logs, report
-from gen.atomic import atomic_path, raise_unless_held
+from gen.atomic import atomic_path, raise_unless_held, sha256_file
 from gen.captions import STDIN, CaptionDigest, CaptionError, is_stream, read_captions, spooled
 from gen.cli import ConfigError, load_config, log_format_hint
 from gen.config import RunConfig, generation_fingerprint, model_identity
@@ -269,6 +269,7 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> in
         "capgen_version": __version__,
         "captions_file": str(config.captions),
         "captions_digest": digest.hexdigest(),
+        "captions_sha256": sha256_file(source),
         "fingerprint": fingerprint,
         "model": model_identity(config.model),
         "template_digest": prompts.digest,
@@ -304,7 +305,7 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> in
     if config.curate and exported.queries:
         from gen.publish import curate_versioned
         t = time.time()
-        cur = curate_versioned(out_dir, config.curation)
+        cur = curate_versioned(out_dir, config.curation, generation=manifest)
         manifest["curation"] = {k: cur[k] for k in ("version", "reused", "fingerprint", "stats", "files")}
         manifest["curation"]["dir"] = f"shards/{cur['version']}"
         manifest["timings"]["curate_s"] = round(time.time() - t, 3)

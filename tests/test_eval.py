@@ -121,6 +121,21 @@ def test_cli_coverage_and_bad_pairs(tmp_path, sample_captions, capsys):
     assert "cr.404" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("absent", ["embedding", "sentence_transformers"])
+def test_encoder_commands_without_the_opt_in_eval_parts_say_how_to_add_them(tmp_path, sample_captions, capsys,
+                                                                          monkeypatch, absent):
+    # What a machine set up without CAPGEN_EVAL=1 has: neither the eval extra nor the encoder.
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == absent else find_spec(name, *a))
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_captions[:3])
+    labels = write_jsonl(tmp_path / "l.jsonl", [{"id": "q", "query": "燃气表", "type": "singleton_object",
+                                                 "positives": [{"id": "cr.0", "score": 2}]}])
+    assert main(["zeroshot", "--corpus", str(corpus), "--labels", str(labels)]) == 2
+    err = capsys.readouterr().err
+    assert "CAPGEN_EVAL=1 bash scripts/setup.sh" in err and "research use" in err
+
+
 HARD_CORPUS = {
     "c1": "墙上的燃气表旁边有管道",
     "c2": "厨房里的燃气灶和管道",
@@ -185,11 +200,10 @@ def test_clean_batches_keep_out_captions_that_contain_another_query():
 
 
 @pytest.mark.slow
-def test_finetune_protocol_end_to_end_moves_the_encoder(tmp_path, sample_captions):
+def test_finetune_protocol_end_to_end_moves_the_encoder(tmp_path, sample_captions, eval_encoder):
     """The real encoder (m3e-small) through the real protocol, on 64 pairs: the command
     records protocol, coverage and nDCG, and training changes the scores. Minutes, not
     the 12,000-pair run: that one is a benchmark (docs/quality.md)."""
-    pytest.importorskip("sentence_transformers")
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_captions)
     labels = write_jsonl(tmp_path / "l.jsonl", [
         {"id": "q1", "query": "燃气表", "type": "singleton_object", "positives": [{"id": "cr.0", "score": 2}]},
@@ -279,10 +293,9 @@ def test_screen_batches_never_repeat_a_text_and_use_every_pair():
 
 
 @pytest.mark.slow
-def test_gpu_screen_prep_and_train_run_on_cpu(tmp_path, sample_captions):
+def test_gpu_screen_prep_and_train_run_on_cpu(tmp_path, sample_captions, eval_encoder):
     """The screen's two halves end to end on 64 pairs: prep writes the fp16 encoder and the
     drawn pairs, train records zero-shot and one run per (variant, seed)."""
-    pytest.importorskip("sentence_transformers")
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_captions)
     labels = write_jsonl(tmp_path / "l.jsonl", [
         {"id": "q1", "query": "燃气表", "type": "singleton_object", "positives": [{"id": "cr.0", "score": 2}]}])

@@ -9,11 +9,14 @@ cd "$(dirname "$0")/../.."
 N=${1:-512}
 W=${2:-/tmp/capgen-quality}
 SEEDS=${SEEDS:-0}
-DATA=${CAPGEN_DATA:-../shared/data/capretrieval}
+CAPTIONS=tests/fixtures/capretrieval_captions.jsonl
+# The labelled dev queries are kept outside the repository (docs/quality.md).
+LABELS=${CAPGEN_DATA:-../shared/data/capretrieval}/dev_queries.jsonl
+[ -f "$LABELS" ] || { echo "no labelled queries at $LABELS: set CAPGEN_DATA to the folder holding dev_queries.jsonl" >&2; exit 2; }
 PY=.venv/bin/python
 mkdir -p "$W"
-head -n "$N" "$DATA/captions.jsonl" > "$W/captions$N.jsonl"
-E=(--corpus "$DATA/captions.jsonl" --labels "$DATA/dev_queries.jsonl" --results "$W/results.jsonl")
+head -n "$N" "$CAPTIONS" > "$W/captions$N.jsonl"
+E=(--corpus "$CAPTIONS" --labels "$LABELS" --results "$W/results.jsonl")
 
 $PY -m gen.eval zeroshot "${E[@]}" --name zero-shot
 # Baseline 1: jieba nouns and verbs of the same captions.
