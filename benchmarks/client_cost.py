@@ -9,7 +9,7 @@ concurrency) through several HTTP client set-ups, K in flight, and reports this 
 seconds per request (time.process_time over the timed loop; the server's CPU is not in it):
 
   engine         capgen's OpenAIEngine as it is (one aiohttp session, retries, server pool)
-  sdk            the openai SDK, default httpx transport: how capgen's engine sent requests before
+  sdk            the openai SDK, default httpx transport (the SDK as shipped)
   keepalive      the SDK with an httpx pool keeping K connections alive (default keeps 100)
   aiohttp_sdk    the SDK with its aiohttp transport (openai.DefaultAioHttpClient), pool of K
   aiohttp_post   same, request sent with client.post(...) (skips the SDK's params transform)

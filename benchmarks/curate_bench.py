@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from gen.curate import CurateConfig, curate  # noqa: E402
 
-CAPTIONS = ROOT.parent / "shared/data/capretrieval/captions.jsonl"
+CAPTIONS = ROOT / "tests" / "fixtures" / "capretrieval_captions.jsonl"
 HYPERNYMS = ("物品", "动物", "建筑", "交通工具", "食物", "人物", "植物", "电子产品", "文件", "家具",
              "风景", "服装", "商品", "标志", "工具")
 GENERIC = ("图片", "这张照片", "画面")

@@ -53,8 +53,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-CAPTIONS = Path("/work/shared/data/capretrieval/captions.jsonl")
-FALLBACK_CAPTIONS = ROOT / "examples" / "captions.jsonl"
+# All 3,024 CapRetrieval captions, kept in the repository (tests/fixtures/README.md).
+CAPTIONS = ROOT / "tests" / "fixtures" / "capretrieval_captions.jsonl"
 TOKENIZER = Path.home() / ".cache" / "capgen" / "models" / "qwen2.5-coder-0.5b-instruct"
 PYTHON = sys.executable
 
@@ -533,7 +533,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "(default 32 64 128 256 512 at N=2000; --small 16 at N=200); empty to skip")
     ap.add_argument("--sweep-n", type=int, help="N for the sweep (default 2000; --small 200)")
     ap.add_argument("--token-captions", type=int, help="captions for token accounting (default 300; --small 50; 0 skips)")
-    ap.add_argument("--captions", type=Path, default=CAPTIONS if CAPTIONS.exists() else FALLBACK_CAPTIONS)
+    ap.add_argument("--captions", type=Path, default=CAPTIONS)
     ap.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep each run's files")
     ap.add_argument("--json-out", type=Path)

@@ -50,15 +50,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CAPTIONS = Path("/work/shared/data/capretrieval/captions.jsonl")
-FALLBACK_CAPTIONS = ROOT / "examples" / "captions.jsonl"
 CURATOR_PYTHON = Path("/tmp/curator-venv/bin/python")
 PYTHON = sys.executable
 
 
 # The same captions, limit, server and machine record as gen_bench.py: one definition, imported.
 from gen_bench import (  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-    base_captions, cycled as _cycle, extra_flags, fifo_makespan, lower_bound, machine,
+    CAPTIONS, base_captions, cycled as _cycle, extra_flags, fifo_makespan, lower_bound, machine,
     service_times, start_server, stop_server,
 )
 
@@ -196,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = a.work or Path(tempfile.mkdtemp(prefix="peer_curator_"))
     work.mkdir(parents=True, exist_ok=True)
-    rows = cycled(CAPTIONS if CAPTIONS.exists() else FALLBACK_CAPTIONS, a.n)
+    rows = cycled(CAPTIONS, a.n)
     cap_file = work / "captions.jsonl"
     with cap_file.open("w", encoding="utf-8") as f:
         for r in rows:

@@ -24,12 +24,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CAPTIONS = ROOT.parent / "shared" / "data" / "capretrieval" / "captions.jsonl"
+CAPTIONS = ROOT / "tests" / "fixtures" / "capretrieval_captions.jsonl"
 
 
 def captions(n: int) -> list[dict]:
-    src = CAPTIONS if CAPTIONS.is_file() else ROOT / "examples" / "captions.jsonl"
-    rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(line) for line in CAPTIONS.read_text(encoding="utf-8").splitlines()]
     return [{"id": f"b{i}", "text": rows[i % len(rows)]["text"] + ("" if i < len(rows) else f"（{i}）")}
             for i in range(n)]
 

@@ -8,15 +8,21 @@ from a 64-bit hash and a line number per id seen (needed to refuse duplicates).
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import hashlib
 import io
 import json
 import lzma
+import os
+import shutil
+import stat
+import sys
+import tempfile
 import unicodedata
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Union
+from typing import Any, BinaryIO, Iterator, Optional, Union
 
 from pydantic import ValidationError
 
@@ -25,7 +31,7 @@ from schemas import Caption, Reject
 BOM = b"\xef\xbb\xbf"
 
 # The format is told by the first bytes, not the name: caption dumps come as captions.jsonl.gz,
-# as data.gz, as parquet named .pq; read as text, any of them used to become one reject
+# as data.gz, as parquet named .pq; read as text, any of them would become one reject
 # ("invalid UTF-8") and a run with nothing in it.
 MAGIC = ((b"PAR1", "parquet"), (b"\x1f\x8b", "gzip"), (b"(\xb5/\xfd", "zstd"), (b"BZh", "bz2"),
          (b"\xfd7zXZ\x00", "xz"))
@@ -152,10 +158,71 @@ def _read_parquet(path: Path, checker: _Checker) -> Iterator[Union[Caption, Reje
             yield checker.check(row, record, record)
 
 
-def read_captions(path: Path, max_chars: int, strict: bool = False) -> Iterator[Union[Caption, Reject]]:
-    """Line numbers are 1-based (of the decompressed text); for parquet they count rows."""
-    checker = _Checker(path, max_chars, strict)
+def read_captions(path: Path, max_chars: int, strict: bool = False,
+                  name: Optional[str] = None) -> Iterator[Union[Caption, Reject]]:
+    """Line numbers are 1-based (of the decompressed text); for parquet they count rows.
+    `name`: what rejects and errors call the input, when `path` is a copy of a stream."""
+    checker = _Checker(Path(name) if name else path, max_chars, strict)
     kind = input_format(path)
     if kind == "parquet":
         return _read_parquet(path, checker)
     return _read_jsonl(path, checker, kind)
+
+
+STDIN = Path("-")
+
+
+def is_stream(path: Path) -> bool:
+    """`-` (standard input), a pipe, a FIFO, a terminal: bytes that can be read only once."""
+    if path == STDIN:
+        return True
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
+
+
+@contextlib.contextmanager
+def spooled(path: Path, directory: Optional[Path]) -> Iterator[Path]:
+    """A regular file to read as often as needed: `path` itself, or a stream's bytes copied
+    once into `directory` (None: the system's temporary directory) and removed afterwards.
+    A run reads its input more than once: the format is told by the first bytes, the
+    progress bar counts lines, parquet is read by seeking, the Ray executor reads it twice."""
+    if not is_stream(path):
+        yield path
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".captions-", suffix=".stream", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as copy:
+            if path == STDIN:
+                shutil.copyfileobj(sys.stdin.buffer, copy, 1 << 20)
+            else:
+                with path.open("rb") as stream:
+                    shutil.copyfileobj(stream, copy, 1 << 20)
+        yield Path(tmp)
+    finally:
+        os.unlink(tmp)
+
+
+class CaptionDigest:
+    """What a run read, order-free and in constant memory: the sum of each caption's hash
+    (id, text, extra). A run records it in its manifest; --dry-run compares it to tell
+    whether a rerun would export the same captions."""
+
+    def __init__(self):
+        self.total, self.count = 0, 0
+
+    def add(self, record: Caption) -> None:
+        blob = json.dumps([record.id, record.text, record.extra], ensure_ascii=False, sort_keys=True)
+        self.total = (self.total + int.from_bytes(hashlib.sha256(blob.encode("utf-8", "surrogatepass")).digest(), "big")) % (1 << 256)
+        self.count += 1
+
+    def through(self, records: Iterator[Union[Caption, Reject]]) -> Iterator[Union[Caption, Reject]]:
+        for record in records:
+            if isinstance(record, Caption):
+                self.add(record)
+            yield record
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(f"{self.count}:{self.total}".encode()).hexdigest()

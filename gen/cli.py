@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -17,21 +18,36 @@ from typing import Any, Mapping, Optional
 from pydantic import ValidationError
 
 from gen.config import RunConfig, Sampling
+from gen.settings import describe, problems
 
 PATH_FIELDS = ("captions", "out", "cache", "prompts")
 SAMPLING_FIELDS = tuple(Sampling.model_fields)
 # Curation settings reachable by flag; the rest go in the file's [curation] table.
-CURATION_FLAGS = ("decontaminate_against",)
+CURATION_FLAGS = ("decontaminate_against", "dataset_license")
 
 
 class ConfigError(ValueError):
-    pass
+    def __init__(self, message: str, usage: Optional[str] = None):
+        super().__init__(message)
+        self.usage = usage
+
+
+class Parser(argparse.ArgumentParser):
+    """Raises ConfigError where argparse would print and exit: the caller logs it in the
+    job's log format, and a JSON log stays JSON from its first line."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message}", usage=self.format_usage())
 
 
 def _parser() -> argparse.ArgumentParser:
-    d, s = RunConfig.model_fields, Sampling()
+    d = RunConfig.model_fields
+
+    def r(name: str, model=RunConfig) -> str:  # the range the model enforces, and the default
+        field = model.model_fields[name]
+        return f"{describe(field)}; default: {field.default}"
     S = argparse.SUPPRESS  # an absent flag must not override the file or the environment
-    ap = argparse.ArgumentParser(prog="python -m gen.run", argument_default=S,
+    ap = Parser(prog="python -m gen.run", argument_default=S,
                                  description="Generate entity- and event-level queries for captions.")
     a = ap.add_argument
     a("--config", type=Path, help="TOML file with any of the settings below (flags win)")
@@ -45,19 +61,19 @@ def _parser() -> argparse.ArgumentParser:
     a("--api-key-env", help=f"environment variable holding the API key (default: {d['api_key_env'].default})")
     a("--prompts", type=Path, help="directory of templates replacing the bundled prompts/")
     a("--executor", choices=["local", "ray"], help="where generation runs (default: local; ray: a Ray cluster, see docs/ray.md)")
-    a("--ray-actors", type=int, help=f"--executor ray: actor pool size (default: {d['ray_actors'].default})")
-    a("--concurrency", type=int, help=f"requests in flight; for vLLM the largest batch (default: {d['concurrency'].default})")
-    a("--timeout", type=float, help=f"seconds per request (default: {d['timeout'].default})")
-    a("--max-attempts", type=int, help=f"tries per request on transient faults (default: {d['max_attempts'].default})")
-    a("--retry-wait", type=float, help=f"first backoff in seconds, doubling with jitter (default: {d['retry_wait'].default})")
+    a("--ray-actors", type=int, help=f"--executor ray: actor pool size ({r('ray_actors')})")
+    a("--concurrency", type=int, help=f"requests in flight; for vLLM the largest batch ({r('concurrency')})")
+    a("--timeout", type=float, help=f"seconds per request ({r('timeout')})")
+    a("--max-attempts", type=int, help=f"tries per request on transient faults ({r('max_attempts')})")
+    a("--retry-wait", type=float, help=f"first backoff in seconds, doubling with jitter ({r('retry_wait')})")
     a("--repair-rounds", type=int,
-      help=f"requests after an invalid answer, each showing the model its error, 0-5 (default: {d['repair_rounds'].default})")
-    a("--temperature", type=float, help=f"(default: {s.temperature})")
-    a("--top-p", type=float, help=f"(default: {s.top_p})")
-    a("--max-tokens", type=int, help=f"(default: {s.max_tokens})")
-    a("--seed", type=_seed, help=f"an integer, or 'none' to send no seed (default: {s.seed})")
-    a("--max-caption-chars", type=int, help=f"longer captions are rejected (default: {d['max_caption_chars'].default})")
-    a("--max-model-len", type=int, help=f"vLLM context length (default: {d['max_model_len'].default})")
+      help=f"requests after an invalid answer, each showing the model its error ({r('repair_rounds')})")
+    a("--temperature", type=float, help=f"({r('temperature', Sampling)})")
+    a("--top-p", type=float, help=f"({r('top_p', Sampling)})")
+    a("--max-tokens", type=int, help=f"({r('max_tokens', Sampling)})")
+    a("--seed", type=_seed, help=f"'none' sends no seed ({r('seed', Sampling)})")
+    a("--max-caption-chars", type=int, help=f"longer captions are rejected ({r('max_caption_chars')})")
+    a("--max-model-len", type=int, help=f"vLLM context length, more than --max-tokens ({r('max_model_len')})")
     a("--vllm-arg", dest="vllm_args", action="append", type=_key_value, metavar="KEY=VALUE",
       help="passed to vllm.LLM, e.g. tensor_parallel_size=2 (VALUE read as JSON when it parses); repeatable")
     a("--allow-thinking", dest="disable_thinking", action="store_false",
@@ -66,15 +82,18 @@ def _parser() -> argparse.ArgumentParser:
     a("--force", action="store_true", help="regenerate answers already in the store")
     a("--no-curate", dest="curate", action="store_false",
       help="stop after generation (curate later with python -m gen.curate)")
-    a("--keep-versions", type=int, help=f"curated versions kept under <out>/shards/ (default: {d['keep_versions'].default})")
+    a("--keep-versions", type=int, help=f"curated versions kept under <out>/shards/ ({r('keep_versions')})")
     a("--min-share-of-previous", type=float,
       help="refuse to publish when the captions (or curated pairs) fall below this share of the previous "
-           f"run's, keeping the previous outputs, 0-1 (default: {d['min_share_of_previous'].default})")
+           f"run's, keeping the previous outputs ({r('min_share_of_previous')})")
     a("--allow-shrink", dest="min_share_of_previous", action="store_const", const=0.0,
       help="publish however much the captions or pairs shrank (--min-share-of-previous 0)")
     a("--decontaminate-against", action="append", type=Path,
       help="drop captions too close (ROUGE-L > 0.6) to this evaluation set (records with text, as captions: JSON lines, compressed or not, or parquet); repeatable")
-    a("--dry-run", action="store_true", help="say what would be generated and its cost; call no LLM, write nothing")
+    a("--dataset-license", help="the licence each shard version's dataset card states, e.g. cc-by-4.0 (default: unknown)")
+    a("--dry-run", action="store_true", help="say what would be generated and its cost, whether curation would "
+      "publish, and whether each server lists the model (GET /v1/models; exit 1 if none would serve); "
+      "generate nothing, write nothing")
     a("--log-format", choices=["text", "json"], help="json: one object per line, for scheduled jobs")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return ap
@@ -139,6 +158,45 @@ def _from_file(path: Path) -> dict[str, Any]:
     return data
 
 
+_TOP_LOG_FORMAT = re.compile(r"""^\s*log_format\s*=\s*["'](\w+)["']""")
+
+
+def _file_log_format(path: Optional[Path]) -> Optional[str]:
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    try:
+        return tomllib.loads(text).get("log_format")
+    except tomllib.TOMLDecodeError:
+        # A file broken elsewhere may still say how its job is logged; top-level keys only.
+        for line in text.splitlines():
+            if line.lstrip().startswith("["):
+                break
+            if m := _TOP_LOG_FORMAT.match(line):
+                return m.group(1)
+    return None
+
+
+def log_format_hint(argv: list[str], env: Mapping[str, str] = os.environ) -> str:
+    """The log format asked for, found before the settings are checked, so that an error in
+    them is logged as the job's scheduler reads its log. Precedence as in load_config."""
+    pre = Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    pre.add_argument("--config", type=Path)
+    pre.add_argument("--log-format")
+    try:
+        args, _ = pre.parse_known_args(argv)
+    except ConfigError:
+        args = argparse.Namespace()
+    for found in (getattr(args, "log_format", None), env.get("CAPGEN_LOG_FORMAT"),
+                  _file_log_format(getattr(args, "config", None))):
+        if found in ("text", "json"):
+            return found
+    return "text"
+
+
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in top.items():
@@ -160,6 +218,27 @@ def load_config(argv: Optional[list[str]] = None, env: Mapping[str, str] = os.en
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        where = f" in {config_file}" if config_file else ""
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"invalid settings{where}: {problems}") from None
+        name = _namer(flags=_nest(args), env=_from_env(env), file=config_file)
+        raise ConfigError("invalid settings: " + "; ".join(problems(e, RunConfig, name))) from None
+
+
+def _namer(flags: dict, env: dict, file: Optional[Path]):
+    """A setting's name as the user wrote it, where the winning value came from: the flag,
+    the environment variable or the job file's key."""
+    options = {a.dest: a.option_strings[0] for a in _parser()._actions if a.option_strings}
+
+    def has(layer: dict, names: tuple[str, ...]) -> bool:
+        for n in names:
+            if not isinstance(layer, dict) or n not in layer:
+                return False
+            layer = layer[n]
+        return True
+
+    def name(names: tuple[str, ...]) -> str:
+        if has(flags, names) and names[-1] in options:
+            return options[names[-1]]
+        if has(env, names):
+            return f"CAPGEN_{names[-1].upper()}"
+        key = ".".join(names)
+        return f"{key} in {file}" if file else key
+    return name

@@ -16,27 +16,23 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gen import localmodel
 from gen.curate.config import CurateConfig
+from gen.settings import Float, Int, OptInt
 from schemas.caption import MAX_CAPTION_CHARS
 
 
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    temperature: float = 0.3
-    top_p: float = 0.9
+    # The ranges OpenAI's API and vLLM accept; outside them a server answers 400 on every request.
+    temperature: Float = Field(0.3, ge=0, le=2)
+    top_p: Float = Field(0.9, gt=0, le=1)
     # Room for ~30 queries in compact JSON; caps a model that loops inside the grammar.
-    max_tokens: int = 1024
+    max_tokens: Int = Field(1024, ge=1)
     # None: send no seed. vLLM's CPU server crashes on a seeded request prefilled in chunks.
-    seed: Optional[int] = 0
-
-    @field_validator("seed", mode="before")
-    @classmethod
-    def _seed_none(cls, value: Any) -> Any:
-        """TOML has no null: `seed = "none"` there, `--seed none` on the command line."""
-        return None if isinstance(value, str) and value.strip().lower() == "none" else value
+    seed: OptInt = Field(0, ge=-2**63, le=2**63 - 1)
 
 
 # Defaults of publication (gen/publish.py); here so that importing gen.config stays light.
@@ -60,19 +56,19 @@ class RunConfig(BaseModel):
 
     # Requests in flight; for vLLM the largest batch. At least the server's max_num_seqs (vLLM:
     # 256), or it idles in proportion: 64 against 256 slots ran 4.3x the limit (BENCHMARKS.md).
-    concurrency: int = Field(256, ge=1)
+    concurrency: Int = Field(256, ge=1)
     executor: Literal["local", "ray"] = "local"
-    ray_actors: int = Field(2, ge=1)     # --executor ray: actors, each with `concurrency` in flight
-    timeout: float = Field(120.0, gt=0)  # seconds per request
-    max_attempts: int = Field(6, ge=1)  # per request, for transient faults
-    retry_wait: float = Field(1.0, ge=0)  # first backoff in seconds; doubles, with jitter, to 30 s
+    ray_actors: Int = Field(2, ge=1)     # --executor ray: actors, each with `concurrency` in flight
+    timeout: Float = Field(120.0, gt=0)  # seconds per request
+    max_attempts: Int = Field(6, ge=1)  # per request, for transient faults
+    retry_wait: Float = Field(1.0, ge=0)  # first backoff in seconds; doubles, with jitter, to 30 s
     # Requests after an invalid answer, each showing the model its error. The bundled 0.5B
     # model fixes about 1 answer in 70 this way (docs/quality.md): 0 saves those requests;
     # a larger model may earn more. Capped because each round is a full prompt again.
-    repair_rounds: int = Field(1, ge=0, le=5)
+    repair_rounds: Int = Field(1, ge=0, le=5)
     disable_thinking: bool = True
-    max_caption_chars: int = Field(MAX_CAPTION_CHARS, ge=1)
-    max_model_len: int = 4096            # vLLM context: prompt ~1k tokens + answer
+    max_caption_chars: Int = Field(MAX_CAPTION_CHARS, ge=1)
+    max_model_len: Int = Field(4096, ge=1)  # vLLM context: prompt ~1k tokens + answer
     # Passed to vllm.LLM as they are (tensor_parallel_size, gpu_memory_utilization, ...): how
     # the engine runs, never what it answers, so they stay out of the fingerprint.
     vllm_args: dict[str, Any] = Field(default_factory=dict)
@@ -83,12 +79,20 @@ class RunConfig(BaseModel):
     curate: bool = True
     curation: CurateConfig = Field(default_factory=CurateConfig)
     # Curated versions kept under <out>/shards/ (shards/latest's is never removed).
-    keep_versions: int = Field(KEEP_VERSIONS, ge=1)
+    keep_versions: Int = Field(KEEP_VERSIONS, ge=1)
     # A run whose captions (or a curation whose pairs) fall below this share of the previous
     # publication's is refused, the previous outputs kept (gen/publish.py); 0 allows any.
-    min_share_of_previous: float = Field(MIN_SHARE, ge=0, le=1)
+    min_share_of_previous: Float = Field(MIN_SHARE, ge=0, le=1)
     log_format: Literal["text", "json"] = "text"
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _answer_fits_context(self) -> "RunConfig":
+        # vLLM refuses every request whose answer cannot fit; better said once, before loading.
+        if self.engine == "vllm" and self.sampling.max_tokens >= self.max_model_len:
+            raise ValueError(f"max_tokens ({self.sampling.max_tokens}) must be less than "
+                             f"max_model_len ({self.max_model_len}), which also holds the prompt")
+        return self
 
     @property
     def out_dir(self) -> Path:

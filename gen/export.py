@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from gen.atomic import all_or_none, atomic_path
 from gen.config import answer_key
+from gen.engines.base import printable
 from gen.report import Tally
 from gen.store import AnswerStore, Stored
 from gen.validate import salvage
@@ -70,6 +71,7 @@ class ExportStats:
     captions_with_queries: int = 0
     queries: int = 0
     salvaged: int = 0     # rejected answers whose valid queries were kept
+    unreadable: int = 0   # stored answers damaged on disk: rejected, and asked again next run
     rejects: Counter = field(default_factory=Counter)   # by stage
     tally: Tally = field(default_factory=Tally)          # the report's figures
 
@@ -169,12 +171,14 @@ class Exporter:
             self.stats.salvaged += 1
         else:
             data = json.loads(answer)
+        self._rows(record, key, flatten(data))
+
+    def _rows(self, record: Caption, key: str, rows: list[dict]) -> None:
         c = self.captions.columns
         c["id"].append(record.id)
         c["text"].append(record.text)
         c["extra"].append(json.dumps(record.extra, ensure_ascii=False) if record.extra else None)
         self.captions.flush_if_full()
-        rows = flatten(data)
         q = self.queries.columns
         q["caption_id"].extend([record.id] * len(rows))
         q["model"].extend([self.model] * len(rows))
@@ -186,11 +190,24 @@ class Exporter:
         self.stats.tally.caption(record.id, record.text, rows)
         self.stats.captions_with_queries += 1
 
-    def stored(self, record: Caption, key: str, stored: Optional[Stored], why_missing: str) -> None:
+    def stored(self, record: Caption, key: str, stored: Optional[Stored], why_missing: str) -> bool:
+        """False when the stored row cannot be read (damaged on disk): it is a reject with the
+        reason, and the caller discards it from the store so that a rerun asks again."""
         if stored is None:
             self.caption(record, key, None, None, None, why_missing)
-        else:
+            return True
+        try:
+            rows = _stored_rows(stored)
+        except ValueError as e:
+            self.stats.unreadable += 1
+            self.reject(Reject(stage="generation", caption_id=record.id,
+                               reason=f"the stored answer cannot be read ({e}); a rerun will ask again"))
+            return False
+        if rows is None:
             self.caption(record, key, stored.status, stored.answer, stored.raw, stored.reason)
+        else:
+            self._rows(record, key, rows)
+        return True
 
     def close(self) -> ExportStats:
         try:  # the last batches are written here: a full disk shows up now
@@ -207,6 +224,29 @@ class Exporter:
         return self.stats
 
 
+def _stored_rows(stored: Stored) -> Optional[list[dict]]:
+    """The query rows of a stored accepted answer (None for a rejected one), checked as data
+    from disk must be: ValueError saying what is wrong with a damaged row. The answer was
+    validated when stored, so this checks only what would otherwise stop the export."""
+    if stored.status == "rejected":
+        if not isinstance(stored.raw, (str, type(None))) or not isinstance(stored.reason, str):
+            raise ValueError("its raw answer or reason is not UTF-8 text")
+        return None
+    if stored.status != "ok" or not isinstance(stored.answer, str):
+        raise ValueError(f"status {printable(stored.status)!r} with an answer that is not UTF-8 text")
+    try:
+        rows = flatten(json.loads(stored.answer))
+        for r in rows:
+            if not (isinstance(r["query"], str) and isinstance(r["subtype"], (str, type(None)))
+                    and isinstance(r["source"], (str, type(None))) and type(r["grade"]) is int
+                    and 0 <= r["grade"] <= 2 and r["salience"] < 2 ** 15):
+                raise TypeError(f"query {printable(r['query'], 60)!r} has fields of the wrong type")
+        "".join(r["query"] + (r["subtype"] or "") + (r["source"] or "") for r in rows).encode("utf-8")
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise ValueError(f"its answer JSON is damaged: {type(e).__name__}: {printable(e)}") from None
+    return rows
+
+
 def export(records: Iterable[Union[Caption, Reject]], *, store: AnswerStore, fingerprint: str,
            model: str, out_dir: Path, failures: dict[str, str]) -> ExportStats:
     """A pass of its own over the captions, looking each answer up in the store (used after
@@ -217,5 +257,6 @@ def export(records: Iterable[Union[Caption, Reject]], *, store: AnswerStore, fin
                 out.reject(record)
                 continue
             key = answer_key(fingerprint, record.text)
-            out.stored(record, key, store.get(key), failures.get(key, "not generated in this run"))
+            if not out.stored(record, key, store.get(key), failures.get(key, "not generated in this run")):
+                store.discard(key)
     return out.stats

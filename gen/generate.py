@@ -55,6 +55,8 @@ class Outcome:
     completion_tokens: int
 
 
+# Invalid answers from suspect servers that one caption may ask past (ask_until_valid).
+SERVER_FAULTS = 2
 # The engine's own constraint is the full schema; a short caption's asks for no summary.
 SHORT_CAPTION_SCHEMA = answer_json_schema(short=True)
 
@@ -74,17 +76,33 @@ async def ask_until_valid(engine: Engine, first: list[dict], schema: Optional[di
     exchange and the latest answer only, so the context stays one answer long however many
     rounds are allowed. Every completion goes into `completions`, also when the engine fails
     midway, so the caller counts what was paid for. Generation and the judge both ask this way.
+    An invalid answer from a server whose answers fail far more often than its peers'
+    (Engine.checked) says more of the server than of the caption: the same request goes
+    again, without a round, up to SERVER_FAULTS times; after that EngineError (no answer,
+    nothing stored: a rerun asks again), never a rejection stored as final.
     """
-    messages, error = first, None
-    for _ in range(1 + rounds):
+    messages, error, server_faults = first, None, 0
+    rounds_left = rounds
+    while True:
         done = await engine.complete(messages, schema)
         completions.append(done)
         try:
-            return parse(done), None
+            parsed = parse(done)
         except AnswerError as e:
             error = str(e)
+            if engine.checked(done, valid=False):
+                if server_faults == SERVER_FAULTS:
+                    raise EngineError(f"{error.splitlines()[0]} (from {done.server}, whose answers fail "
+                                      "validation far more often than its peers')") from None
+                server_faults += 1
+                continue
+            if rounds_left == 0:
+                return None, error
+            rounds_left -= 1
             messages = repair(first, done.text, error)
-    return None, error
+            continue
+        engine.checked(done, valid=True)
+        return parsed, None
 
 
 async def answer_caption(caption: Caption, key: str, engine: Engine, prompts: PromptSet,
@@ -201,7 +219,8 @@ class InOrder:
             if key is None:
                 self.sink.reject(rec)
             elif outcome is None:
-                self.sink.stored(rec, key, self.store.get(key), "not generated in this run")
+                if not self.sink.stored(rec, key, self.store.get(key), "not generated in this run"):
+                    self.store.discard(key)
             else:
                 o: Outcome = outcome.result()
                 self.sink.caption(rec, key, None if o.status == "failed" else o.status,

@@ -21,7 +21,6 @@ Greedy decoding: a grade should not depend on a dice roll.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import json
@@ -31,8 +30,6 @@ from pathlib import Path
 from typing import Optional
 
 import polars as pl
-from jinja2 import FileSystemLoader, StrictUndefined
-from jinja2.sandbox import SandboxedEnvironment
 from pydantic import ValidationError
 
 from gen.atomic import atomic_path
@@ -40,6 +37,7 @@ from gen.config import RunConfig, Sampling, model_identity
 from gen.curate.judged import CANDIDATE_JUDGEMENTS, JUDGEMENTS  # the files curation reads
 from gen.engines import Completion, EngineError, build_engine
 from gen.generate import ask_until_valid, rejection
+from gen.prompts import PROBE, Templates
 from gen.shards import query_shards
 from gen.store import AnswerStore
 from gen.validate import AnswerError
@@ -56,14 +54,15 @@ CHUNK = 32
 class JudgePrompts:
     def __init__(self, directory: Optional[Path] = None):
         d = Path(directory) if directory and (Path(directory) / SYSTEM).is_file() else TEMPLATE_DIR
-        env = SandboxedEnvironment(loader=FileSystemLoader(str(d)), undefined=StrictUndefined, autoescape=False)
-        self.system = env.get_template(SYSTEM).render().strip()
-        self.user = env.get_template(USER)
+        self.templates = Templates(d, {SYSTEM: "nothing", USER: "caption, queries"})
+        self.system = self.templates.render(self.templates.load(SYSTEM)).strip()
+        self.user = self.templates.load(USER)
         self.digest = hashlib.sha256(b"".join((d / n).read_bytes() for n in (SYSTEM, USER))).hexdigest()
+        self.messages(PROBE.text, [PROBE.text])  # fails now, not at the first request
 
     def messages(self, caption: str, queries: list[str]) -> list[dict[str, str]]:
-        return [{"role": "system", "content": self.system},
-                {"role": "user", "content": self.user.render(caption=caption, queries=queries).strip()}]
+        user = self.templates.render(self.user, caption=caption, queries=queries).strip()
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
 
 def judge_sampling(config: RunConfig) -> Sampling:
@@ -128,8 +127,9 @@ async def _judge_one(engine, prompts: JudgePrompts, caption: str, queries: list[
 class _Judge:
     """One engine and one store for every request of a run."""
 
-    def __init__(self, config: RunConfig, engine, store: AnswerStore, texts: dict[str, str]):
-        self.prompts = JudgePrompts(config.prompts)
+    def __init__(self, config: RunConfig, engine, store: AnswerStore, texts: dict[str, str],
+                 prompts: JudgePrompts):
+        self.prompts = prompts
         self.fp = hashlib.sha256(json.dumps(
             {"model": model_identity(config.model), "templates": self.prompts.digest,
              "schema": judge_json_schema(), "exact_count": True,
@@ -198,8 +198,9 @@ async def judge(config: RunConfig, candidates: int = 0) -> dict:
     jconfig = config.model_copy(update={"sampling": judge_sampling(config)})
     model = resolve_model(config)
     engine = LazyEngine(lambda: build_engine(jconfig, model, judge_json_schema()))
+    prompts = JudgePrompts(config.prompts)   # a broken template: an error before the store opens
     store = AnswerStore(out / "judge.sqlite")
-    judge_ = _Judge(config, engine, store, texts)
+    judge_ = _Judge(config, engine, store, texts, prompts)
     stats: dict = {"fingerprint": judge_.fp}
     undo_sigterm = stop_on_sigterm()
     try:
@@ -224,15 +225,22 @@ def _main(config: RunConfig, candidates: int) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from gen.cli import ConfigError, Parser, load_config
     from gen.run import entry
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--candidates", type=int, default=0)
-    ours, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if {"-h", "--help"} & set(rest):   # the engine options below are gen.run's
-        print(__doc__)
-    if ours.candidates < 0:
-        ap.error("--candidates must be 0 or more")
-    return entry(rest, lambda config: _main(config, ours.candidates))
+    ours = {}
+
+    def load(args: list[str]) -> RunConfig:   # inside entry(): its errors are logged as the job asks
+        ap = Parser(prog="python -m gen.judge", add_help=False)
+        ap.add_argument("--candidates", type=int, default=0)
+        got, rest = ap.parse_known_args(args)
+        if {"-h", "--help"} & set(rest):   # the engine options below are gen.run's
+            print(__doc__)
+        if got.candidates < 0:
+            raise ConfigError("python -m gen.judge: --candidates must be 0 or more")
+        ours["candidates"] = got.candidates
+        return load_config(rest)
+
+    return entry(argv, lambda config: _main(config, ours["candidates"]), command="gen.judge", load=load)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 import time
+import urllib.parse
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,3 +32,13 @@ def setup(fmt: str) -> None:
     # Client libraries log every request at INFO; a progress bar says it better.
     for noisy in ("httpx", "httpx2", "openai", "jieba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def public_url(url: str) -> str:
+    """A URL fit for a log: no user, password or query string (where keys hide)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return "<unparsable URL>"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))

@@ -4,19 +4,30 @@ Reads the captions and the answer store (read-only), so the plan is exact about 
 captions would be requested. Token figures come from the store's own history when it has
 answers (what this model and template really cost per request); otherwise from characters,
 at 2.2 characters per token, measured with Qwen2.5's tokenizer on the bundled template.
+It also says whether curation would publish a new shard version, and whether the engine
+could serve the run: each server is asked for its model list (no generation is paid for).
 """
 from __future__ import annotations
 
+import http.client
+import json
+import os
 import sqlite3
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Union
 
+from gen.captions import CaptionDigest
 from gen.config import RunConfig, answer_key
+from gen.logs import public_url
 from gen.prompts import PromptSet
 from gen.store import KEPT
 from schemas import Caption, Reject
 
 CHARS_PER_TOKEN = 2.2
+PROBE_TIMEOUT = 5.0          # seconds per server; a pre-flight check must not hang a job
+PROBE_MAX_BYTES = 1 << 20    # a model list is a few KB; the server's reply is untrusted
 
 
 class _Stored:
@@ -67,10 +78,103 @@ def _chunks(items: Iterable, size: int):
         yield chunk
 
 
+def curation_outlook(config: RunConfig, fingerprint: str, to_request: int, captions: str) -> dict[str, Any]:
+    """Whether the run would publish a new shard version, by gen.publish's own rule: new
+    answers, other captions or other generation settings change the run's files and make
+    one; so do other curation settings or judge files; else shards/latest is reused."""
+    from gen.publish import latest_version, reusable
+    out = config.out_dir
+    if not config.curate:
+        return {"on": False, "new_version": False, "latest": None, "reason": "curation is off (--no-curate)"}
+    current = latest_version(out) if (out / "shards").is_dir() else None
+    try:
+        last = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        last = {}
+    if to_request:
+        reason = f"{to_request} captions would be asked: their queries make a new version"
+    elif current is None:
+        reason = "no curated version yet"
+    elif (last.get("captions_digest"), last.get("fingerprint")) != (captions, fingerprint):
+        reason = "the captions or the generation settings differ from the last run's"
+    elif reusable(out, config.curation) is None:
+        reason = "the curation settings or the judge's grades changed since shards/latest"
+    else:
+        return {"on": True, "new_version": False, "latest": current[0],
+                "reason": "unchanged inputs: shards/latest would be reused"}
+    return {"on": True, "new_version": True, "latest": current[0] if current else None, "reason": reason}
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib would resend the Authorization header to wherever a redirect points."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
+
+
+def _probe(url: str, model: str, api_key: str, timeout: float) -> dict[str, Any]:
+    """GET <url>/models: reachable, key accepted, model served. Costs no generation."""
+    found: dict[str, Any] = {"url": public_url(url), "reachable": False, "status": None,
+                             "serves_model": None, "error": None}
+    try:
+        request = urllib.request.Request(url.rstrip("/") + "/models", headers={
+            "Authorization": f"Bearer {api_key}", "Accept": "application/json"})
+        with _opener.open(request, timeout=timeout) as reply:
+            found["reachable"], found["status"] = True, reply.status
+            raw = reply.read(PROBE_MAX_BYTES + 1)
+    except urllib.error.HTTPError as e:
+        found["reachable"], found["status"] = True, e.code
+        found["error"] = f"HTTP {e.code}" + (": the API key was refused" if e.code in (401, 403) else "")
+        return found
+    except (OSError, ValueError, http.client.HTTPException) as e:   # refused, timed out, bad URL, garbled
+        reason = getattr(e, "reason", None) or e   # URLError wraps the socket's error
+        found["error"] = f"{type(reason if isinstance(reason, BaseException) else e).__name__}: {reason}"
+        if api_key != "EMPTY":
+            found["error"] = found["error"].replace(api_key, "***")
+        return found
+    try:
+        listed = json.loads(raw) if len(raw) <= PROBE_MAX_BYTES else None
+    except (ValueError, RecursionError):
+        listed = None
+    models = listed.get("data") if isinstance(listed, dict) else None
+    if isinstance(models, list):
+        found["serves_model"] = any(isinstance(m, dict) and m.get("id") == model for m in models)
+        if not found["serves_model"]:
+            found["error"] = f"the server does not list the model {model!r}"
+    else:
+        found["error"] = "the server's model list is not readable; model not checked"
+    return found
+
+
+def check_engine(config: RunConfig, model: str) -> dict[str, Any]:
+    """Could the engine serve the run? `ready` false: the run would fail, so the dry run does."""
+    if config.engine == "openai":
+        from gen.engines.openai import DEFAULT_BASE_URL
+        urls = config.base_urls or [os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL]
+        api_key = os.environ.get(config.api_key_env) or "EMPTY"   # as the engine sends it
+        timeout = min(config.timeout, PROBE_TIMEOUT)
+        servers = [_probe(url, model, api_key, timeout) for url in urls]
+        # Every OpenAI-compatible server lists its models: any other status (a wrong path, a
+        # redirect, a refused key, a broken server) would fail the run's requests too. A list
+        # that cannot be read may still come from a server that serves; only a clear no counts.
+        usable = [s for s in servers if s["status"] == 200 and s["serves_model"] is not False]
+        return {"engine": "openai", "model": model, "servers": servers, "ready": bool(usable)}
+    path = Path(model).expanduser()
+    exists = path.is_dir()
+    # A hub name (org/model) is vLLM's to fetch; only a path that is missing is certain to fail.
+    named_as_path = path.is_absolute() or model.startswith((".", "~"))
+    return {"engine": "vllm", "model": model, "model_dir_exists": exists,
+            "ready": exists or not named_as_path}
+
+
 def plan(records: Iterable[Union[Caption, Reject]], config: RunConfig, prompts: PromptSet,
          fingerprint: str) -> dict[str, Any]:
     stored = _Stored(config.cache_path, config.force)
     captions = rejects = cached = 0
+    seen = CaptionDigest()
     to_request: set[str] = set()
     prompt_chars = 0
     try:
@@ -80,6 +184,7 @@ def plan(records: Iterable[Union[Caption, Reject]], config: RunConfig, prompts: 
             captions += len(keyed)
             known = stored.which(list({k for k, _ in keyed}), config.repair_rounds)
             for key, record in keyed:
+                seen.add(record)
                 if key in known or key in to_request:
                     cached += 1
                     continue
@@ -105,4 +210,5 @@ def plan(records: Iterable[Union[Caption, Reject]], config: RunConfig, prompts: 
         "completion_tokens_at_most": most * config.sampling.max_tokens,
         "estimate_method": method,
         "fingerprint": fingerprint,
+        "curation": curation_outlook(config, fingerprint, n, seen.hexdigest()),
     }

@@ -31,6 +31,7 @@ def count_lines(path: Path) -> Optional[int]:
 class Progress:
     def __init__(self, total: Optional[int], bar: bool, every: float = 10.0):
         self.every, self.last = every, 0.0
+        self.total, self.started = total, time.monotonic()
         self.bar = None
         if bar:
             from tqdm import tqdm
@@ -45,10 +46,12 @@ class Progress:
                                  tok=s.prompt_tokens + s.completion_tokens, refresh=False)
         elif time.monotonic() - self.last >= self.every:
             self.last = time.monotonic()
-            fields = {"done": done, "accepted": s.accepted, "cached": s.cached, "rejected": s.rejected,
-                      "failed": s.failed, "tokens": s.prompt_tokens + s.completion_tokens}
+            elapsed = self.last - self.started
+            fields = {"done": done, "total": self.total, "accepted": s.accepted, "cached": s.cached,
+                      "rejected": s.rejected, "failed": s.failed, "tokens": s.prompt_tokens + s.completion_tokens,
+                      "elapsed_s": round(elapsed, 1), "per_s": round(done / elapsed, 2) if elapsed > 0 else None}
             log.info("progress: %s", " ".join(f"{k}={v}" for k, v in fields.items()),
-                     extra={"fields": fields})
+                     extra={"fields": {"event": "progress", **fields}})
         self.done = done
 
     def close(self) -> None:

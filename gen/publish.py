@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gen.atomic import all_or_none, atomic_path
+from gen.card import write_card
 from gen.config import KEEP_VERSIONS, MIN_SHARE
 from gen.curate import CurateConfig, check_run_dir, curate
 
@@ -107,6 +108,21 @@ def _point(latest: Path, version: str) -> None:
     os.replace(tmp, latest)
 
 
+def latest_version(run_dir: Path) -> tuple[str, str] | None:
+    """(version, inputs digest) of shards/latest, or None when there is no version to reuse."""
+    latest = run_dir / "shards" / "latest"
+    if not ((latest / "inputs.json").is_file() and (latest / "manifest.json").is_file()):
+        return None
+    return os.readlink(latest), json.loads((latest / "inputs.json").read_text())["digest"]
+
+
+def reusable(run_dir: Path, config: CurateConfig) -> str | None:
+    """The version a curation of the run's present files would reuse; None: it makes a new one.
+    The rule prepare_version follows, and what --dry-run reports."""
+    current = latest_version(run_dir)
+    return current[0] if current and current[1] == _inputs_digest(run_dir, config) else None
+
+
 def prune(root: Path, keep: int) -> None:
     """Keeps the newest `keep` versions, and always the one shards/latest points at."""
     current = os.readlink(root / "latest") if (root / "latest").is_symlink() else None
@@ -151,25 +167,27 @@ class Prepared:
         return {"version": self.version, "reused": self.reused, **self.manifest}
 
 
-def prepare_version(run_dir: Path, config: CurateConfig, root: Path,
-                    min_share: float = MIN_SHARE) -> Prepared:
+def prepare_version(run_dir: Path, config: CurateConfig, root: Path, min_share: float = MIN_SHARE,
+                    generation: Optional[dict] = None) -> Prepared:
     """Curates run_dir into a hidden folder under root (nothing a reader sees changes).
     Refused (PublishRefused) when shards/latest is not capgen's pointer, or the new version
-    keeps less than min_share of the latest one's pairs."""
+    keeps less than min_share of the latest one's pairs. generation: the run's manifest, for
+    the dataset card (gen/card.py); None reads run_dir/manifest.json."""
     check_run_dir(run_dir)
     check_pointer(root)
     root.mkdir(parents=True, exist_ok=True)
     _clear_partial(root)
     latest = root / "latest"
     digest = _inputs_digest(run_dir, config)
-    if (latest / "inputs.json").is_file() and (latest / "manifest.json").is_file():
-        if json.loads((latest / "inputs.json").read_text())["digest"] == digest:
-            manifest = json.loads((latest / "manifest.json").read_text())
-            return Prepared(root, os.readlink(latest), True, manifest)
+    current = latest_version(root.parent)
+    if current and current[1] == digest:
+        manifest = json.loads((latest / "manifest.json").read_text())
+        return Prepared(root, current[0], True, manifest)
     version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest[:8]
     partial = root / f".{version}.partial"
     try:
         manifest = curate(run_dir, config, out_dir=partial)
+        write_card(partial, run_dir, config, manifest, generation)
         with atomic_path(partial / "inputs.json") as tmp:
             tmp.write_text(json.dumps({"digest": digest, "curation_fingerprint": config.fingerprint()}) + "\n")
         pairs = manifest["stats"]["pairs_out"]
@@ -219,10 +237,11 @@ def curate_into(run_dir: Path, config: CurateConfig, out: Path) -> dict[str, Any
 
 
 def curate_versioned(run_dir: Path, config: CurateConfig, keep: int = KEEP_VERSIONS,
-                     min_share: float = MIN_SHARE) -> dict[str, Any]:
-    """Curates run_dir into a new version under run_dir/shards and moves shards/latest to it."""
+                     min_share: float = MIN_SHARE, generation: Optional[dict] = None) -> dict[str, Any]:
+    """Curates run_dir into a new version under run_dir/shards and moves shards/latest to it
+    (generation: as for prepare_version)."""
     root = Path(run_dir) / "shards"
-    prepared = prepare_version(run_dir, config, root, min_share)
+    prepared = prepare_version(run_dir, config, root, min_share, generation)
     published = False
     try:
         with all_or_none():   # a stop signal waits for the folder's rename and the pointer's

@@ -8,17 +8,25 @@ Exit codes, for schedulers: 0 done (rejected rows are data, not failure); 1 the 
 failed; 2 bad usage, or bad input (with --strict any bad line; else no good line at all;
 a publication gen.publish refuses);
 3 finished but some captions got no answer after every retry (a rerun asks only for those);
+75 another run holds the output directory, nothing done (EX_TEMPFAIL of sysexits.h: a
+temporary condition, retry later; clear of the shell's 126-165 and of capgen's own codes);
 143 stopped by SIGTERM, SIGHUP or Ctrl-C (the engine is shut down first; a rerun resumes).
+--dry-run exits 1 when no server would serve the model (none reachable, the key refused, the
+model not listed) or the in-process engine's model directory is missing: as the run would.
 
 Publication is all or nothing: the new files are made in OUT/.staging/ and the new curated
 version in a hidden folder; only when all are complete are they renamed into place, in
 one step a stop signal waits for. A run that fails, stops or is refused (gen.publish's
 shrink guard, a shards/latest that is not capgen's) leaves the previous outputs as they were.
+
+Every command logs a `start` event first and a `finished` event last (exit status, its
+meaning, fingerprint, shards version, duration), at a level that follows the exit status.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import fcntl
 import json
 import logging
@@ -30,29 +38,58 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from gen import __version__, localmodel, report
+from gen import __version__, localmodel, logs, report
 from gen.atomic import (STOP_SIGNALS, Terminated, all_or_none, atomic_path,  # noqa: F401 (Terminated: for callers)
-                        on_stop_signal, stop_signals)
-from gen.captions import CaptionError, read_captions
-from gen.cli import ConfigError, load_config
+                        on_stop_signal, sha256_file, stop_signals)
+from gen.captions import STDIN, CaptionDigest, CaptionError, is_stream, read_captions, spooled
+from gen.cli import ConfigError, load_config, log_format_hint
 from gen.config import RunConfig, generation_fingerprint, model_identity
 from gen.engines import EngineError, build_engine
 from gen.engines.lazy import LazyEngine
 from gen.export import Exporter, export
 from gen.generate import generate
 from gen.progress import Progress, count_lines
-from gen.prompts import PromptSet
+from gen.prompts import PromptError, PromptSet
 from gen.store import AnswerStore
 from schemas import decoding_constraints
 
 log = logging.getLogger("gen.run")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the output directory; try again later
 EXIT_STOPPED = 128 + signal.SIGTERM  # stopped by SIGTERM or Ctrl-C; what shells report for a kill
+
+# What each exit status means, and the level of the `finished` event that reports it.
+OUTCOMES = {
+    EXIT_OK: (logging.INFO, "done"),
+    EXIT_FAILED: (logging.ERROR, "failed"),
+    EXIT_USAGE: (logging.ERROR, "bad usage or input"),
+    EXIT_INCOMPLETE: (logging.WARNING, "finished, some captions got no answer: a rerun asks only for them"),
+    EXIT_LOCKED: (logging.WARNING, "another run holds the output directory: nothing done, retry later"),
+    EXIT_STOPPED: (logging.WARNING, "stopped by a signal: a rerun resumes"),
+}
+
+# What the command found out for its `finished` event (fingerprint, shards version, ...).
+_facts: contextvars.ContextVar[dict] = contextvars.ContextVar("capgen_facts")
+
+
+def note(**facts) -> None:
+    """Adds facts to the `finished` event of the command running (no-op outside one)."""
+    found = _facts.get(None)
+    if found is not None:
+        found.update(facts)
 
 
 class UsageError(Exception):
     pass
+
+
+class DirectoryLocked(Exception):
+    """Another run holds the output directory."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
 
 
 def resolve_model(config: RunConfig) -> str:
@@ -81,7 +118,9 @@ def lock_out_dir(out_dir: Path):
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "another process"
-        raise UsageError(f"{out_dir} is in use by a running capgen ({holder}); wait for it or use another --out")
+        f.close()
+        raise DirectoryLocked(f"{out_dir} is in use by a running capgen ({holder}); wait for it or use another --out",
+                              out_dir)
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()}\n")
@@ -90,14 +129,16 @@ def lock_out_dir(out_dir: Path):
 
 
 async def run(config: RunConfig) -> int:
-    if not config.captions.is_file():
-        raise UsageError(f"captions file not found: {config.captions}")
+    check_input(config.captions, config.out)
+    prompts = PromptSet(config.prompts)   # a template that cannot render fails here, before any request
     if config.dry_run:
-        return dry_run(config)
+        with spooled(config.captions, None) as source:
+            return dry_run(config, prompts, source)
     lock = lock_out_dir(config.out_dir)
     stop = stop_on_sigterm()
     try:
-        return await _run_locked(config)
+        with spooled(config.captions, config.out_dir) as source:
+            return await _run_locked(config, prompts, source)
     finally:
         stop()
         lock.close()  # also on failure: a library caller may run again in this process
@@ -149,24 +190,78 @@ def stop_on_sigterm() -> Callable[[], None]:
     return undo
 
 
-def dry_run(config: RunConfig) -> int:
-    from gen.plan import plan
-    prompts = PromptSet(config.prompts)
+def check_input(captions: Path, out: Optional[Path]) -> None:
+    # outputs/<stem>/ would be outputs/stdin/ or outputs/63/ (<(zcat ...)) whatever the data;
+    # /dev/stdin redirected from a file is a regular file, but no better a name.
+    if out is None and (is_stream(captions) or captions.parts[:2] in (("/", "dev"), ("/", "proc"))):
+        raise UsageError(f"captions from a stream ({captions}) need --out DIR: a stream has no "
+                         "file name to name the output directory after")
+    if is_stream(captions):
+        return
+    if not captions.exists():
+        raise UsageError(f"captions file not found: {captions}")
+    if not captions.is_file():
+        raise UsageError(f"captions: {captions} is not a file (a directory?); give a JSON lines "
+                         "or parquet file, or - for standard input")
+
+
+def _input_name(config: RunConfig) -> str:
+    return "<stdin>" if config.captions == STDIN else str(config.captions)
+
+
+def dry_run(config: RunConfig, prompts: PromptSet, source: Path) -> int:
+    """The plan, whether curation would publish, and whether the engine could serve the run.
+    Exit 1 when it could not, as the run would fail, and 2 when the run would be refused (a
+    shrunken captions file, gen.publish): a pre-flight check is asked exactly that. Also
+    with nothing to ask: the captions file grows before the scheduled run does."""
+    from gen.plan import check_engine, plan
     fingerprint = generation_fingerprint(config, prompts.digest, decoding_constraints())
-    records = read_captions(config.captions, config.max_caption_chars, config.strict)
+    note(fingerprint=fingerprint)
+    model = resolve_model(config)
+    records = read_captions(source, config.max_caption_chars, config.strict, _input_name(config))
     result = plan(records, config, prompts, fingerprint)
-    log.info("dry run: %d captions, %d cached, %d to request (%d-%d requests), ~%s prompt tokens",
-             result["captions"], result["cached"], result["to_request"], result["requests_at_least"],
-             result["requests_at_most"], result["prompt_tokens_estimate"], extra={"fields": {"plan": result}})
+    result["engine"] = check_engine(config, model)
+    result["refused"] = _refusal(config, result["captions"])
+    cur, engine = result["curation"], result["engine"]
+    log.info("dry run: %d captions, %d cached, %d to request (%d-%d requests), ~%s prompt tokens; "
+             "curation: %s (%s)", result["captions"], result["cached"], result["to_request"],
+             result["requests_at_least"], result["requests_at_most"], result["prompt_tokens_estimate"],
+             "a new version" if cur["new_version"] else "no new version", cur["reason"],
+             extra={"fields": {"event": "dry_run", "plan": result}})
+    for server in engine.get("servers", []):
+        if server["error"]:
+            log.warning("server %s: %s", server["url"], server["error"],
+                        extra={"fields": {"event": "server_check", **server}})
+    if not engine["ready"]:
+        log.error("the engine could not serve this run: %s", "no server answers with the model "
+                  f"{model!r}" if engine["engine"] == "openai" else f"no model directory {model}",
+                  extra={"fields": {"event": "engine_check", "engine": engine}})
+    if result["refused"]:
+        log.error("the run would be refused: %s", result["refused"], extra={"fields": {"event": "refused"}})
     print(json.dumps(result, ensure_ascii=False, indent=2))
-    return EXIT_OK
+    return EXIT_FAILED if not engine["ready"] else EXIT_USAGE if result["refused"] else EXIT_OK
+
+
+def _refusal(config: RunConfig, captions: int) -> Optional[str]:
+    """What gen.publish would refuse before the curation (a shrunken captions file, a
+    shards/latest that is not capgen's), or None."""
+    from gen.publish import PublishRefused, check_pointer, check_share, published_captions
+    try:
+        if config.curate:
+            check_pointer(config.out_dir / "shards")
+        check_share("captions", published_captions(config.out_dir), captions,
+                    config.min_share_of_previous, str(config.captions))
+    except PublishRefused as e:
+        return str(e)
+    return None
 
 
 STAGING = ".staging"
 OUTPUTS = ("queries.parquet", "captions.parquet", "rejects.jsonl", "report.html")
 
 
-async def _run_locked(config: RunConfig) -> int:
+async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> int:
+    """`source`: the captions as a regular file (a stream's copy)."""
     out_dir = config.out_dir
     staging = out_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)   # a killed run's; we hold the lock
@@ -177,7 +272,7 @@ async def _run_locked(config: RunConfig) -> int:
                 from gen.publish import check_pointer
                 check_pointer(out_dir / "shards")   # before paying for anything
             staging.mkdir()
-            code, prepared, manifest = await _generate(config, staging)
+            code, prepared, manifest = await _generate(config, prompts, source, staging)
             with all_or_none():   # a stop signal waits: the previous state or the new one, not a mix
                 _commit(out_dir, staging, prepared)
                 published = True
@@ -200,9 +295,12 @@ def _report(config: RunConfig, code: int, manifest: dict) -> int:
     log.info("done in %.1fs: %d captions, %d with queries (%d queries), %d cached, %d rejected "
              "inputs, %d rejected answers (%d kept in part), %d without answer; %d requests, %d tokens -> %s",
              manifest["timings"]["total_s"], c["captions"], c["captions_with_queries"], c["queries"],
-             c["cached"], c["input_rejects"], c["rejected"], c["salvaged"], c["failed"],
-             manifest["usage"]["requests"], manifest["usage"]["prompt_tokens"] + manifest["usage"]["completion_tokens"],
-             out_dir, extra={"fields": {"summary": manifest["counts"], "usage": manifest["usage"]}})
+             c["cached"], c["input_rejects"], c["rejected"], c["salvaged"], c["failed"], manifest["usage"]["requests"],
+             manifest["usage"]["prompt_tokens"] + manifest["usage"]["completion_tokens"], out_dir,
+             extra={"fields": {"event": "summary", "summary": manifest["counts"], "usage": manifest["usage"],
+                               "timings": manifest["timings"],
+                               "captions_per_s": round(c["captions"] / max(manifest["timings"]["total_s"], 1e-3), 3)}})
+    note(captions=c["captions"], queries=c["queries"], failed=c["failed"], requests=manifest["usage"]["requests"])
     if c["input_rejects"] and not c["captions"]:
         # Some bad lines are data; every line bad is the wrong file (a CSV, a JSON array), and a
         # scheduled job must not report an empty success. The rejects are written all the same.
@@ -226,20 +324,21 @@ def _commit(out_dir: Path, staging: Path, prepared) -> None:
     os.replace(staging / "manifest.json", out_dir / "manifest.json")
 
 
-async def _generate(config: RunConfig, staging: Path):
+async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging: Path):
     """Generation, export and curation into `staging` and a hidden version folder: nothing
     a reader sees changes here. Returns (exit code, the prepared version, the manifest)."""
     started = time.time()
     out_dir = config.out_dir
-    prompts = PromptSet(config.prompts)
     constraints = decoding_constraints()
     schema = constraints["caption"]   # the engine's own; gen.generate picks a short caption's
     fingerprint = generation_fingerprint(config, prompts.digest, constraints)
+    note(fingerprint=fingerprint)
     model = resolve_model(config)
     store = AnswerStore(config.cache_path)
     engine = LazyEngine(lambda: build_engine(config, model, schema))
-    progress = Progress(count_lines(config.captions), bar=config.progress)
-    read = lambda: read_captions(config.captions, config.max_caption_chars, config.strict)
+    progress = Progress(count_lines(source), bar=config.progress)
+    read = lambda: read_captions(source, config.max_caption_chars, config.strict, _input_name(config))
+    digest = CaptionDigest()   # of the pass that exports: what --dry-run compares against
     try:
         try:
             if config.executor == "ray":
@@ -250,12 +349,12 @@ async def _generate(config: RunConfig, staging: Path):
                 except ExecutorUnavailable as e:
                     raise UsageError(str(e)) from None
                 generated_at = time.time()
-                exported = export(read(), store=store, fingerprint=fingerprint,
+                exported = export(digest.through(read()), store=store, fingerprint=fingerprint,
                                   model=model_identity(config.model), out_dir=staging, failures=stats.failures)
                 exported_at = time.time()
             else:  # exports as it generates: the files are done moments after the last answer
                 with Exporter(staging, model_identity(config.model)) as sink:
-                    stats = await generate(read(), engine=engine, prompts=prompts, store=store,
+                    stats = await generate(digest.through(read()), engine=engine, prompts=prompts, store=store,
                                            fingerprint=fingerprint, concurrency=config.concurrency,
                                            force=config.force, repair_rounds=config.repair_rounds,
                                            on_progress=progress, sink=sink)
@@ -269,6 +368,8 @@ async def _generate(config: RunConfig, staging: Path):
     manifest = {
         "capgen_version": __version__,
         "captions_file": str(config.captions),
+        "captions_digest": digest.hexdigest(),
+        "captions_sha256": sha256_file(source),
         "fingerprint": fingerprint,
         "model": model_identity(config.model),
         "template_digest": prompts.digest,
@@ -315,14 +416,21 @@ async def _generate(config: RunConfig, staging: Path):
                 os.symlink((out_dir / name).resolve(), staging / name)
         t = time.time()
         prepared = publish.prepare_version(staging, config.curation, out_dir / "shards",
-                                           config.min_share_of_previous)
+                                           config.min_share_of_previous, generation=manifest)
         cur = prepared.result()
         manifest["curation"] = {k: cur[k] for k in ("version", "reused", "fingerprint", "stats", "files")}
         manifest["curation"]["dir"] = f"shards/{cur['version']}"
         manifest["timings"]["curate_s"] = round(time.time() - t, 3)
         manifest["timings"]["total_s"] = round(time.time() - started, 3)
-        log.info("curated: %s pairs in shards/%s%s", cur["stats"]["pairs_out"], cur["version"],
-                 " (unchanged inputs: latest version reused)" if cur["reused"] else "")
+        note(shards_version=cur["version"], shards_reused=cur["reused"])
+        stats_ = cur["stats"]
+        log.info("curated: %s pairs in shards/%s%s", stats_["pairs_out"], cur["version"],
+                 " (unchanged inputs: latest version reused)" if cur["reused"] else "",
+                 extra={"fields": {"event": "curated", "shards_version": cur["version"],
+                                   "shards_reused": cur["reused"], "queries_in": stats_.get("queries_in"),
+                                   "pairs": stats_["pairs_out"], "splits": stats_.get("splits"),
+                                   "dropped_by_reason": stats_.get("dropped_by_reason"),
+                                   "curate_s": manifest["timings"]["curate_s"]}})
     try:
         summary = exported.tally.summary()
         manifest["report"] = {k: v for k, v in summary.items() if k != "sample"}
@@ -334,48 +442,101 @@ async def _generate(config: RunConfig, staging: Path):
         if prepared is not None:
             prepared.discard()
         raise
-    return (EXIT_INCOMPLETE if stats.failed else EXIT_OK), prepared, manifest
+    return (EXIT_INCOMPLETE if stats.failed or exported.unreadable else EXIT_OK), prepared, manifest
 
 
-def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int]) -> int:
-    """What every capgen command shares: settings, logging, and errors turned into exit codes."""
-    from gen import logs
+def start_event(config: RunConfig, command: str) -> tuple[str, dict]:
+    """The `start` event: its text and the main settings. The API key lives only in the
+    environment and is never among them; URLs lose any user, password or query string."""
     try:
-        config = load_config(argv)
+        fingerprint = generation_fingerprint(config, PromptSet(config.prompts).digest, decoding_constraints())
+    except Exception:   # bad templates: the command itself reports them, after this event
+        fingerprint = None
+    note(fingerprint=fingerprint)
+    text = f"{command} started: {config.captions} -> {config.out_dir} ({config.engine}, {config.model})"
+    return text, {"event": "start", "command": command, "capgen_version": __version__, "pid": os.getpid(),
+            "fingerprint": fingerprint, "captions": str(config.captions), "out": str(config.out_dir),
+            "cache": str(config.cache_path), "engine": config.engine, "model": config.model,
+            "base_urls": [logs.public_url(u) for u in config.base_urls], "api_key_env": config.api_key_env,
+            "executor": config.executor, "concurrency": config.concurrency,
+            "repair_rounds": config.repair_rounds, "sampling": config.sampling.model_dump(),
+            "curate": config.curate, "dry_run": config.dry_run, "force": config.force, "strict": config.strict}
+
+
+def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int], command: str = "gen.run",
+          load: Callable[[list[str]], RunConfig] = load_config,
+          start: Callable[[RunConfig, str], tuple[str, dict]] = start_event) -> int:
+    """What every capgen command shares: settings, logging, errors turned into exit codes,
+    and the `start` and `finished` events a scheduler reads. The log format is known before
+    the settings are checked, so that a JSON log is JSON from its first line to its last."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    started = time.monotonic()
+    facts: dict = {}
+    token = _facts.set(facts)
+    with stop_signals():   # to the last line: a second Ctrl-C must not cut the clean-up short
+        try:
+            code = _entry(argv, work, command, load, start)
+        finally:
+            _facts.reset(token)
+        level, meaning = OUTCOMES.get(code, (logging.ERROR, "failed"))
+        fields = {"event": "finished", "command": command, "exit_status": code, "outcome": meaning,
+                  "fingerprint": None, "shards_version": None, "shards_reused": None,
+                  "duration_s": round(time.monotonic() - started, 3), **facts}
+        state = {"previous": "; the previous outputs were left as they were",
+                 "new": "; the new outputs are complete"}.get(facts.get("outputs"), "")
+        log.log(level, "%s finished: exit %d, %s%s", command, code, meaning, state, extra={"fields": fields})
+    return code
+
+
+def _entry(argv: list[str], work: Callable, command: str, load: Callable, start: Callable) -> int:
+    from gen.publish import PublishRefused
+    fmt = log_format_hint(argv)
+    logs.setup(fmt)
+    try:
+        config = load(argv)
     except ConfigError as e:
-        logs.setup("text")
-        log.error("%s", e)
+        if e.usage and fmt == "text":
+            sys.stderr.write(e.usage)   # as argparse would show it
+        log.error("%s", e, extra={"fields": {"event": "error", "kind": "usage"}})
         return EXIT_USAGE
     logs.setup(config.log_format)
-    from gen.publish import PublishRefused
-    with stop_signals():   # kept to the end: a second Ctrl-C must not cut the clean-up short
-        return _work(config, work, PublishRefused)
-
-
-def _work(config: RunConfig, work: Callable[[RunConfig], int], refused: type) -> int:
+    text, fields = start(config, command)
+    log.info("%s", text, extra={"fields": fields})
     try:
         return work(config)
-    except refused as e:
-        log.error("%s", e, extra={"fields": {"outputs": "previous"}})
+    except DirectoryLocked as e:
+        log.warning("%s", e, extra={"fields": {"event": "locked", "out": str(e.path)}})
+        return EXIT_LOCKED
+    except PublishRefused as e:
+        note(outputs="previous")
+        log.error("%s", e, extra={"fields": {"event": "error", "kind": "refused"}})
         return EXIT_USAGE
-    except (UsageError, CaptionError) as e:
-        log.error("%s", e)
+    except (UsageError, CaptionError, PromptError) as e:
+        log.error("%s", e, extra={"fields": {"event": "error", "kind": "usage"}})
         return EXIT_USAGE
     except EngineError as e:
-        log.error("engine failed: %s", e)
+        log.error("engine failed: %s", e, extra={"fields": {"event": "error", "kind": "engine"}})
         return EXIT_FAILED
     except OSError as e:
-        log.error("cannot read or write: %s", e)
+        log.error("cannot read or write: %s", e, extra={"fields": {"event": "error", "kind": "io"}})
         return EXIT_FAILED
     except (asyncio.CancelledError, KeyboardInterrupt) as e:
+        # gen.run's outputs, or what gen.curate (a Job) publishes to
+        where = getattr(config, "out_dir", None) or getattr(config, "out", None) or config.run_dir / "shards"
         if getattr(e, "published", False):
-            log.error("stopped after the new outputs were complete: %s holds them (manifest.json, "
-                      "shards/latest)", config.out_dir, extra={"fields": {"outputs": "new"}})
+            note(outputs="new")
+            log.warning("stopped after the new outputs were complete: %s holds them", where,
+                        extra={"fields": {"event": "stopped"}})
         else:
-            log.error("stopped before the end: every answer received so far is stored, and a rerun "
-                      "resumes from there; the previous outputs in %s were left as they were",
-                      config.out_dir, extra={"fields": {"outputs": "previous"}})
+            note(outputs="previous")
+            log.warning("stopped before the end: every answer received so far is stored, and a rerun "
+                        "resumes from there; the previous outputs in %s were left as they were",
+                        where, extra={"fields": {"event": "stopped"}})
         return EXIT_STOPPED
+    except Exception as e:   # a defect: still one log line and a finished event, then exit 1
+        log.exception("unexpected failure: %s: %s", type(e).__name__, e,
+                      extra={"fields": {"event": "error", "kind": "unexpected"}})
+        return EXIT_FAILED
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -5,6 +5,11 @@ validated is stored with its parsed JSON; one that still failed after its repair
 stored as rejected with its raw text and reason, so a rerun does not pay for it again
 unless it allows more repair rounds than that answer had.
 Transient failures (server down after every retry) are not stored: a rerun asks again.
+
+A row is data from disk, as untrusted as a server's reply: one damaged there (JSON cut
+short, bytes that are not UTF-8) is read without an error, is no answer to KEPT, and
+export rejects it with the reason (gen.export), so the run goes on and the caption is
+asked again.
 """
 from __future__ import annotations
 
@@ -31,9 +36,12 @@ CREATE TABLE IF NOT EXISTS answers (
 
 
 # Which stored answers a run keeps, given its repair rounds (the one parameter): every
-# accepted one, and each rejected one that had at least as many rounds (its requests less
-# one). A run allowed more rounds asks again; fewer never discards what is there.
-KEPT = "(status = 'ok' OR requests > ?)"
+# accepted one whose JSON is intact, and each rejected one that had at least as many rounds
+# (its requests less one) and whose last answer was not empty. A run allowed more rounds
+# asks again; fewer never discards what is there. An empty last answer (a refusal) is the
+# server's failure, not the caption's: stores written before capgen retried those hold them.
+KEPT = ("((status = 'ok' AND json_valid(answer)) "
+        "OR (status = 'rejected' AND requests > ? AND trim(coalesce(raw, '')) != ''))")
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,15 @@ class Stored:
     requests: int
     prompt_tokens: int
     completion_tokens: int
+
+
+def _text(value: bytes) -> "str | bytes":
+    """A TEXT column as str; bytes that are not UTF-8 (damaged on disk) as bytes, which
+    export rejects, rather than sqlite3's error, which would stop the run."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value
 
 
 class StoreError(OSError):
@@ -76,6 +93,7 @@ class AnswerStore:
             # tests/test_reliability.py); 60 s rather than sqlite3's 5 so that a slow disk is
             # a slow run, not a failed one.
             self.db = sqlite3.connect(str(path), isolation_level=None, timeout=60.0)
+            self.db.text_factory = _text
             self.db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a killed process (only power loss can drop the tail).
             self.db.execute("PRAGMA synchronous=NORMAL")
@@ -103,6 +121,11 @@ class AnswerStore:
                 "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (key, status, answer, raw, reason, requests, prompt_tokens, completion_tokens, time.time()),
             )
+
+    def discard(self, key: str) -> None:
+        """Forget a row that cannot be read, so that a rerun asks again."""
+        with _sqlite(self.path):
+            self.db.execute("DELETE FROM answers WHERE key = ?", (key,))
 
     def __len__(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
@@ -144,7 +167,7 @@ def prune_main(argv: Optional[list[str]] = None) -> int:
 
     from gen.captions import CaptionError, read_captions
     from gen.config import answer_key
-    from gen.run import UsageError, lock_out_dir
+    from gen.run import EXIT_LOCKED, DirectoryLocked, UsageError, lock_out_dir
     from schemas import Caption
     from schemas.caption import MAX_CAPTION_CHARS
 
@@ -153,7 +176,8 @@ def prune_main(argv: Optional[list[str]] = None) -> int:
         "directory's last run (its manifest.json) or one named with --fingerprint. Counts them; "
         "--apply deletes them. A store shared by several jobs (--cache) needs every job's captions "
         "and fingerprints, or it loses answers those jobs pay for again."))
-    ap.add_argument("--out", type=Path, required=True, help="the run's output directory (locked while pruning)")
+    ap.add_argument("--out", type=Path, required=True,
+                    help="the run's output directory (locked while deleting: exit 75 while a run holds it)")
     ap.add_argument("--captions", type=Path, action="append", required=True,
                     help="the current captions file; repeat for several")
     ap.add_argument("--cache", type=Path, help="the answer store (default: OUT/cache.sqlite)")
@@ -196,6 +220,9 @@ def prune_main(argv: Optional[list[str]] = None) -> int:
             delete_keys(cache, unused)
             log.info("deleted %d unused answers; %d kept", len(unused), total - len(unused))
         return 0
+    except DirectoryLocked as e:   # as gen.run reports it: nothing done, retry later
+        log.warning("%s", e)
+        return EXIT_LOCKED
     except (UsageError, CaptionError) as e:
         log.error("%s", e)
         return 2

@@ -57,6 +57,8 @@ def _load(text: str) -> object:
         return json.loads(_json_object(text))
     except json.JSONDecodeError as e:
         raise AnswerError(f"the answer is not valid JSON: {e.msg} at position {e.pos}") from None
+    except RecursionError:   # valid JSON, perhaps, but nested past Python's stack
+        raise AnswerError("the answer is nested too deeply to be an answer") from None
 
 
 def parse_answer(text: str, caption: str, refusal: str | None = None) -> CaptionQueries:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -9,7 +10,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# All 3,024 CapRetrieval captions, kept in the repository (fixtures/README.md).
+CAPRETRIEVAL_CAPTIONS = FIXTURES / "capretrieval_captions.jsonl"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/fake_openai.py
+
+
+@pytest.fixture
+def eval_encoder() -> Path:
+    """m3e-small's folder. The evaluation parts are opt-in (CAPGEN_EVAL=1 bash scripts/setup.sh):
+    without them a test that needs them skips, unless CAPGEN_EVAL says they were installed (CI)."""
+    from gen.eval.finetune import EncoderMissing, check_installed
+    try:
+        return check_installed()
+    except EncoderMissing as e:
+        if os.environ.get("CAPGEN_EVAL", "").lower() not in ("", "0", "no", "false"):
+            pytest.fail(f"CAPGEN_EVAL is set, yet {e}")
+        pytest.skip(str(e))
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import polars as pl
 from gen.curate import CurateConfig, curate
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-SHARED_CAPTIONS = Path(__file__).resolve().parents[1].parent / "shared/data/capretrieval/captions.jsonl"
 
 
 def sample_captions() -> list[dict]:

@@ -17,6 +17,7 @@ import json
 import random
 import re
 import socket
+import struct
 import sys
 import threading
 import time
@@ -30,6 +31,9 @@ __all__ = ["FakeOpenAI", "FAULTS", "default_answer", "normalize"]
 FAULTS = (
     "429", "500", "502", "503", "timeout", "drop", "truncated", "wrong_shape",
     "empty_choices", "refusal", "reasoning_only", "think_wrapped", "fenced",
+    # Hostile replies: what a broken or malicious server may send with a 200.
+    "empty_content", "lone_surrogate", "oversized", "gzip_bomb", "content_not_string",
+    "message_not_object", "choices_not_list", "usage_wrong_type",
 )
 _ERROR_STATUS = {
     "500": (500, "internal server error", "server_error"),
@@ -211,7 +215,13 @@ class _Handler(BaseHTTPRequestHandler):
         super().finish()
 
     def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        try:
+            data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate travels as its \uXXXX escape, as JSON allows
+            data = json.dumps(payload).encode("ascii")
+        self._send_bytes(status, data, headers)
+
+    def _send_bytes(self, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -259,6 +269,9 @@ class FakeOpenAI:
       per request; probabilities must sum to <= 1), or a callable (request_index, caption) ->
       fault name or None for exact scripts. request_index counts /v1/chat/completions requests
       from 0 in arrival order, i.e. the index into `requests`.
+    oversized_bytes, bomb_bytes: the size of fault "oversized"'s content, and of fault
+      "gzip_bomb"'s reply once decompressed (it travels gzipped, Content-Encoding gzip;
+      bomb_bytes in whole MiB).
     latency, per_token_latency, capacity: a request producing a completion holds one of
       `capacity` service slots (unlimited if None) for latency + per_token_latency *
       completion_tokens seconds; the rest queue. HTTP errors (4xx/5xx), "drop" and "timeout"
@@ -273,7 +286,8 @@ class FakeOpenAI:
     def __init__(self, *, answer: Answer | None = None, faults: FaultSpec = None, seed: int = 0,
                  latency: float = 0.0, per_token_latency: float = 0.0, capacity: int | None = None,
                  reject_json_schema: bool = False, reject_chat_template_kwargs: bool = False,
-                 retry_after: str | None = "0", hang_seconds: float = 30.0, model: str = "fake-model"):
+                 retry_after: str | None = "0", hang_seconds: float = 30.0, model: str = "fake-model",
+                 oversized_bytes: int = 20_000_000, bomb_bytes: int = 200 << 20):
         if isinstance(faults, dict):
             unknown = set(faults) - set(FAULTS)
             if unknown:
@@ -288,6 +302,8 @@ class FakeOpenAI:
         self.reject_json_schema = reject_json_schema
         self.reject_chat_template_kwargs = reject_chat_template_kwargs
         self.retry_after, self.hang_seconds, self.model = retry_after, hang_seconds, model
+        self.oversized_bytes, self.bomb_bytes = oversized_bytes, bomb_bytes
+        self._bomb_tail: bytes | None = None
 
         self.requests: list[dict] = []
         self.auth_headers: list[str | None] = []
@@ -435,14 +451,22 @@ class FakeOpenAI:
             message["content"] = "<think>\n用户要检索查询词，我先找出描述里的实体和事件。\n</think>\n" + valid
         elif fault == "fenced":
             message["content"] = "```json\n" + valid + "\n```"
+        elif fault == "empty_content":
+            message["content"] = ""
+        elif fault == "lone_surrogate":   # JSON's \ud800 escape: valid JSON, not valid text
+            message["content"] = valid[:40] + "\ud800" + valid[40:]
+        elif fault == "oversized":        # a valid answer, then whitespace up to oversized_bytes
+            message["content"] = valid + " " * max(self.oversized_bytes - len(valid.encode()), 0)
+        elif fault == "content_not_string":
+            message["content"] = {"text": valid}
         generated = message.get("content") or message.get("reasoning_content") or message.get("refusal") or ""
-        completion_tokens = _tokens(generated)
+        completion_tokens = _tokens(generated if isinstance(generated, str) else "")
 
         if fault != "timeout":  # a hung request already spent its time
             self._serve(record, self.latency + self.per_token_latency * completion_tokens)
         prompt = "\n".join(_text_of(m.get("content")) for m in body["messages"] if isinstance(m, dict))
         prompt_tokens = _tokens(prompt)
-        h._send(200, {
+        reply = {
             "id": f"chatcmpl-fake-{index}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -451,8 +475,39 @@ class FakeOpenAI:
                 {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
-        })
+        }
+        if fault == "message_not_object":
+            reply["choices"][0]["message"] = valid
+        elif fault == "choices_not_list":
+            reply["choices"] = {"0": reply["choices"][0]}
+        elif fault == "usage_wrong_type":
+            reply["usage"] = {"prompt_tokens": "many", "completion_tokens": [1], "total_tokens": 10 ** 30}
+        if fault == "gzip_bomb":
+            h._send_bytes(200, self._bomb(reply), {"Content-Encoding": "gzip"})
+        else:
+            h._send(200, reply)
         done(200)
+
+    def _bomb(self, reply: dict) -> bytes:
+        """The reply, a valid answer, followed by `bomb_bytes` of whitespace (still valid JSON),
+        as one gzip member: about a thousandth of its size on the wire. The padding is
+        deflated once, in 1 MiB pieces (the fake must not hold what it bombs with), and
+        follows each reply after a full flush, which leaves it nothing to refer back to."""
+        mib = b" " * (1 << 20)
+        pieces = self.bomb_bytes >> 20
+        with self._lock:
+            if self._bomb_tail is None:
+                c = zlib.compressobj(9, zlib.DEFLATED, -15)
+                self._bomb_tail = b"".join([c.compress(mib) for _ in range(pieces)] + [c.flush()])
+        head = json.dumps(reply, ensure_ascii=False).encode("utf-8")
+        c = zlib.compressobj(9, zlib.DEFLATED, -15)
+        start = c.compress(head) + c.flush(zlib.Z_FULL_FLUSH)
+        crc = zlib.crc32(head)
+        for _ in range(pieces):
+            crc = zlib.crc32(mib, crc)
+        size = (len(head) + (pieces << 20)) & 0xFFFFFFFF
+        return (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + start + self._bomb_tail
+                + struct.pack("<II", crc, size))
 
     def _serve(self, record: dict, seconds: float) -> None:
         """Hold one service slot for `seconds`, queueing first (FIFO) if capacity is set."""

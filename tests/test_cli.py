@@ -51,7 +51,7 @@ def test_vllm_args_from_file_and_flags(tmp_path):
     c = load_config(["--config", str(job), "--vllm-arg", "gpu_memory_utilization=0.8",
                      "--vllm-arg", "quantization=fp8"], env={})
     assert c.vllm_args == {"tensor_parallel_size": 2, "quantization": "fp8", "gpu_memory_utilization": 0.8}
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(["--captions", "c.jsonl", "--vllm-arg", "no-equals-sign"], env={})
 
 
@@ -94,7 +94,7 @@ def test_seed_none_sends_no_seed(tmp_path):
                         sampling=c.sampling)._options()
     assert "seed" not in body
     assert load_config(["--captions", "x.jsonl", "--seed", "7"], env={}).sampling.seed == 7
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="seven"):
         load_config(["--captions", "x.jsonl", "--seed", "seven"], env={})
 
 

@@ -8,7 +8,8 @@ import polars as pl
 import pytest
 
 import gen.shards
-from curate_helpers import SHARED_CAPTIONS, dropped, rec, rows, run_curate, sample_captions, write_run
+from conftest import CAPRETRIEVAL_CAPTIONS
+from curate_helpers import dropped, rec, rows, run_curate, sample_captions, write_run
 from gen.curate import CurateConfig, curate
 from gen.curate.__main__ import main as cli_main
 from gen.shards import sha256_file
@@ -157,9 +158,8 @@ def test_fingerprint_covers_data_settings_only(tmp_path):
     assert fa == CurateConfig(decontaminate_against=(b,)).fingerprint()
 
 
-@pytest.mark.skipif(not SHARED_CAPTIONS.exists(), reason="shared CapRetrieval captions not present")
 def test_all_real_captions_curate_quickly(tmp_path):
-    caps = [json.loads(x) for x in SHARED_CAPTIONS.read_text("utf-8").splitlines()]
+    caps = [json.loads(x) for x in CAPRETRIEVAL_CAPTIONS.read_text("utf-8").splitlines()]
     recs = []
     for c in caps:
         t = c["text"]

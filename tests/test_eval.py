@@ -121,6 +121,21 @@ def test_cli_coverage_and_bad_pairs(tmp_path, sample_captions, capsys):
     assert "cr.404" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("absent", ["embedding", "sentence_transformers"])
+def test_encoder_commands_without_the_opt_in_eval_parts_say_how_to_add_them(tmp_path, sample_captions, capsys,
+                                                                          monkeypatch, absent):
+    # What a machine set up without CAPGEN_EVAL=1 has: neither the eval extra nor the encoder.
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == absent else find_spec(name, *a))
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_captions[:3])
+    labels = write_jsonl(tmp_path / "l.jsonl", [{"id": "q", "query": "燃气表", "type": "singleton_object",
+                                                 "positives": [{"id": "cr.0", "score": 2}]}])
+    assert main(["zeroshot", "--corpus", str(corpus), "--labels", str(labels)]) == 2
+    err = capsys.readouterr().err
+    assert "CAPGEN_EVAL=1 bash scripts/setup.sh" in err and "research use" in err
+
+
 HARD_CORPUS = {
     "c1": "墙上的燃气表旁边有管道",
     "c2": "厨房里的燃气灶和管道",
@@ -185,11 +200,10 @@ def test_clean_batches_keep_out_captions_that_contain_another_query():
 
 
 @pytest.mark.slow
-def test_finetune_protocol_end_to_end_moves_the_encoder(tmp_path, sample_captions):
+def test_finetune_protocol_end_to_end_moves_the_encoder(tmp_path, sample_captions, eval_encoder):
     """The real encoder (m3e-small) through the real protocol, on 64 pairs: the command
     records protocol, coverage and nDCG, and training changes the scores. Minutes, not
     the 12,000-pair run: that one is a benchmark (docs/quality.md)."""
-    pytest.importorskip("sentence_transformers")
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_captions)
     labels = write_jsonl(tmp_path / "l.jsonl", [
         {"id": "q1", "query": "燃气表", "type": "singleton_object", "positives": [{"id": "cr.0", "score": 2}]},
@@ -279,10 +293,9 @@ def test_screen_batches_never_repeat_a_text_and_use_every_pair():
 
 
 @pytest.mark.slow
-def test_gpu_screen_prep_and_train_run_on_cpu(tmp_path, sample_captions):
+def test_gpu_screen_prep_and_train_run_on_cpu(tmp_path, sample_captions, eval_encoder):
     """The screen's two halves end to end on 64 pairs: prep writes the fp16 encoder and the
     drawn pairs, train records zero-shot and one run per (variant, seed)."""
-    pytest.importorskip("sentence_transformers")
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_captions)
     labels = write_jsonl(tmp_path / "l.jsonl", [
         {"id": "q1", "query": "燃气表", "type": "singleton_object", "positives": [{"id": "cr.0", "score": 2}]}])
@@ -331,23 +344,3 @@ def test_human_split_halves_are_disjoint_and_pairs_keep_to_the_captions(tmp_path
         pairs = read(f"pairs_{half}.jsonl")
         assert sorted(p["caption_id"] for p in pairs) == sorted(r["positives"][0]["id"] for r in rows)
         assert all(module.half(r["id"]) == half for r in rows)
-
-
-def test_hypernym_variants_swap_whole_words_only_and_take_the_lower_grade():
-    """benchmarks/quality/hypernym_variants.py: an entity inside a condition becomes each of its
-    hypernyms, but never the front of a longer word ("燃气" in "燃气表")."""
-    import polars as pl
-    hv = _benchmark("hypernym_variants")
-    row = lambda q, t, grade=2, source=None: {"caption_id": "c1", "query": q, "type": t, "subtype": None,  # noqa: E731
-                                              "grade": grade, "salience": 1, "source": source}
-    queries = pl.DataFrame([
-        row("野猪", "entity", grade=1), row("动物", "hypernym", grade=1, source="野猪"),
-        row("燃气", "entity"), row("能源", "hypernym", source="燃气"),
-        row("乡间公路上的野猪", "simple_condition"),
-        row("墙上的燃气表", "simple_condition"),
-        row("动物和野猪", "conjunction"),           # holds the hypernym already: no variant
-    ], schema_overrides={"grade": pl.Int8, "salience": pl.Int16})
-    got = hv.variants(queries)
-    assert got.select("query", "type", "subtype", "grade", "source").rows() == [
-        ("乡间公路上的动物", "simple_condition", "variant", 1, "野猪->动物")]
-    assert got.columns == queries.columns

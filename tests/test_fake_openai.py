@@ -7,13 +7,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
+from conftest import CAPRETRIEVAL_CAPTIONS
 from fake_openai import FakeOpenAI, default_answer, normalize
 
-CAPTIONS = Path(__file__).resolve().parents[1].parent / "shared/data/capretrieval/captions.jsonl"
 KEYS = ["entities", "events", "conjunctions", "simple_conditions", "complex_conditions", "summaries"]
 MAX_ITEMS = {"entities": 10, "events": 5, "conjunctions": 4, "simple_conditions": 5,
              "complex_conditions": 4, "summaries": 3}
@@ -25,9 +24,7 @@ except ImportError:  # pragma: no cover - running the fake's tests outside the r
 
 
 def real_captions(n: int = 20) -> list[str]:
-    if not CAPTIONS.exists():
-        pytest.skip(f"{CAPTIONS} not found")
-    with CAPTIONS.open(encoding="utf-8") as f:
+    with CAPRETRIEVAL_CAPTIONS.open(encoding="utf-8") as f:
         return [json.loads(line)["text"] for _, line in zip(range(n), f)]
 
 

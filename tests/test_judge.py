@@ -93,8 +93,10 @@ def test_judge_before_generation_is_a_usage_error(tmp_path, sample_captions, cap
     rc = judge_main(["--captions", str(caps), "--out", str(tmp_path / "none"), "--base-url",
                      "http://127.0.0.1:9/v1", "--model", "m", "--log-format", "json"])
     assert rc == 2
-    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])   # JSON logs, as asked
-    assert line["level"] == "error" and "run gen.run first" in line["message"]
+    lines = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]   # JSON logs, as asked
+    (error,) = [line for line in lines if line.get("event") == "error"]
+    assert error["level"] == "error" and "run gen.run first" in error["message"]
+    assert (lines[-1]["event"], lines[-1]["exit_status"], lines[-1]["command"]) == ("finished", 2, "gen.judge")
 
 
 def _candidate_answer(caption_block: str, body: dict) -> str:

@@ -17,7 +17,7 @@ from conftest import ROOT, write_jsonl
 from fake_openai import FakeOpenAI
 
 from gen.atomic import atomic_path
-from gen.run import EXIT_OK, EXIT_USAGE, lock_out_dir, main
+from gen.run import EXIT_LOCKED, EXIT_OK, EXIT_USAGE, lock_out_dir, main
 
 COLORS = "红 橙 黄 绿 青 蓝 紫 黑 白 灰".split()
 THINGS = "猫 狗 马 鸟 鱼 车 船 伞 灯 树".split()
@@ -218,7 +218,7 @@ def test_sigint_during_gen_curate_leaves_latest_and_no_partial_version(tmp_path)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143, err[-2000:]
-    assert "Traceback" not in err and "shards/latest was left as it was" in err
+    assert "Traceback" not in err and "previous outputs were left as they were" in err.strip().splitlines()[-1]
     assert snapshot(out) == before and not leftovers(out)
     assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(["latest", os.readlink(out / "shards" / "latest")])
 
@@ -237,7 +237,7 @@ def test_a_stop_after_publishing_says_the_new_outputs_are_complete(tmp_path, mon
     with FakeOpenAI() as fake:
         assert main(cli(path, out, fake.base_url, "--log-format", "json")) == 143
     last = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
-    assert "stopped after the new outputs were complete" in last["message"] and last["outputs"] == "new"
+    assert "the new outputs are complete" in last["message"] and last["outputs"] == "new"
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["captions"] == 10 and m["curation"]["dir"] == "shards/" + os.readlink(out / "shards" / "latest")
 
@@ -267,7 +267,7 @@ def test_sigint_during_gen_curate_out_leaves_the_previous_curation_there(tmp_pat
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143, err[-2000:]
-    assert "Traceback" not in err and "was left as it was" in err
+    assert "Traceback" not in err and "previous outputs were left as they were" in err.strip().splitlines()[-1]
     assert {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
     # and uninterrupted, the new curation replaces the old whole
     assert curate_main(["--queries", str(run), "--out", str(dest), "--negatives", "2"]) == 0
@@ -286,6 +286,8 @@ def test_a_captions_file_that_shrank_is_refused_unless_the_job_expects_it(tmp_pa
         capsys.readouterr()
         for rows in ([], synthetic(9)):           # empty; 45% of the previous run
             write_jsonl(path, rows)
+            assert main(cli(path, out, fake.base_url, "--dry-run")) == EXIT_USAGE   # the pre-flight says so
+            assert "would be refused" in capsys.readouterr().err
             assert main(cli(path, out, fake.base_url)) == EXIT_USAGE
             err = capsys.readouterr().err
             assert f"{len(rows)} captions, under 50% of the 20" in err and "--allow-shrink" in err
@@ -318,7 +320,7 @@ def test_versions_kept_is_a_setting(tmp_path, capsys):
         versions = [p for p in (out / "shards").iterdir() if not p.is_symlink()]
         assert len(versions) == 2 and (out / "shards" / "latest").resolve() in [v.resolve() for v in versions]
         assert main(cli(path, out, fake.base_url, "--keep-versions", "0")) == EXIT_USAGE
-    assert "keep_versions" in capsys.readouterr().err
+    assert "--keep-versions" in capsys.readouterr().err
 
 
 def test_store_prune_counts_then_deletes_only_unused_answers_and_respects_the_lock(tmp_path, capsys):
@@ -335,7 +337,7 @@ def test_store_prune_counts_then_deletes_only_unused_answers_and_respects_the_lo
         assert "27 answers, 12 used" in capsys.readouterr().err and _stored(out) == 27
         lock = lock_out_dir(out)
         try:
-            assert prune_main([*args, "--apply"]) == 2     # a run holds the directory
+            assert prune_main([*args, "--apply"]) == EXIT_LOCKED   # a run holds the directory
         finally:
             lock.close()
         assert str(out) in capsys.readouterr().err and _stored(out) == 27

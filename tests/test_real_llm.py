@@ -129,9 +129,9 @@ def _stored(cache: Path) -> int:
 @pytest.mark.parametrize("when", ["while the engine core starts", "once the weights are loaded",
                                   "while a batch runs"])
 def test_sigterm_ends_every_vllm_process(model_dir, twenty, tmp_path, when):
-    """A scheduler's SIGTERM used to kill capgen and leave vLLM's engine processes running.
-    Stopped just after the weights loaded, capgen then hung on exit, waiting for vLLM's
-    start-up thread: each moment of the start-up is its own case."""
+    """A scheduler's SIGTERM must not leave vLLM's engine processes running, nor hang capgen
+    on exit waiting for vLLM's start-up thread when it comes just after the weights loaded:
+    each moment of the start-up is its own case."""
     import signal
     import threading
 

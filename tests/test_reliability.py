@@ -1,4 +1,4 @@
-"""Faults, kills and hostile input lose nothing (issue: reliability).
+"""Faults, kills and hostile input lose nothing.
 
 Each test states a figure recorded in docs/reliability.md.
 """
@@ -14,20 +14,15 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
-from conftest import ROOT, read_jsonl, read_rows, write_jsonl
+from conftest import CAPRETRIEVAL_CAPTIONS, ROOT, read_jsonl, read_rows, write_jsonl
 from fake_openai import FakeOpenAI, default_answer
 
-from gen.run import EXIT_FAILED, EXIT_OK, main
+from gen.run import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, main
 from schemas import CaptionQueries
-
-SHARED = ROOT.parent / "shared" / "data" / "capretrieval" / "captions.jsonl"
 
 
 def real_captions(n: int) -> list[dict]:
-    if not SHARED.is_file():
-        pytest.skip("shared CapRetrieval captions not available")
-    with SHARED.open(encoding="utf-8") as f:
+    with CAPRETRIEVAL_CAPTIONS.open(encoding="utf-8") as f:
         return [json.loads(next(f)) for _ in range(n)]
 
 
@@ -179,7 +174,12 @@ def test_a_full_answer_store_is_a_clear_error_and_a_rerun_resumes(tmp_path, caps
         monkeypatch.setattr(AnswerStore, "__init__", real_init)   # space freed
         asked = len(fake.requests)
         assert main(cli(path, out, fake.base_url, "--concurrency", "8")) == EXIT_OK
-        assert len(fake.requests) - asked == 300 - len(stored)
+        # A request the first run cancelled may reach the server after that run returned (a
+        # busy machine) and land in this count: the server's view counts captions asked for.
+        rerun = {r["messages"][-1]["content"] for r in fake.requests[asked:]}
+        assert len(rerun) == 300 - len(stored)
+        m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        assert m["counts"]["cached"] == len(stored) and m["usage"]["requests"] == 300 - len(stored)
     assert {r["caption_id"] for r in read_rows(out / "queries.parquet")} == {c["id"] for c in caps}
 
 
@@ -275,7 +275,7 @@ def test_stale_lock_from_a_killed_run_is_not_a_lock(tmp_path, sample_captions):
     assert holder.stdout.readline().strip() == "held"
     path = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:3])
     with FakeOpenAI() as fake:
-        assert main(cli(path, out, fake.base_url)) == 2  # held: refused, with the holder's pid
+        assert main(cli(path, out, fake.base_url)) == EXIT_LOCKED  # held: refused, with the holder's pid
         holder.send_signal(signal.SIGKILL)
         holder.wait()
         assert (out / ".lock").exists()  # the file stays...

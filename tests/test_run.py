@@ -291,11 +291,12 @@ def test_json_logs_and_key_never_logged(tmp_path, captions, monkeypatch, capsys)
 
 
 def test_second_run_on_same_out_dir_is_refused(tmp_path, captions):
-    from gen.run import lock_out_dir, UsageError
+    from gen.run import EXIT_LOCKED, lock_out_dir
     held = lock_out_dir(tmp_path / "out")
     try:
         with FakeOpenAI() as fake:
-            assert run(captions, tmp_path / "out", fake) == EXIT_USAGE
+            assert run(captions, tmp_path / "out", fake) == EXIT_LOCKED
+            assert fake.requests == []
     finally:
         held.close()
     with FakeOpenAI() as fake:  # released with its holder: no stale lock

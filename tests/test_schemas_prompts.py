@@ -1,10 +1,9 @@
 import json
 
 import pytest
-from jinja2 import UndefinedError
 from pydantic import ValidationError
 
-from gen.prompts import PromptSet
+from gen.prompts import PromptError, PromptSet
 from gen.validate import AnswerError, parse_answer, salvage
 from schemas import Caption, CaptionQueries, answer_json_schema, decoding_constraints, is_short
 
@@ -151,12 +150,12 @@ def test_strict_undefined_and_template_digest(tmp_path):
     for name in ("queries.system.j2", "repair.j2"):
         (tmp_path / name).write_text("固定说明 {{ error if error is defined else '' }}")
     (tmp_path / "queries.user.j2").write_text("描述：{{ caption.txt }}")  # typo: txt
-    prompts = PromptSet(tmp_path)
-    with pytest.raises(UndefinedError):
-        prompts.messages(Caption(id="a", text="猫"))
-    before = prompts.digest
+    with pytest.raises(PromptError, match=r"queries.user.j2:1: .*'txt'"):  # at start-up, not per caption
+        PromptSet(tmp_path)
     (tmp_path / "queries.user.j2").write_text("描述：{{ caption.text }}")
-    assert PromptSet(tmp_path).digest != before
+    first = PromptSet(tmp_path).digest
+    (tmp_path / "queries.user.j2").write_text("描述：{{ caption.text }}。")
+    assert PromptSet(tmp_path).digest != first
 
 
 def test_repair_messages_show_the_error_after_the_bad_answer():

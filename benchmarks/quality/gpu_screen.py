@@ -1,13 +1,13 @@
-"""Screen many training-pair variants on a lent GPU, several seeds each, in one device call.
+"""Screen many training-pair variants on a GPU, several seeds each, in one call.
 
-The fixed protocol (`python -m gen.eval finetune`) takes ~10 minutes a run on this CPU, so
-a CPU session can afford a handful of runs and one seed each: too few to tell apart changes
-of under a point. A lent GPU does one run in well under a minute, but its machine has
-neither polars nor datasets and a call carries 64 MiB. So the work is split:
+The fixed protocol (`python -m gen.eval finetune`) takes ~10 minutes a run on 2 CPU cores,
+so a CPU affords a handful of runs and one seed each: too few to tell apart changes of
+under a point. A GPU does one run in well under a minute, but a GPU machine may have
+neither polars nor datasets, and what travels to it should be small. So the work is split:
 
     prep  (here, CPU): draws each variant's pairs with the protocol's own `sample`, writes
           them as small JSON lines, and stores m3e-small as fp16 safetensors (48 MB; the
-          fp32 original does not fit a call);
+          fp32 original is twice that);
     train (there, GPU): the same protocol in a plain torch loop (multiple negatives ranking
           loss, scale 20, cosine; batches with no repeated text; AdamW lr 2e-5, 10% linear
           warm-up then linear decay, gradient norm 1; one epoch; batch 32; 128 tokens) and

@@ -4,11 +4,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gen.atomic import sha256_file
+from gen.settings import Float, Int, OptFloat, OptInt
+from schemas.answer import QUERY_TYPES
+
+# A typo in a type name would match no query and turn its filter off without a word.
+QueryType = Literal[QUERY_TYPES]
 
 # Queries that would match almost any caption of an image data set. Written for capgen (not
 # taken from any evaluation set); compared after schemas.text.normalize, so punctuation,
@@ -32,23 +37,23 @@ class CurateConfig(BaseModel):
     # --- cleaning ---------------------------------------------------------------------
     # Jaccard of character 2- and 3-gram sets at or above which two queries of one caption
     # are near-duplicates (the worse one goes).
-    near_dup_threshold: float = Field(0.6, gt=0, le=1)
+    near_dup_threshold: Float = Field(0.6, gt=0, le=1)
     # Lengths of the normalised query (punctuation and spaces removed). One character is a
     # real search in Chinese (猫, 鱼); min_chars 2 cost 4% of coverage (docs/quality.md).
-    min_chars: int = Field(1, ge=1)
-    max_chars: int = Field(64, ge=1)
+    min_chars: Int = Field(1, ge=1)
+    max_chars: Int = Field(64, ge=1)
     # Lengths in jieba words.
-    min_words: int = Field(1, ge=1)
-    max_words: int = Field(32, ge=1)
+    min_words: Int = Field(1, ge=1)
+    max_words: Int = Field(32, ge=1)
     # Share of Han characters in the normalised query.
-    min_cjk_share: float = Field(0.5, ge=0, le=1)
+    min_cjk_share: Float = Field(0.5, ge=0, le=1)
     # A query whose longest common subsequence with its caption covers this share of the
     # caption copies it.
-    copy_ratio: float = Field(0.8, gt=0, le=1)
+    copy_ratio: Float = Field(0.8, gt=0, le=1)
     stoplist: tuple[str, ...] = DEFAULT_STOPLIST
     # Types whose grade-2 queries must share a character bigram or a word with the caption.
     # Hypernyms, events and summaries may rightly use words the caption does not.
-    grounding_types: tuple[str, ...] = ("entity", "simple_condition", "complex_condition")
+    grounding_types: tuple[QueryType, ...] = ("entity", "simple_condition", "complex_condition")
 
     # Use the judge's grades (python -m gen.judge writes judgements.parquet): "drop" removes
     # pairs it graded 0; "regrade" also puts its 1/2 in place of the generator's grade.
@@ -58,64 +63,69 @@ class CurateConfig(BaseModel):
     judge_candidates: bool = False
     # Round-trip filter (gen/curate/roundtrip.py): drop a record whose caption is not in
     # the BM25 top roundtrip_k for its query nor contains it; None turns it off.
-    roundtrip_k: Optional[int] = Field(None, ge=1)
-    roundtrip_exempt: tuple[str, ...] = ("hypernym",)
+    roundtrip_k: OptInt = Field(None, ge=1)
+    roundtrip_exempt: tuple[QueryType, ...] = ("hypernym",)
 
     # --- decontamination --------------------------------------------------------------
     # JSON lines files with a `text` field; captions too close to any line are dropped.
     decontaminate_against: tuple[Path, ...] = ()
     # Character-level ROUGE-L F1 above which a caption is contaminated (the paper's 0.6).
-    decontam_threshold: float = Field(0.6, gt=0, le=1)
+    decontam_threshold: Float = Field(0.6, gt=0, le=1)
     # Candidate pairs come from character n-grams this long shared with an eval text.
-    decontam_ngram: int = Field(3, ge=1)
+    decontam_ngram: Int = Field(3, ge=1)
 
     # --- positives --------------------------------------------------------------------
     # A query with more positive captions than max(generic_share * captions,
     # generic_min_positives) is generic (a false negative for most in-batch partners): dropped.
     # Only truly generic ones: people search with broad words (男子, 公园), and at 1% the
     # filter removed most of what matched the benchmark's queries (docs/quality.md).
-    generic_share: float = Field(0.1, gt=0, le=1)
-    generic_min_positives: int = Field(5, ge=1)
+    generic_share: Float = Field(0.1, gt=0, le=1)
+    generic_min_positives: Int = Field(5, ge=1)
     # Of a query that is not generic, keep at most this many positives (the best graded).
-    max_positives: int = Field(16, ge=1)
+    max_positives: Int = Field(16, ge=1)
     # Share of summary queries among all (query, caption) pairs; None keeps the generated
     # mix. Lower it for keyword-heavy data, raise it for more overall summaries (the paper's
     # SM/KW granularity dilemma: a mix did best).
-    summary_share: Optional[float] = Field(None, ge=0, le=1)
+    summary_share: OptFloat = Field(None, ge=0, le=1)
 
     # Other captions of the split containing the whole query become grade-1 positives
     # (gen/curate/cross.py); cross_depth BM25 candidates per query are looked at.
     cross_positives: bool = True
-    cross_depth: int = Field(64, ge=1)
+    cross_depth: Int = Field(64, ge=1)
 
     # --- negatives --------------------------------------------------------------------
     # Hard negatives per query row (FlagEmbedding's train_group_size - 1 is the usual pick).
-    negatives: int = Field(7, ge=0)
+    negatives: Int = Field(7, ge=0)
     # BM25 candidates looked at per query, beyond k, by the false-negative guard; rows left
     # short look on, down to 4 * (negatives + mine_depth).
-    mine_depth: int = Field(32, ge=1)
+    mine_depth: Int = Field(32, ge=1)
     # Fill rows that BM25 leaves short of `negatives` with guarded random captions of the
     # split (neg_bm25 0.0); one-word queries have no BM25 negative that is not a false one.
     random_fill: bool = True
     # Query rows with fewer negatives than this (capped at `negatives`) are dropped:
     # FlagEmbedding fails on an empty `neg` list.
-    min_negatives: int = Field(1, ge=0)
+    min_negatives: Int = Field(1, ge=0)
     # Query words found in more than this share of a split's captions are left out of the
     # BM25 query (near-zero IDF, yet most of the work); only for splits of 1,000+ captions.
-    bm25_prune_df: float = Field(0.05, gt=0, le=1)
+    bm25_prune_df: Float = Field(0.05, gt=0, le=1)
 
     # --- split and shards -------------------------------------------------------------
-    dev_fraction: float = Field(0.05, ge=0, le=1)
-    rows_per_shard: int = Field(100_000, ge=1)
+    dev_fraction: Float = Field(0.05, ge=0, le=1)
+    rows_per_shard: Int = Field(100_000, ge=1)
+    # The licence the dataset card of each version states (gen/card.py), a hub identifier
+    # such as cc-by-4.0; the user's to set, as it follows from the captions' and the model's
+    # terms. Part of the fingerprint: a new licence makes a new version with its card.
+    dataset_license: str = Field("unknown", pattern=r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")
 
     # --- runtime ----------------------------------------------------------------------
-    workers: int = Field(2, ge=1)
+    workers: Int = Field(2, ge=1)
     bm25_backend: Literal["auto", "numpy", "numba"] = "auto"
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> "CurateConfig":
-        if self.min_chars > self.max_chars or self.min_words > self.max_words:
-            raise ValueError("min_chars/min_words must not exceed max_chars/max_words")
+        for low, high in (("min_chars", "max_chars"), ("min_words", "max_words")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} ({getattr(self, low)}) must not exceed {high} ({getattr(self, high)})")
         return self
 
     def data_settings(self) -> dict:

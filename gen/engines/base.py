@@ -18,6 +18,13 @@ class Completion:
     completion_tokens: int = 0
     refusal: Optional[str] = None
     finish_reason: Optional[str] = None
+    server: Optional[str] = None    # which server answered, where an engine has several
+
+
+def printable(value: Any, limit: int = 200) -> str:
+    """Untrusted text for a message: bounded, a lone surrogate escaped (it cannot be written
+    to a UTF-8 file)."""
+    return str(value)[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class EngineError(RuntimeError):
@@ -34,6 +41,12 @@ class Engine(ABC):
     async def complete(self, messages: list[dict[str, str]], schema: Optional[dict] = None) -> Completion:
         """schema: this request's decoding constraint; None: the engine's own."""
         ...
+
+    def checked(self, done: Completion, valid: bool) -> bool:
+        """Told whether `done` validated. True when it did not and its source's answers fail
+        far more often than its peers' (gen.engines.pool): the answer says more of the source
+        than of the caption."""
+        return False
 
     async def aclose(self) -> None:
         return None

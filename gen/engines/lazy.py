@@ -34,6 +34,9 @@ class LazyEngine(Engine):
                     self._children_before = None
         return await self.inner.complete(messages, schema)
 
+    def checked(self, done: Completion, valid: bool) -> bool:
+        return self.inner is not None and self.inner.checked(done, valid)
+
     async def aclose(self) -> None:
         if self.inner is not None:
             await self.inner.aclose()

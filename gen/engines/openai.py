@@ -11,6 +11,12 @@ steps down, once for the whole run, when the server refuses one by name (HTTP 40
   chat_template_kwargs {enable_thinking: false} (Qwen3 and other thinking models) -> dropped.
 The API key comes from the environment and goes only into the Authorization header: never
 logged, and redacted from any error text a server echoes it in.
+
+A reply is untrusted input. It is read up to `reply_limit(max_tokens)` bytes, decompressed
+here (gzip or deflate, never past the limit: a gzip bomb costs at most that), and any reply
+that holds no usable answer (past the limit, another shape, empty or refused, not text) is
+EmptyAnswer: the server's fault, retried and counted against that server, never a traceback
+and never a stored answer.
 """
 from __future__ import annotations
 
@@ -20,13 +26,14 @@ import logging
 import os
 import urllib.parse
 import urllib.request
+import zlib
 from typing import Any, Optional
 
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from gen.config import Sampling
-from gen.engines.base import Completion, Engine, EngineError
+from gen.engines.base import Completion, Engine, EngineError, printable
 from gen.engines.pool import Server, ServerPool
 from gen.engines.retry import (EmptyAnswer, RequestFailed, RetryPolicy, StatusError, TransportError,
                                is_transient)
@@ -52,21 +59,97 @@ def _env_proxy(url: str) -> Optional[str]:
     return urllib.request.getproxies().get(parts.scheme)
 
 
-def _completion(data: Any) -> Completion:
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not choices or not isinstance(choices[0], dict):
+def reply_limit(max_tokens: int) -> int:
+    """The most bytes a reply to a request for `max_tokens` tokens may hold, decompressed: 64
+    a token (a Chinese token escaped as \\uXXXX takes 6 to 18) and 64 KiB for the rest."""
+    return 64 * max_tokens + 65536
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else {dict: "an object", list: "a list", str: "a string"}.get(
+        type(value), f"a {type(value).__name__}")
+
+
+def _text(msg: dict, field: str) -> str:
+    value = msg.get(field)
+    if value is None or isinstance(value, str):
+        return value or ""
+    # The typed-parts form some servers use: [{"type": "text", "text": "..."}].
+    if isinstance(value, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in value):
+        return "".join(p["text"] for p in value)
+    raise EmptyAnswer(f"the reply's message {field} is {_kind(value)}, not text")
+
+
+def _count(usage: Any, field: str) -> int:
+    """A token count; usage is bookkeeping, so a wrong one counts 0 rather than lose the answer."""
+    value = usage.get(field) if isinstance(usage, dict) else None
+    return value if type(value) is int and 0 <= value <= 10 ** 9 else 0
+
+
+def _completion(data: Any, server: Optional[str] = None) -> Completion:
+    """The answer in a chat-completions reply, or EmptyAnswer saying why there is none."""
+    if not isinstance(data, dict):
+        raise EmptyAnswer(f"the reply is {_kind(data)}, not an object")
+    choices = data.get("choices")
+    if not choices:
         raise EmptyAnswer("server answered 200 with no choices")
+    if not isinstance(choices, list):
+        raise EmptyAnswer(f"the reply's choices are {_kind(choices)}, not a list")
     choice = choices[0]
-    msg = choice.get("message") or {}
-    usage = data.get("usage") or {}
+    if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+        what = choice.get("message") if isinstance(choice, dict) else choice
+        raise EmptyAnswer(f"the reply's message is {_kind(what)}, not an object")
+    msg = choice["message"]
+    # Thinking models behind some servers put the whole answer in the reasoning field.
+    text = _text(msg, "content") or _text(msg, "reasoning_content") or _text(msg, "reasoning")
+    if not text.strip():
+        refusal = msg.get("refusal")
+        raise EmptyAnswer(f"the model refused: {printable(refusal)}" if refusal else "the answer is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EmptyAnswer(f"the answer is not text: a lone surrogate {text[e.start]!r} at character "
+                          f"{e.start}") from None
+    finish = choice.get("finish_reason")
+    usage = data.get("usage")
     return Completion(
-        # Thinking models behind some servers put the whole answer in the reasoning field.
-        text=msg.get("content") or msg.get("reasoning_content") or msg.get("reasoning") or "",
-        prompt_tokens=usage.get("prompt_tokens") or 0,
-        completion_tokens=usage.get("completion_tokens") or 0,
-        refusal=msg.get("refusal"),
-        finish_reason=choice.get("finish_reason"),
+        text=text, prompt_tokens=_count(usage, "prompt_tokens"),
+        completion_tokens=_count(usage, "completion_tokens"),
+        finish_reason=printable(finish) if isinstance(finish, str) else None, server=server,
     )
+
+
+async def _read(r: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, decompressed, at most `limit` bytes; past that, EmptyAnswer. Decompressed
+    here, chunk by chunk, with the output bounded: aiohttp's own decoder inflates a whole
+    network chunk at once (a 204 KB gzip bomb became 200 MB)."""
+    encoding = r.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        inflate = zlib.decompressobj(wbits=47)   # a gzip or zlib header, whichever it has
+    elif encoding in ("", "identity"):
+        inflate = None
+    else:
+        raise EmptyAnswer(f"HTTP {r.status} reply in an encoding capgen does not read: {printable(encoding)}")
+    parts, size = [], 0
+    try:
+        async for chunk in r.content.iter_chunked(1 << 16):
+            while chunk:
+                if inflate is None:
+                    out, chunk = chunk, b""
+                else:
+                    out = inflate.decompress(chunk, limit + 1 - size)
+                    chunk = inflate.unconsumed_tail
+                size += len(out)
+                parts.append(out)
+                if size > limit:
+                    raise EmptyAnswer(f"HTTP {r.status} reply larger than {limit:,} bytes (the limit for "
+                                      "--max-tokens), cut off there; it begins "
+                                      f"{printable(parts[0][:100].decode('utf-8', 'replace'))!r}")
+                if inflate is not None and inflate.eof:   # what follows the stream is not read
+                    return b"".join(parts)
+    except zlib.error as e:
+        raise EmptyAnswer(f"HTTP {r.status} reply that does not decompress ({encoding}): {e}") from None
+    return b"".join(parts)
 
 
 class OpenAIEngine(Engine):
@@ -81,8 +164,9 @@ class OpenAIEngine(Engine):
         api_key = os.environ.get(api_key_env) or "EMPTY"
         self._secret = api_key if api_key != "EMPTY" else None
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
-                         "Accept": "application/json"}
+                         "Accept": "application/json", "Accept-Encoding": "gzip, deflate"}
         self.timeout = timeout
+        self.reply_limit = reply_limit(sampling.max_tokens)
         default = os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
         # Sessions open on first use: aiohttp binds one to the running event loop.
         self.pool = ServerPool([Server(url=url or default, client=None) for url in (base_urls or [None])],
@@ -135,7 +219,8 @@ class OpenAIEngine(Engine):
             server.client = aiohttp.ClientSession(
                 headers=self._headers, timeout=aiohttp.ClientTimeout(total=self.timeout),
                 # No connection cap: the caller's concurrency bounds requests in flight.
-                connector=aiohttp.TCPConnector(limit=0))
+                connector=aiohttp.TCPConnector(limit=0),
+                auto_decompress=False)   # _read decompresses, within the reply limit
         return server.client
 
     async def _post(self, server: Server, body: bytes) -> Any:
@@ -143,7 +228,7 @@ class OpenAIEngine(Engine):
         try:
             async with self._session(server).post(url, data=body,
                                                   proxy=self._proxies[server.url]) as r:
-                raw = await r.read()
+                raw = await _read(r, self.reply_limit)
                 if not 200 <= r.status < 300:
                     raise StatusError(r.status, r.headers, raw.decode("utf-8", "replace"))
         except TimeoutError:
@@ -152,7 +237,7 @@ class OpenAIEngine(Engine):
             raise TransportError(f"connection failed: {type(exc).__name__}: {exc}") from None
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):   # not JSON, not UTF-8, or nested past the stack
             raise TransportError(f"HTTP {r.status} reply is not JSON: {raw[:100]!r}") from None
 
     async def _step_down(self, exc: StatusError, level: int, thinking: bool) -> bool:
@@ -167,7 +252,7 @@ class OpenAIEngine(Engine):
             else:
                 return False
             log.warning("server refused an option (%s); continuing with response_format=%s, "
-                        "thinking kwargs %s", self.redact(str(exc)), FORMATS[self.format_level],
+                        "thinking kwargs %s", printable(self.redact(str(exc)), 300), FORMATS[self.format_level],
                         "on" if self.thinking_kwargs else "off")
             return True
 
@@ -185,7 +270,7 @@ class OpenAIEngine(Engine):
         server = self.pool.pick()
         self.pool.started(server)
         try:
-            done = _completion(await self._send(server, messages, schema))
+            done = _completion(await self._send(server, messages, schema), server.url)
         except BaseException as exc:
             # Only the server's own trouble counts against it, not a request it rightly refused.
             self.pool.finished(server, ok=not is_transient(exc))
@@ -206,8 +291,12 @@ class OpenAIEngine(Engine):
                         self.retries += 1
                     return await self._once(messages, schema)
         except RequestFailed as exc:
-            raise EngineError(self.redact(str(exc))[:300]) from None
+            raise EngineError(printable(self.redact(str(exc)), 300)) from None
         raise AssertionError("unreachable")
+
+    def checked(self, done: Completion, valid: bool) -> bool:
+        server = next((s for s in self.pool.servers if s.url == done.server), None)
+        return server is not None and self.pool.checked(server, valid)
 
     def redact(self, text: str) -> str:
         """Some servers echo the key in a 401 message; it must not reach logs or rejects."""

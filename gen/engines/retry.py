@@ -25,7 +25,8 @@ class RequestFailed(Exception):
 
 
 class EmptyAnswer(RequestFailed):
-    """A 200 reply without choices: a server-side hiccup, worth another try."""
+    """A 200 reply with no usable answer in it: no choices, another shape, empty or refused,
+    not text, too large. The server's fault, not the caption's: worth another try."""
 
 
 class TransportError(RequestFailed):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from gen.eval import coverage as cov
 from gen.eval import pairs as pairs_mod
+from gen.eval.finetune import EncoderMissing
 from gen.eval.labels import LabelError, load_corpus, load_labels
 
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                        "retrieval": evaluate(model, corpus, labels)}
         _record(args, result)
         return 0
-    except (LabelError, FileNotFoundError, ValueError) as e:
+    except (LabelError, FileNotFoundError, ValueError, EncoderMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

