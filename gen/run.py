@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from gen import __version__, localmodel, report
+from gen import __version__, localmodel, logs, report
 from gen.atomic import atomic_path, raise_unless_held
 from gen.captions import CaptionError, read_captions
 from gen.cli import ConfigError, load_config
@@ -40,6 +40,7 @@ log = logging.getLogger("gen.run")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 EXIT_STOPPED = 128 + signal.SIGTERM  # stopped by SIGTERM or Ctrl-C; what shells report for a kill
+ENGINE_LOG = "engine.log"
 
 
 class UsageError(Exception):
@@ -87,11 +88,20 @@ async def run(config: RunConfig) -> int:
         return dry_run(config)
     lock = lock_out_dir(config.out_dir)
     stop = stop_on_sigterm()
+    engine_log = config.out_dir / ENGINE_LOG
     try:
-        return await _run_locked(config)
+        with logs.divert_output(None if config.verbose else engine_log) as diverted:
+            try:
+                return await _run_locked(config, diverted)
+            except EngineError as e:
+                if diverted is None:
+                    raise
+                raise EngineError(f"{e} (the engine's own output is in {diverted})") from e
     finally:
         stop()
         lock.close()  # also on failure: a library caller may run again in this process
+        if not config.verbose and engine_log.is_file() and engine_log.stat().st_size == 0:
+            engine_log.unlink()  # a server engine prints nothing: no empty file to wonder about
 
 
 class Terminated(KeyboardInterrupt):
@@ -149,7 +159,7 @@ def dry_run(config: RunConfig) -> int:
     return EXIT_OK
 
 
-async def _run_locked(config: RunConfig) -> int:
+async def _run_locked(config: RunConfig, engine_log: Optional[Path] = None) -> int:
     started = time.time()
     out_dir = config.out_dir
     prompts = PromptSet(config.prompts)
@@ -222,6 +232,8 @@ async def _run_locked(config: RunConfig) -> int:
         "outputs": {"queries": "queries.parquet", "captions": "captions.parquet",
                     "rejects": "rejects.jsonl", "report": "report.html", "cache": str(config.cache_path)},
     }
+    if engine_log is not None and engine_log.is_file() and engine_log.stat().st_size:
+        manifest["outputs"]["engine_log"] = engine_log.name
     if config.curate and exported.queries:
         from gen.publish import curate_versioned
         t = time.time()
@@ -246,6 +258,9 @@ async def _run_locked(config: RunConfig) -> int:
              c["cached"], c["input_rejects"], c["rejected"], c["salvaged"], c["failed"], stats.requests,
              stats.prompt_tokens + stats.completion_tokens, out_dir,
              extra={"fields": {"summary": manifest["counts"], "usage": manifest["usage"]}})
+    if "engine_log" in manifest["outputs"]:
+        log.info("the engine's own output (warnings included) is in %s; -v shows it here instead",
+                 out_dir / ENGINE_LOG, extra={"fields": {"engine_log": str(out_dir / ENGINE_LOG)}})
     if stats.input_rejects and not stats.captions:
         # Some bad lines are data; every line bad is the wrong file (a CSV, a JSON array), and a
         # scheduled job must not report an empty success. The rejects are written all the same.
