@@ -75,6 +75,8 @@ class RunConfig(BaseModel):
     curation: CurateConfig = Field(default_factory=CurateConfig)
     log_format: Literal["text", "json"] = "text"
     progress: bool = True
+    # False: the engine's own output (vLLM, torch, Ray) goes to <out>/engine.log, not the terminal.
+    verbose: bool = False
 
     @model_validator(mode="after")
     def _answer_fits_context(self) -> "RunConfig":

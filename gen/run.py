@@ -49,6 +49,7 @@ log = logging.getLogger("gen.run")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the output directory; try again later
 EXIT_STOPPED = 128 + signal.SIGTERM  # stopped by SIGTERM or Ctrl-C; what shells report for a kill
+ENGINE_LOG = "engine.log"
 
 # What each exit status means, and the level of the `finished` event that reports it.
 OUTCOMES = {
@@ -127,12 +128,21 @@ async def run(config: RunConfig) -> int:
             return dry_run(config, prompts, source)
     lock = lock_out_dir(config.out_dir)
     stop = stop_on_sigterm()
+    engine_log = config.out_dir / ENGINE_LOG
     try:
-        with spooled(config.captions, config.out_dir) as source:
-            return await _run_locked(config, prompts, source)
+        with spooled(config.captions, config.out_dir) as source, \
+                logs.divert_output(None if config.verbose else engine_log) as diverted:
+            try:
+                return await _run_locked(config, prompts, source, diverted)
+            except EngineError as e:
+                if diverted is None:
+                    raise
+                raise EngineError(f"{e} (the engine's own output is in {diverted})") from e
     finally:
         stop()
         lock.close()  # also on failure: a library caller may run again in this process
+        if not config.verbose and engine_log.is_file() and engine_log.stat().st_size == 0:
+            engine_log.unlink()  # a server engine prints nothing: no empty file to wonder about
 
 
 class Terminated(KeyboardInterrupt):
@@ -225,8 +235,10 @@ def dry_run(config: RunConfig, prompts: PromptSet, source: Path) -> int:
     return EXIT_OK if engine["ready"] else EXIT_FAILED
 
 
-async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> int:
-    """`source`: the captions as a regular file (a stream's copy)."""
+async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
+                      engine_log: Optional[Path] = None) -> int:
+    """`source`: the captions as a regular file (a stream's copy); `engine_log`: where the
+    engine's own output goes, if anywhere."""
     started = time.time()
     out_dir = config.out_dir
     constraints = decoding_constraints()
@@ -302,6 +314,8 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> in
         "outputs": {"queries": "queries.parquet", "captions": "captions.parquet",
                     "rejects": "rejects.jsonl", "report": "report.html", "cache": str(config.cache_path)},
     }
+    if engine_log is not None and engine_log.is_file() and engine_log.stat().st_size:
+        manifest["outputs"]["engine_log"] = engine_log.name
     if config.curate and exported.queries:
         from gen.publish import curate_versioned
         t = time.time()
@@ -336,6 +350,9 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> in
                                "timings": manifest["timings"],
                                "captions_per_s": round(c["captions"] / max(manifest["timings"]["total_s"], 1e-3), 3)}})
     note(captions=c["captions"], queries=c["queries"], failed=c["failed"], requests=stats.requests)
+    if "engine_log" in manifest["outputs"]:
+        log.info("the engine's own output (warnings included) is in %s; -v shows it here instead",
+                 out_dir / ENGINE_LOG, extra={"fields": {"event": "engine_log", "path": str(out_dir / ENGINE_LOG)}})
     if stats.input_rejects and not stats.captions:
         # Some bad lines are data; every line bad is the wrong file (a CSV, a JSON array), and a
         # scheduled job must not report an empty success. The rejects are written all the same.
