@@ -10,6 +10,7 @@ dropped.parquet with its reason; curate() checks that the two add up.
 """
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from collections import Counter
@@ -26,6 +27,7 @@ from gen.curate.normalize import cleaned, normalized, tokenize
 from gen.curate.steps import split_off, with_rank
 from gen.curate.write import write_outputs
 
+log = logging.getLogger(__name__)
 
 
 INPUT_COLUMNS = ("caption_id", "query", "type", "subtype", "grade", "salience", "source",
@@ -125,8 +127,10 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
         recs = recs.join(words, on="q_norm").join(caps.select(caption_id="id", c_norm="c_norm"), on="caption_id")
 
     with timer("filters"):
-        recs, d = filters.apply(recs, config)
+        recs, d, stats["grounding"] = filters.apply(recs, config, caps["c_norm"])
         drops.append(d)
+        if stats["grounding"]["warning"]:
+            log.warning("curation of %s: %s", run_dir, stats["grounding"]["warning"])
 
     with timer("dedup_near"):
         recs, d = dedup.near(recs, config.near_dup_threshold)
