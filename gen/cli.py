@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
       "generate nothing, write nothing")
     a("--log-format", choices=["text", "json"], help="json: one object per line, for scheduled jobs")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    a("-v", "--verbose", action="store_true",
+      help="show the engine's own output (vLLM, torch, Ray) instead of writing it to <out>/engine.log")
     return ap
 
 

@@ -85,6 +85,8 @@ class RunConfig(BaseModel):
     min_share_of_previous: Float = Field(MIN_SHARE, ge=0, le=1)
     log_format: Literal["text", "json"] = "text"
     progress: bool = True
+    # False: the engine's own output (vLLM, torch, Ray) goes to <out>/engine.log, not the terminal.
+    verbose: bool = False
 
     @model_validator(mode="after")
     def _answer_fits_context(self) -> "RunConfig":

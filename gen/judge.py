@@ -32,6 +32,7 @@ from typing import Optional
 import polars as pl
 from pydantic import ValidationError
 
+from gen import logs
 from gen.atomic import atomic_path
 from gen.config import RunConfig, Sampling, model_identity
 from gen.curate.judged import CANDIDATE_JUDGEMENTS, JUDGEMENTS  # the files curation reads
@@ -43,6 +44,9 @@ from gen.store import AnswerStore
 from gen.validate import AnswerError
 from prompts import TEMPLATE_DIR
 from schemas.judge import Judgement, judge_json_schema
+
+# The judge's own: gen.run's engine.log in the same directory is the generation run's.
+ENGINE_LOG = "judge-engine.log"
 
 log = logging.getLogger("gen.judge")
 SYSTEM, USER = "judge.system.j2", "judge.user.j2"
@@ -203,14 +207,20 @@ async def judge(config: RunConfig, candidates: int = 0) -> dict:
     judge_ = _Judge(config, engine, store, texts, prompts)
     stats: dict = {"fingerprint": judge_.fp}
     undo_sigterm = stop_on_sigterm()
+    engine_log = out / ENGINE_LOG
     try:
-        stats["own"] = await judge_.grade(mine, out / JUDGEMENTS)
-        if others is not None:
-            stats["candidates"] = await judge_.grade(others, out / CANDIDATE_JUDGEMENTS)
+        with logs.divert_output(None if config.verbose else engine_log):
+            try:
+                stats["own"] = await judge_.grade(mine, out / JUDGEMENTS)
+                if others is not None:
+                    stats["candidates"] = await judge_.grade(others, out / CANDIDATE_JUDGEMENTS)
+            finally:
+                await engine.aclose()
     finally:
         undo_sigterm()
-        await engine.aclose()
         store.close()
+        if engine_log.is_file() and engine_log.stat().st_size == 0:
+            engine_log.unlink()
     return stats
 
 

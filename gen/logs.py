@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import urllib.parse
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, TextIO
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,3 +46,76 @@ def public_url(url: str) -> str:
     except ValueError:
         return "<unparsable URL>"
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def console() -> TextIO:
+    """Where capgen's own lines go (the log handler's stream): the progress bar writes there
+    too, so that it stays on the terminal while an engine's output is diverted."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            return handler.stream
+    return sys.stderr
+
+
+def _fd(stream: TextIO) -> Optional[int]:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return None
+
+
+def _ours(record: logging.LogRecord) -> bool:
+    return record.name == "gen" or record.name.startswith("gen.")
+
+
+@contextmanager
+def divert_output(path: Optional[Path]) -> Iterator[Optional[Path]]:
+    """Send everything written to file descriptors 1 and 2 to `path`, while capgen's own log
+    lines (and its progress bar) go on to the terminal.
+
+    vLLM, Triton, torch and Ray print dozens of warnings, some from C++ and some from the
+    engine's own processes, which inherit these descriptors when they start; only a
+    redirect at the descriptor level catches them all. With `path` None nothing changes
+    (--verbose). Yields the path, or None when nothing is diverted."""
+    if path is None:
+        yield None
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    swapped = []
+    root = logging.getLogger()
+    for handler in root.handlers:
+        # Only a handler writing to the descriptor being diverted needs a stream of its own;
+        # one writing elsewhere (a file, a test's capture) is left as it is.
+        if isinstance(handler, logging.StreamHandler) and _fd(handler.stream) in (1, 2):
+            own = os.fdopen(os.dup(saved_err if _fd(handler.stream) == 2 else saved_out), "w",
+                            buffering=1, encoding="utf-8", errors="backslashreplace")
+            swapped.append((handler, handler.setStream(own), own))
+            handler.addFilter(_ours)
+    # Libraries that log through the root logger (torch's and Triton's warnings) go with the
+    # rest of the engine's output.
+    theirs = logging.StreamHandler(sys.stderr)
+    theirs.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    theirs.addFilter(lambda record: not _ours(record))
+    root.addHandler(theirs)
+    try:
+        with open(path, "wb") as log_file:
+            os.dup2(log_file.fileno(), 1)
+            os.dup2(log_file.fileno(), 2)
+        yield path
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved_out, 1)
+        os.dup2(saved_err, 2)
+        os.close(saved_out)
+        os.close(saved_err)
+        root.removeHandler(theirs)
+        for handler, previous, own in swapped:
+            handler.removeFilter(_ours)
+            handler.setStream(previous)
+            own.close()

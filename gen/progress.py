@@ -35,7 +35,9 @@ class Progress:
         self.bar = None
         if bar:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="cap", dynamic_ncols=True, smoothing=0.05)
+
+            from gen.logs import console
+            self.bar = tqdm(total=total, unit="cap", dynamic_ncols=True, smoothing=0.05, file=console())
         self.done = 0
 
     def __call__(self, s: GenStats) -> None:

@@ -88,24 +88,29 @@ class Tally:
         }
 
 
-def _bars(items: list[tuple[str, float]], unit: str = "", width: int = 520) -> str:
+def _bars(items: list[tuple[str, float]], unit: str = "") -> str:
+    """Horizontal bars laid out by the browser (a grid, not SVG at fixed coordinates), so a
+    long label wraps instead of being cut off at the page's edge."""
     if not items:
         return "<p class=muted>none</p>"
     top = max(v for _, v in items) or 1
-    row, label_w = 22, 190
-    parts = [f'<svg width="{width}" height="{row * len(items) + 4}" role="img">']
-    for i, (label, value) in enumerate(items):
-        w = (width - label_w - 70) * value / top
-        y = i * row
-        parts.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{html.escape(label)}</text>'
-                     f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="16" fill="#4a7bd0"/>'
-                     f'<text x="{label_w + w + 4:.1f}" y="{y + 15}">{value:g}{unit}</text>')
-    return "".join(parts) + "</svg>"
+    rows = "".join(f'<div class=bl>{html.escape(label)}</div><div class=bv>'
+                   f'<span class=bar style="width:{80 * value / top:.1f}%"></span>'
+                   f'<span class=n>{value:g}{unit}</span></div>' for label, value in items)
+    return f"<div class=bars>{rows}</div>"
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
     return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                                for k, v in rows) + "</table>"
+
+
+# Chinese needs a CJK font, which a page must name: browsers do not always fall back to one
+# from system-ui, and then every Chinese character is an empty box.
+FONTS = ('system-ui,"Noto Sans CJK SC","Noto Sans SC","Source Han Sans SC","PingFang SC",'
+         '"Hiragino Sans GB","Microsoft YaHei","WenQuanYi Micro Hei",sans-serif')
+CJK_NOTE = ("<p class=muted>Chinese shown as empty boxes means this machine has no CJK font: install "
+            "one (Noto Sans CJK; on Debian and Ubuntu <code>apt-get install fonts-noto-cjk</code>).</p>")
 
 
 def render(manifest: dict[str, Any], summary: dict[str, Any]) -> str:
@@ -141,11 +146,14 @@ def render(manifest: dict[str, Any], summary: dict[str, Any]) -> str:
         + "".join(f"<li><span class=t>{html.escape(q['type'])}</span> {html.escape(q['query'])}"
                   f" <span class=muted>g{q['grade']}</span></li>" for q in s["queries"]) + "</ul></div>"
         for s in summary["sample"])
-    sections.append(("Sample", sample or "<p class=muted>no captions with queries</p>"))
+    sections.append(("Sample", (sample or "<p class=muted>no captions with queries</p>") + CJK_NOTE))
     body = "".join(f"<section><h2>{html.escape(h)}</h2>{b}</section>" for h, b in sections)
     return f"""<!doctype html><html lang=zh><meta charset=utf-8><title>capgen report</title>
-<style>body{{font:14px/1.4 system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}}
-section{{margin-bottom:1.5em}} h2{{font-size:16px;border-bottom:1px solid #ddd}} svg text{{font-size:12px}}
+<style>body{{font:14px/1.4 {FONTS};margin:2em;max-width:1100px;color:#222}}
+section{{margin-bottom:1.5em}} h2{{font-size:16px;border-bottom:1px solid #ddd}}
+.bars{{display:grid;grid-template-columns:minmax(6em,max-content) minmax(200px,520px);gap:3px 8px;
+align-items:center;font-size:12px}} .bl{{text-align:right;max-width:26em;overflow-wrap:anywhere}}
+.bv{{display:flex;align-items:center;gap:4px}} .bar{{display:inline-block;height:16px;background:#4a7bd0}}
 table{{border-collapse:collapse}} th{{text-align:left;padding-right:1em;font-weight:normal;color:#555}}
 .cap{{display:inline-block;vertical-align:top;width:520px;margin:0 1em 1em 0}} .t{{color:#4a7bd0}}
 .muted{{color:#888}} ul{{margin:0;padding-left:1.2em}}</style>

@@ -58,6 +58,7 @@ log = logging.getLogger("gen.run")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the output directory; try again later
 EXIT_STOPPED = 128 + signal.SIGTERM  # stopped by SIGTERM or Ctrl-C; what shells report for a kill
+ENGINE_LOG = "engine.log"
 
 # What each exit status means, and the level of the `finished` event that reports it.
 OUTCOMES = {
@@ -136,12 +137,21 @@ async def run(config: RunConfig) -> int:
             return dry_run(config, prompts, source)
     lock = lock_out_dir(config.out_dir)
     stop = stop_on_sigterm()
+    engine_log = config.out_dir / ENGINE_LOG
     try:
-        with spooled(config.captions, config.out_dir) as source:
-            return await _run_locked(config, prompts, source)
+        with spooled(config.captions, config.out_dir) as source, \
+                logs.divert_output(None if config.verbose else engine_log) as diverted:
+            try:
+                return await _run_locked(config, prompts, source, diverted)
+            except EngineError as e:
+                if diverted is None:
+                    raise
+                raise EngineError(f"{e} (the engine's own output is in {diverted})") from e
     finally:
         stop()
         lock.close()  # also on failure: a library caller may run again in this process
+        if not config.verbose and engine_log.is_file() and engine_log.stat().st_size == 0:
+            engine_log.unlink()  # a server engine prints nothing: no empty file to wonder about
 
 
 def stop_on_sigterm() -> Callable[[], None]:
@@ -260,8 +270,10 @@ STAGING = ".staging"
 OUTPUTS = ("queries.parquet", "captions.parquet", "rejects.jsonl", "report.html")
 
 
-async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> int:
-    """`source`: the captions as a regular file (a stream's copy)."""
+async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
+                      engine_log: Optional[Path] = None) -> int:
+    """`source`: the captions as a regular file (a stream's copy); `engine_log`: where the
+    engine's own output goes, if anywhere."""
     out_dir = config.out_dir
     staging = out_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)   # a killed run's; we hold the lock
@@ -272,7 +284,7 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path) -> in
                 from gen.publish import check_pointer
                 check_pointer(out_dir / "shards")   # before paying for anything
             staging.mkdir()
-            code, prepared, manifest = await _generate(config, prompts, source, staging)
+            code, prepared, manifest = await _generate(config, prompts, source, staging, engine_log)
             with all_or_none():   # a stop signal waits: the previous state or the new one, not a mix
                 _commit(out_dir, staging, prepared)
                 published = True
@@ -301,6 +313,9 @@ def _report(config: RunConfig, code: int, manifest: dict) -> int:
                                "timings": manifest["timings"],
                                "captions_per_s": round(c["captions"] / max(manifest["timings"]["total_s"], 1e-3), 3)}})
     note(captions=c["captions"], queries=c["queries"], failed=c["failed"], requests=manifest["usage"]["requests"])
+    if "engine_log" in manifest["outputs"]:
+        log.info("the engine's own output (warnings included) is in %s; -v shows it here instead",
+                 out_dir / ENGINE_LOG, extra={"fields": {"event": "engine_log", "path": str(out_dir / ENGINE_LOG)}})
     if c["input_rejects"] and not c["captions"]:
         # Some bad lines are data; every line bad is the wrong file (a CSV, a JSON array), and a
         # scheduled job must not report an empty success. The rejects are written all the same.
@@ -324,7 +339,8 @@ def _commit(out_dir: Path, staging: Path, prepared) -> None:
     os.replace(staging / "manifest.json", out_dir / "manifest.json")
 
 
-async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging: Path):
+async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging: Path,
+                    engine_log: Optional[Path]):
     """Generation, export and curation into `staging` and a hidden version folder: nothing
     a reader sees changes here. Returns (exit code, the prepared version, the manifest)."""
     started = time.time()
@@ -402,6 +418,8 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
         "outputs": {"queries": "queries.parquet", "captions": "captions.parquet",
                     "rejects": "rejects.jsonl", "report": "report.html", "cache": str(config.cache_path)},
     }
+    if engine_log is not None and engine_log.is_file() and engine_log.stat().st_size:
+        manifest["outputs"]["engine_log"] = engine_log.name
     from gen import publish
     publish.check_share(f"captions ({stats.input_rejects} lines rejected)" if stats.input_rejects else "captions",
                         publish.published_captions(out_dir), stats.captions, config.min_share_of_previous,

@@ -96,6 +96,9 @@ def describe(field: FieldInfo) -> str:
             text += " " + " and ".join(p for p in parts if p)
     if bounds.get(at.MinLen) and bounds[at.MinLen].min_length == 1 and base is str:
         text = "a non-empty string"
+    pattern = next((m.pattern for m in field.metadata if getattr(m, "pattern", None)), None)
+    if pattern and base is str:
+        text = f"a string matching {pattern}"
     return text + (", or none" if optional else "")
 
 

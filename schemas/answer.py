@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from schemas.text import normalize
+from schemas.text import clean, normalize
 
 # Order matters: it is the order of the keys in the answer and of `type` in the records.
 QUERY_TYPES = (
@@ -53,6 +53,9 @@ def _caption_norm(info: ValidationInfo) -> str | None:
 
 
 def _check_query(value: str, info: ValidationInfo) -> str:
+    value, bad = clean(value)
+    if bad:
+        raise ValueError(f"query {value!r} contains a {bad}; write plain text")
     value = value.strip()
     if not value:
         raise ValueError("query is empty")

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
+from schemas.text import CONTROL as _TEXT_CONTROL  # the rule queries follow too; tab, LF, CR allowed
+
 # Longer than any real caption by far (CapRetrieval's longest is 105 characters);
 # anything past this is a concatenation accident or an attack on the prompt budget.
 MAX_CAPTION_CHARS = 4000
@@ -16,7 +18,6 @@ MAX_ID_CHARS = 256
 # (generation and export), and the loops were a quarter of export's CPU.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _ID_CONTROL = re.compile("[\x00-\x1f\x7f]")
-_TEXT_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, LF, CR allowed
 
 
 def _has_surrogate(v: str) -> bool:

@@ -140,6 +140,6 @@ def test_licence_flag_and_a_new_licence_makes_a_new_version(tmp_path):
     assert CurateConfig(dataset_license="mit").fingerprint() != CurateConfig().fingerprint()
     # the value goes into YAML and Markdown: an identifier, nothing that could break either
     for bad in ("cc by", "mit\nlicense: other", "", "x" * 65):
-        with pytest.raises(ConfigError, match="dataset_license"):
+        with pytest.raises(ConfigError, match="dataset-license: expected a string matching"):
             load_config(["--captions", "x.jsonl", "--dataset-license", bad], env={})
     assert main(["--captions", str(tmp_path / "none.jsonl"), "--dataset-license", "a b"]) == EXIT_USAGE

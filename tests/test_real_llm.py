@@ -73,9 +73,17 @@ def test_in_process_vllm_engine(model_dir, tmp_path, sample_captions):
     # A small token budget per step makes vLLM prefill every prompt in chunks, as any large
     # batch does; on its CPU build that crashed with per-request seeds.
     p = gen_run("--captions", str(caps), "--out", str(out), "--engine", "vllm", "--concurrency", "32",
-                "--vllm-arg", "max_num_batched_tokens=256")
+                "--vllm-arg", "max_num_batched_tokens=256", "--log-format", "json")
     assert p.returncode == 0, p.stderr[-3000:]
+    # A quiet run: vLLM's, torch's and Triton's output (its worker processes' too) is in
+    # engine.log, and what capgen prints is its own lines only, here pure JSON.
+    assert p.stdout == ""
+    events = [json.loads(line) for line in p.stderr.splitlines()]
+    assert events and all(e["logger"].startswith("gen") for e in events), p.stderr[-3000:]
+    engine_log = (out / "engine.log").read_text(errors="replace")
+    assert "Loading safetensors checkpoint shards" in engine_log and "(EngineCore" in engine_log
     m = check_outputs(out, captions)
+    assert m["outputs"]["engine_log"] == "engine.log"
     assert m["engine"]["engine"] == "vllm" and m["counts"]["requested"] == len(captions)
     # vLLM honoured the short captions' own schema: queries, and not one summary among them
     rows = read_rows(out / "queries.parquet")
@@ -140,13 +148,17 @@ def test_sigterm_ends_every_vllm_process(model_dir, twenty, tmp_path, when):
     proc = subprocess.Popen([sys.executable, "-m", "gen.run", "--no-progress", "--captions", str(twenty),
                              "--out", str(out), "--engine", "vllm", "--concurrency", "4"],
                             stderr=subprocess.PIPE, text=True)
-    lines, loaded = [], threading.Event()
+    lines = []
 
-    def read_stderr():  # drained in a thread: vLLM's logging would fill the pipe and block capgen
+    def read_stderr():  # drained in a thread: a full pipe would block capgen
         for line in proc.stderr:
             lines.append(line)
-            if "Loading safetensors checkpoint shards: 100%" in line:
-                loaded.set()
+
+    def weights_loaded() -> bool:  # vLLM's own output goes to engine.log, not stderr
+        try:
+            return "Loading safetensors checkpoint shards: 100%" in (out / "engine.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return False
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
     me = psutil.Process(proc.pid)
@@ -155,7 +167,7 @@ def test_sigterm_ends_every_vllm_process(model_dir, twenty, tmp_path, when):
         if when == "while the engine core starts" and any("EngineCore" in c.name() for c in me.children()):
             time.sleep(3)
             break
-        if when == "once the weights are loaded" and loaded.is_set():
+        if when == "once the weights are loaded" and weights_loaded():
             break
         if when == "while a batch runs" and _stored(out / "cache.sqlite") >= 1:
             break  # the first batch of 4 is stored: the next one is running

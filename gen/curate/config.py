@@ -51,9 +51,12 @@ class CurateConfig(BaseModel):
     # caption copies it.
     copy_ratio: Float = Field(0.8, gt=0, le=1)
     stoplist: tuple[str, ...] = DEFAULT_STOPLIST
-    # Types whose grade-2 queries must share a character bigram or a word with the caption.
-    # Hypernyms, events and summaries may rightly use words the caption does not.
-    grounding_types: tuple[QueryType, ...] = ("entity", "simple_condition", "complex_condition")
+    # Types whose grade-2 queries must share a character bigram or a word with the caption
+    # (a hypernym: its entity must). Grade 1 ("likely shown") may rightly name what the
+    # caption only implies (厨房 for a fridge), so it is measured, never dropped. Over every
+    # type this catches 97% of answers set against the wrong caption, for 2 more of 491
+    # healthy pairs than entities and conditions alone (docs/reliability.md).
+    grounding_types: tuple[QueryType, ...] = QUERY_TYPES
 
     # Use the judge's grades (python -m gen.judge writes judgements.parquet): "drop" removes
     # pairs it graded 0; "regrade" also puts its 1/2 in place of the generator's grade.

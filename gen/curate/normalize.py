@@ -11,7 +11,7 @@ from typing import Sequence
 import jieba
 import polars as pl
 
-from schemas.text import normalize
+from schemas.text import clean, normalize
 
 jieba.setLogLevel(60)
 
@@ -24,6 +24,17 @@ def normalized(col: pl.Series) -> pl.Series:
     uniq = col.unique()
     mapped = pl.Series([normalize(t) for t in uniq.to_list()], dtype=pl.String)
     return col.replace_strict(uniq, mapped, return_dtype=pl.String).alias(col.name)
+
+
+def cleaned(col: pl.Series) -> pl.DataFrame:
+    """schemas.text.clean over a column, once per distinct value: `clean` (the text without
+    invisible format characters) and `refused` (why the text must not reach a shard, or null)."""
+    uniq = col.unique()
+    out = [clean(t) if t is not None else (t, None) for t in uniq.to_list()]
+    return pl.DataFrame({
+        "clean": col.replace_strict(uniq, pl.Series([c for c, _ in out], dtype=pl.String), return_dtype=pl.String),
+        "refused": col.replace_strict(uniq, pl.Series([r for _, r in out], dtype=pl.String), return_dtype=pl.String),
+    })
 
 
 def _cut(texts: Sequence[str]) -> list[list[str]]:

@@ -10,6 +10,7 @@ dropped.parquet with its reason; curate() checks that the two add up.
 """
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from collections import Counter
@@ -22,10 +23,11 @@ import polars as pl
 from gen.curate import check_run_dir, cross, dedup, filters, judged, negatives, positives, roundtrip, split
 from gen.curate.config import CurateConfig
 from gen.curate.decontaminate import contaminated, load_eval_texts
-from gen.curate.normalize import normalized, tokenize
+from gen.curate.normalize import cleaned, normalized, tokenize
 from gen.curate.steps import split_off, with_rank
 from gen.curate.write import write_outputs
 
+log = logging.getLogger(__name__)
 
 
 INPUT_COLUMNS = ("caption_id", "query", "type", "subtype", "grade", "salience", "source",
@@ -70,13 +72,34 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
     stats["queries_in_by_type"] = _counts(raw, "type")
 
     with timer("normalize"):
-        recs = with_rank(raw.with_columns(q_norm=normalized(raw["query"])))
+        # Every text a shard holds passes schemas.text.clean here, whatever wrote the run's
+        # files: queries as q_clean (`query` stays as generated, for dropped.parquet), captions
+        # in place (own and cross positives, negatives, the BEIR corpus all read caps).
+        q = cleaned(raw["query"])
+        recs = with_rank(raw.with_columns(q_clean=q["clean"], _refused=q["refused"]))
+        recs = recs.with_columns(q_norm=normalized(recs["q_clean"]))
+        c = cleaned(caps["text"])
+        stats["text_guard"] = {
+            "queries_refused": int(q["refused"].is_not_null().sum()),
+            "queries_cleaned": int((q["refused"].is_null() & (q["clean"] != raw["query"])).sum()),
+            "captions_refused": int(c["refused"].is_not_null().sum()),
+            "captions_cleaned": int((c["refused"].is_null() & (c["clean"] != caps["text"])).sum()),
+        }
+        refused_caps = caps.select(caption_id="id", _cap_refused=c["refused"]).drop_nulls("_cap_refused")
+        caps = caps.with_columns(text=c["clean"]).filter(c["refused"].is_null())
         caps = caps.with_columns(c_norm=normalized(caps["text"]))
         # Every (caption, query) the run generated, before any drop, and every other pair the
         # judge found relevant: the false-negative guard.
         graded = judged.candidates(run_dir, config.judge_candidates)
         known = pl.concat([recs.select("caption_id", "q_norm"),
                            judged.positives(graded).select("caption_id", "q_norm")]).unique()
+        recs, d = split_off(recs, pl.col("_refused").is_not_null(), "control_characters", pl.col("_refused"))
+        drops.append(d)
+        recs = recs.drop("_refused").join(refused_caps, on="caption_id", how="left", maintain_order="left")
+        recs, d = split_off(recs, pl.col("_cap_refused").is_not_null(), "caption_control_characters",
+                            pl.format("caption: {}", pl.col("_cap_refused")))
+        drops.append(d)
+        recs = recs.drop("_cap_refused")
 
     with timer("decontaminate"):
         evals = load_eval_texts(config.decontaminate_against)
@@ -105,8 +128,10 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
         recs = recs.join(words, on="q_norm").join(caps.select(caption_id="id", c_norm="c_norm"), on="caption_id")
 
     with timer("filters"):
-        recs, d = filters.apply(recs, config)
+        recs, d, stats["grounding"] = filters.apply(recs, config, caps["c_norm"])
         drops.append(d)
+        if stats["grounding"]["warning"]:
+            log.warning("curation of %s: %s", run_dir, stats["grounding"]["warning"])
 
     with timer("dedup_near"):
         recs, d = dedup.near(recs, config.near_dup_threshold)

@@ -69,5 +69,5 @@ def group(recs: pl.DataFrame, n_captions: int, config: CurateConfig) -> tuple[pl
     ids = ids.with_columns(query_id=pl.Series([query_id(t) for t in ids[key].to_list()], dtype=pl.String))
     best = lambda c: pl.col(c).sort_by("rank").first().over(key)  # noqa: E731
     recs = recs.join(ids, on=key).with_columns(
-        q_text=best("query"), q_type=best("type"), q_subtype=best("subtype"))
+        q_text=best("q_clean"), q_type=best("type"), q_subtype=best("subtype"))
     return recs, pl.concat([generic, capped], how="diagonal_relaxed")
