@@ -5,9 +5,11 @@ caption travels: captions -> prompts -> engines -> validate/generate (into the s
 to export as each answer arrives: queries.parquet, rejects.jsonl) -> manifest.json.
 
 Exit codes, for schedulers: 0 done (rejected rows are data, not failure); 1 the run itself
-failed; 2 bad usage, or bad input (with --strict any bad line; else no good line at all);
-3 finished but some captions got no answer after every retry (a rerun asks only for those);
-143 stopped by SIGTERM or Ctrl-C (the engine is shut down first; a rerun resumes).
+failed: among others, every server refused the key, the account or the model, or none could
+be reached (the run stops at once, writes and publishes nothing; stored answers stay and a
+rerun resumes); 2 bad usage, or bad input (with --strict any bad line; else no good line at
+all); 3 finished but some captions got no answer after every retry (a rerun asks only for
+those); 143 stopped by SIGTERM or Ctrl-C (the engine is shut down first; a rerun resumes).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from gen.atomic import atomic_path, raise_unless_held
 from gen.captions import CaptionError, read_captions
 from gen.cli import ConfigError, load_config
 from gen.config import RunConfig, generation_fingerprint, model_identity
-from gen.engines import EngineError, build_engine
+from gen.engines import EngineError, EngineUnusable, build_engine
 from gen.engines.lazy import LazyEngine
 from gen.export import Exporter, export
 from gen.generate import generate
@@ -272,6 +274,10 @@ def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int]) -> int:
         return EXIT_USAGE
     except EngineError as e:
         log.error("engine failed: %s", e)
+        return EXIT_FAILED
+    except EngineUnusable as e:
+        log.error("stopped: %s. Answers stored so far are kept and a rerun resumes from them; "
+                  "no output file was replaced and nothing was published", e)
         return EXIT_FAILED
     except OSError as e:
         log.error("cannot read or write: %s", e)
