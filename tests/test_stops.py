@@ -1,6 +1,6 @@
-"""Errors that mean stop: a refused key or model, no server at all. Each ends the run at once
-with exit 1, publishes nothing and keeps what was stored; an outage that passes does not stop
-the run."""
+"""Errors that mean stop: a refused key or model, no server at all, a base URL that would send
+the key somewhere unintended. Each ends the run at once with exit 1 (or 2 for settings),
+publishes nothing and keeps what was stored; an outage that passes does not stop the run."""
 import json
 import os
 import socket
@@ -187,3 +187,69 @@ def test_a_server_still_starting_when_the_run_begins_does_not_stop_it(tmp_path, 
         back.join()
     assert code == EXIT_OK and errors(capsys.readouterr().err) == []
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["failed"] == 0
+
+
+# --------------------------------------------------------------------------- where the key goes
+
+BAD_URLS = {"": "is empty", "localhost:8000/v1": "http:// or https://", "ftp://h/v1": "http:// or https://",
+            "http:///v1": "no host", "http://h:port/v1": "not a URL"}
+
+
+@pytest.mark.parametrize("url", list(BAD_URLS))
+@pytest.mark.parametrize("source", ["flag", "job file", "CAPGEN_BASE_URLS", "OPENAI_BASE_URL"])
+def test_an_empty_or_malformed_base_url_is_a_usage_error_naming_the_setting(
+        source, url, tmp_path, sample_captions, capsys, monkeypatch):
+    captions = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:3])
+    with FakeOpenAI() as fallback:
+        # Where the key went before: an empty base URL meant $OPENAI_BASE_URL, else api.openai.com.
+        monkeypatch.setenv("OPENAI_BASE_URL", fallback.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789abcdef")
+        argv = ["--captions", str(captions), "--out", str(tmp_path / "out"), "--model", "fake-model",
+                "--no-progress"]
+        if source == "flag":
+            argv += ["--base-url", url]
+        elif source == "job file":
+            job = tmp_path / "job.toml"
+            job.write_text(f"base_urls = [{json.dumps(url)}]\n", encoding="utf-8")
+            argv += ["--config", str(job)]
+        elif source == "CAPGEN_BASE_URLS":
+            monkeypatch.setenv("CAPGEN_BASE_URLS", url)
+        else:
+            monkeypatch.setenv("OPENAI_BASE_URL", url)
+            argv += ["--engine", "openai"]
+        assert main(argv) == EXIT_USAGE
+        assert fallback.requests == []
+    (line,) = errors(capsys.readouterr().err)
+    name = {"flag": "--base-url", "job file": f"base_urls in {tmp_path / 'job.toml'}"}.get(source, source)
+    assert name in line
+    assert BAD_URLS[url] in line or (source == "CAPGEN_BASE_URLS" and url == "" and "names no server" in line)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source", ["flag", "OPENAI_BASE_URL"])
+def test_a_password_in_a_base_url_is_refused_and_never_shown(source, tmp_path, sample_captions, capsys,
+                                                            monkeypatch):
+    captions = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:3])
+    with FakeOpenAI() as fake:
+        url = fake.base_url.replace("http://", "http://capgen:hunter2-secret@")
+        argv = ["--captions", str(captions), "--out", str(tmp_path / "out"), "--model", "fake-model",
+                "--no-progress"]
+        if source == "flag":
+            argv += ["--base-url", url]
+        else:
+            monkeypatch.setenv("OPENAI_BASE_URL", url)
+            argv += ["--engine", "openai"]
+        assert main(argv) == EXIT_USAGE
+        assert fake.requests == []
+    err = capsys.readouterr().err
+    (line,) = errors(err)
+    assert "hunter2" not in err and "capgen:" not in err and "Traceback" not in err
+    assert "***@127.0.0.1" in line and "user name or password" in line and "--api-key-env" in line
+
+
+def test_no_base_url_at_all_still_means_the_default_server(monkeypatch):
+    from gen.cli import load_config
+    monkeypatch.delenv("CAPGEN_BASE_URLS", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    config = load_config(["--captions", "c.jsonl", "--engine", "openai", "--model", "gpt-4o-mini"])
+    assert config.base_urls == []   # the engine then asks $OPENAI_BASE_URL or api.openai.com

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from gen.config import Sampling
+from gen.config import Sampling, base_url_problem
 from gen.engines.base import Completion, Engine, EngineError
 from gen.engines.pool import Server, ServerPool
 from gen.engines.retry import (EmptyAnswer, RequestFailed, RetryPolicy, StatusError, TransportError,
@@ -90,8 +90,11 @@ class OpenAIEngine(Engine):
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
                          "Accept": "application/json"}
         self.timeout, self.api_key_env = timeout, api_key_env
-        default = os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-        urls = [url or default for url in (base_urls or [None])]
+        default = os.environ.get("OPENAI_BASE_URL", DEFAULT_BASE_URL)
+        urls = [default if url is None else url for url in (base_urls or [None])]
+        for url in urls:  # an empty one must not quietly send the key to the default
+            if problem := base_url_problem(url):
+                raise ValueError(f"base URL {problem}")
         # Sessions open on first use: aiohttp binds one to the running event loop.
         self.pool = ServerPool([Server(url=url, client=None) for url in urls], cooldown=cooldown,
                                first_outage_limit=retry.patience(2), outage_limit=retry.patience())
