@@ -121,6 +121,23 @@ def test_when_every_server_has_refused_the_run_stops_naming_each(tmp_path, sampl
     assert "HTTP 401" in last and "HTTP 404" in last
 
 
+@pytest.mark.parametrize("status, body, refusal, transient", [
+    (401, '{"error": {"message": "Incorrect API key"}}', True, False),
+    (402, '{"error": {"message": "Insufficient credits"}}', True, False),
+    (403, '{"error": {"message": "not allowed"}}', True, False),
+    (404, '{"error": {"message": "The model `x` does not exist."}}', True, False),
+    (429, '{"error": {"message": "quota", "type": "insufficient_quota", "code": "insufficient_quota"}}', True, False),
+    (429, '{"error": {"message": "rate limited", "type": "rate_limit_error"}}', False, True),
+    (429, "<html>too many</html>", False, True),
+    (400, '{"error": {"message": "messages: too long"}}', False, False),   # this request's own fault
+    (503, "", False, True),
+])
+def test_which_replies_no_retry_can_change(status, body, refusal, transient):
+    from gen.engines.retry import StatusError, is_refusal, is_transient
+    exc = StatusError(status, {}, body)
+    assert (is_refusal(exc), is_transient(exc)) == (refusal, transient)
+
+
 # --------------------------------------------------------------------------- no server
 
 def test_no_server_answering_stops_the_run_within_seconds(tmp_path, sample_captions, capsys):
