@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 from pydantic import ValidationError
 
-from gen.config import RunConfig, Sampling
+from gen.config import RunConfig, Sampling, base_url_problem
 from gen.settings import describe, problems
 
 PATH_FIELDS = ("captions", "out", "cache", "prompts")
@@ -206,6 +206,26 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_base_urls(data: dict[str, Any], args: dict[str, Any], env: Mapping[str, str],
+                     config_file: Optional[Path]) -> None:
+    """Refuse an empty or malformed base URL, naming where it came from: the API key goes
+    where the URL points, so an unset variable in a job must not mean "the default server"."""
+    urls = data.get("base_urls")
+    if "base_urls" in args:
+        where = "--base-url"
+    elif "CAPGEN_BASE_URLS" in env:
+        where = "CAPGEN_BASE_URLS"
+        if not urls:
+            raise ConfigError("CAPGEN_BASE_URLS is set but names no server")
+    else:
+        where = f"base_urls in {config_file}"
+    if data.get("engine") == "openai" and not urls and "OPENAI_BASE_URL" in env:
+        where, urls = "OPENAI_BASE_URL", [env["OPENAI_BASE_URL"]]   # the engine's default server
+    for url in urls if isinstance(urls, list) else []:
+        if isinstance(url, str) and (problem := base_url_problem(url)):
+            raise ConfigError(f"{where}: base URL {problem}")
+
+
 def load_config(argv: Optional[list[str]] = None, env: Mapping[str, str] = os.environ) -> RunConfig:
     args = vars(_parser().parse_args(argv))
     config_file = args.pop("config", None)
@@ -215,6 +235,7 @@ def load_config(argv: Optional[list[str]] = None, env: Mapping[str, str] = os.en
     if "captions" not in data:
         raise ConfigError("no captions: give --captions FILE (or captions = ... in the config file)")
     data.setdefault("engine", "openai" if data.get("base_urls") else "vllm")
+    _check_base_urls(data, args, env, config_file)
     if data.get("log_format") == "json":
         data["progress"] = False  # a bar between JSON lines breaks every log parser
     try:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -38,6 +40,36 @@ class Sampling(BaseModel):
 # Defaults of publication (gen/publish.py); here so that importing gen.config stays light.
 KEEP_VERSIONS = 5
 MIN_SHARE = 0.5
+
+
+def base_url_problem(url: str) -> Optional[str]:
+    """Why `url` cannot be a server's base URL, as words following it; None when it can.
+
+    The API key goes wherever the base URL says, so nothing is guessed: an empty URL is not
+    "the default". A user name and password in it are refused, not used: the key already
+    fills the Authorization header, and a password in a URL shows in the process list, the
+    logs and the manifest (the message shows it as ***).
+    """
+    if not url.strip():
+        return "is empty"
+    shown = repr(re.sub(r"//.*@", "//***@", url))   # to the last @: more hidden, never less
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as e:
+        return f"{shown} is not a URL ({e})"
+    if url != url.strip() or any(c.isspace() for c in url):
+        return f"{shown} has white space in it"
+    if parts.scheme not in ("http", "https"):
+        return f"{shown} must start with http:// or https://"
+    if not parts.hostname:
+        return f"{shown} names no host"
+    if parts.username is not None or parts.password is not None:
+        return (f"{shown} carries a user name or password: capgen takes none in a URL; the API key "
+                f"goes in the environment variable named by --api-key-env")
+    if parts.query or parts.fragment:
+        return f"{shown} has a query or fragment; a base URL ends at the path, e.g. http://host:8000/v1"
+    return None
 
 
 class RunConfig(BaseModel):
@@ -95,6 +127,14 @@ class RunConfig(BaseModel):
             raise ValueError(f"max_tokens ({self.sampling.max_tokens}) must be less than "
                              f"max_model_len ({self.max_model_len}), which also holds the prompt")
         return self
+
+    @field_validator("base_urls")
+    @classmethod
+    def _base_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if problem := base_url_problem(url):
+                raise ValueError(f"base URL {problem}")
+        return urls
 
     @property
     def out_dir(self) -> Path:

@@ -249,9 +249,10 @@ async def generate(records: Iterable[Union[Caption, Reject]], *, engine: Engine,
     order = InOrder(sink, store, limit=max(64 * concurrency, 4096)) if sink is not None else None
     loop = asyncio.get_running_loop()
 
-    # An exception in a task is a bug or a store or file that cannot be written (engine
-    # failures are outcomes, not exceptions). The first one stops the run: no new request,
-    # the ones in flight cancelled, and it is raised from here, where the CLI reports it.
+    # An exception in a task is a bug, a store or file that cannot be written, or an engine
+    # that can answer nothing (EngineUnusable; one request's EngineError is an outcome). The
+    # first one stops the run: no new request, the ones in flight cancelled, and it is
+    # raised from here, where the CLI reports it.
     failures: list[Exception] = []
 
     async def run(caption: Caption, key: str, outcome: asyncio.Future) -> None:

@@ -19,6 +19,7 @@ import os
 from typing import Any, Callable, Iterable, Union
 
 from gen.config import RunConfig
+from gen.engines import EngineUnusable
 from gen.generate import GenStats, Outcome, answer_caption, pending, record
 from gen.store import AnswerStore
 from schemas import Caption, Reject
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 # Captions handed to Ray at a time: bounds the driver's memory, not the cluster's parallelism.
 WINDOW = 4096
 OUTCOME_FIELDS = [f.name for f in dataclasses.fields(Outcome)]
+STOPPED = "stopped"   # an actor's engine can answer nothing: EngineUnusable, on the driver
 
 
 class ExecutorUnavailable(ValueError):
@@ -52,8 +54,18 @@ class Answerer:
         return {name: [getattr(o, name) for o in outcomes] for name in OUTCOME_FIELDS}
 
     async def _answer_all(self, captions: list[Caption], keys: list[str]) -> list[Outcome]:
-        return await asyncio.gather(*(answer_caption(c, k, self.engine, self.prompts, self.config.repair_rounds)
-                                      for c, k in zip(captions, keys)))
+        tasks = [asyncio.ensure_future(answer_caption(c, k, self.engine, self.prompts, self.config.repair_rounds))
+                 for c, k in zip(captions, keys)]
+        try:
+            return await asyncio.gather(*tasks)
+        except EngineUnusable as e:
+            # Raised here, it would reach the driver as Ray's traceback; as outcomes it reaches
+            # the driver whole, which stops the run as the local executor does.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return [Outcome(key=k, caption_id=c.id, status=STOPPED, answer=None, raw=None, reason=str(e),
+                            requests=0, prompt_tokens=0, completion_tokens=0) for c, k in zip(captions, keys)]
 
 
 def generate_ray(records: Iterable[Union[Caption, Reject]], *, config: RunConfig, model: str,
@@ -82,6 +94,8 @@ def generate_ray(records: Iterable[Union[Caption, Reject]], *, config: RunConfig
             for values in zip(*(batch[name] for name in OUTCOME_FIELDS)):
                 out = Outcome(**{n: (v.item() if hasattr(v, "item") else v)
                                  for n, v in zip(OUTCOME_FIELDS, values)})
+                if out.status == STOPPED:
+                    raise EngineUnusable(out.reason)
                 record(out, store, stats)
                 on_progress(stats)
 

@@ -5,8 +5,10 @@ caption travels: captions -> prompts -> engines -> validate/generate (into the s
 to export as each answer arrives: queries.parquet, rejects.jsonl) -> manifest.json.
 
 Exit codes, for schedulers: 0 done (rejected rows are data, not failure); 1 the run itself
-failed; 2 bad usage, or bad input (with --strict any bad line; else no good line at all;
-a publication gen.publish refuses);
+failed: among others, every server refused the key, the account or the model, or none could
+be reached (the run stops at once, writes and publishes nothing; stored answers stay and a
+rerun resumes); 2 bad usage, or bad input (with --strict any bad line; else no good line at
+all; a publication gen.publish refuses);
 3 finished but some captions got no answer after every retry (a rerun asks only for those);
 75 another run holds the output directory, nothing done (EX_TEMPFAIL of sysexits.h: a
 temporary condition, retry later; clear of the shell's 126-165 and of capgen's own codes);
@@ -44,7 +46,7 @@ from gen.atomic import (STOP_SIGNALS, Terminated, all_or_none, atomic_path,  # n
 from gen.captions import STDIN, CaptionDigest, CaptionError, is_stream, read_captions, spooled
 from gen.cli import ConfigError, load_config, log_format_hint
 from gen.config import RunConfig, generation_fingerprint, model_identity
-from gen.engines import EngineError, build_engine
+from gen.engines import EngineError, EngineUnusable, build_engine
 from gen.engines.lazy import LazyEngine
 from gen.export import Exporter, export
 from gen.generate import generate
@@ -534,6 +536,10 @@ def _entry(argv: list[str], work: Callable, command: str, load: Callable, start:
         return EXIT_USAGE
     except EngineError as e:
         log.error("engine failed: %s", e, extra={"fields": {"event": "error", "kind": "engine"}})
+        return EXIT_FAILED
+    except EngineUnusable as e:
+        log.error("stopped: %s. Answers stored so far are kept and a rerun resumes from them; "
+                  "no output file was replaced and nothing was published", e)
         return EXIT_FAILED
     except OSError as e:
         log.error("cannot read or write: %s", e, extra={"fields": {"event": "error", "kind": "io"}})

@@ -7,7 +7,8 @@
 
 It answers every caption with `default_answer` (a valid capgen answer built from the
 caption's own substrings), can inject transport and content faults, refuse options that
-hosted APIs refuse, and model service time and a concurrency limit for benchmarks.
+hosted APIs refuse, refuse the key or the model as hosted APIs and vLLM do, go away for a
+while (`outage`), and model service time and a concurrency limit for benchmarks.
 It binds to 127.0.0.1 only.
 """
 from __future__ import annotations
@@ -34,11 +35,18 @@ FAULTS = (
     # Hostile replies: what a broken or malicious server may send with a 200.
     "empty_content", "lone_surrogate", "oversized", "gzip_bomb", "content_not_string",
     "message_not_object", "choices_not_list", "usage_wrong_type",
+    "401", "403", "insufficient_quota",
 )
+# OpenAI's wording; a 401 echoes the start of the key it refused, as OpenAI's does.
 _ERROR_STATUS = {
-    "500": (500, "internal server error", "server_error"),
-    "502": (502, "bad gateway", "server_error"),
-    "503": (503, "service unavailable", "server_error"),
+    "500": (500, "internal server error", "server_error", None),
+    "502": (502, "bad gateway", "server_error", None),
+    "503": (503, "service unavailable", "server_error", None),
+    "401": (401, "Incorrect API key provided: {key}. You can find your API key at "
+                 "https://platform.openai.com/account/api-keys.", "invalid_request_error", "invalid_api_key"),
+    "403": (403, "You are not allowed to sample from this model", "invalid_request_error", None),
+    "insufficient_quota": (429, "You exceeded your current quota, please check your plan and billing "
+                                "details.", "insufficient_quota", "insufficient_quota"),
 }
 _USER_PREFIX, _USER_SUFFIX = "描述：", "输出："
 # serve_forever's poll interval, which bounds how long shutdown() takes (default 0.5 s).
@@ -166,8 +174,8 @@ def _tokens(text: str) -> int:
     return len(text) // 2 + 1
 
 
-def _error(message: str, type_: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": None}}
+def _error(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 class _Dropped(Exception):
@@ -182,10 +190,10 @@ class _Server(ThreadingHTTPServer):
     # (a 1 s stall each), which would be measured as server latency.
     request_queue_size = 1024
 
-    def __init__(self, fake: "FakeOpenAI"):
+    def __init__(self, fake: "FakeOpenAI", port: int = 0):
         self.fake = fake
         self.open_connections: set[socket.socket] = set()
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
     def handle_error(self, request, client_address):
         # Clients that time out or hang up mid-response are part of the tests, not errors.
@@ -272,6 +280,8 @@ class FakeOpenAI:
     oversized_bytes, bomb_bytes: the size of fault "oversized"'s content, and of fault
       "gzip_bomb"'s reply once decompressed (it travels gzipped, Content-Encoding gzip;
       bomb_bytes in whole MiB).
+    check_model: answer a request for any model but `model` with vLLM's 404 "The model `x`
+      does not exist.", as a real server does.
     latency, per_token_latency, capacity: a request producing a completion holds one of
       `capacity` service slots (unlimited if None) for latency + per_token_latency *
       completion_tokens seconds; the rest queue. HTTP errors (4xx/5xx), "drop" and "timeout"
@@ -287,7 +297,8 @@ class FakeOpenAI:
                  latency: float = 0.0, per_token_latency: float = 0.0, capacity: int | None = None,
                  reject_json_schema: bool = False, reject_chat_template_kwargs: bool = False,
                  retry_after: str | None = "0", hang_seconds: float = 30.0, model: str = "fake-model",
-                 oversized_bytes: int = 20_000_000, bomb_bytes: int = 200 << 20):
+                 oversized_bytes: int = 20_000_000, bomb_bytes: int = 200 << 20,
+                 check_model: bool = False):
         if isinstance(faults, dict):
             unknown = set(faults) - set(FAULTS)
             if unknown:
@@ -304,6 +315,7 @@ class FakeOpenAI:
         self.retry_after, self.hang_seconds, self.model = retry_after, hang_seconds, model
         self.oversized_bytes, self.bomb_bytes = oversized_bytes, bomb_bytes
         self._bomb_tail: bytes | None = None
+        self.check_model = check_model
 
         self.requests: list[dict] = []
         self.auth_headers: list[str | None] = []
@@ -337,24 +349,53 @@ class FakeOpenAI:
 
     def close(self) -> None:
         """Stop fast even with requests in flight: waits abort, open sockets are shut down."""
-        if self._server is None:
+        if self._server is None or self._stop.is_set():
             return
         self._stop.set()
         with self._lock:
             for turn in self._queue:  # queued requests give up (they see _stop)
                 turn.set()
             self._queue.clear()
-        self._server.shutdown()
+            server, thread = self._server, self._thread
+        self._shut(server, thread)
+
+    def _shut(self, server: _Server, thread: threading.Thread) -> None:
+        server.shutdown()
         with self._lock:
-            conns = list(self._server.open_connections)
+            conns = list(server.open_connections)
         for conn in conns:  # unblocks handler threads idling on keep-alive reads
             try:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self._server.server_close()
-        self._thread.join(timeout=2)
-        self._server = None
+        server.server_close()
+        thread.join(timeout=2)
+
+    def outage(self, seconds: float) -> threading.Thread:
+        """Refuse connections for `seconds` (math.inf: for good), as a server that stopped or
+        restarts does, then serve again on the same port; open connections are cut. Returns
+        at once, so a faults script may call it; the returned thread ends when it serves again."""
+        t = threading.Thread(target=self._outage, args=(seconds,), name="fake-openai-outage", daemon=True)
+        t.start()
+        return t
+
+    def _outage(self, seconds: float) -> None:
+        with self._lock:
+            server, thread = self._server, self._thread
+        if server is None or self._stop.is_set():
+            return
+        self._shut(server, thread)
+        if self._stop.wait(seconds if seconds != float("inf") else None):
+            return
+        new = _Server(self, port=server.server_address[1])
+        thread = threading.Thread(target=new.serve_forever, kwargs={"poll_interval": _POLL},
+                                  name="fake-openai", daemon=True)
+        with self._lock:
+            if self._stop.is_set():
+                new.server_close()
+                return
+            self._server, self._thread = new, thread
+        thread.start()
 
     # ------------------------------------------------------------------ queries
 
@@ -385,6 +426,8 @@ class FakeOpenAI:
         return None
 
     def _rejection(self, body: dict) -> dict | None:
+        if self.check_model and body.get("model") != self.model:
+            return _error(f"The model `{body.get('model')}` does not exist.", "NotFoundError", None, 404)
         fmt = body.get("response_format")
         if self.reject_json_schema and isinstance(fmt, dict) and fmt.get("type") == "json_schema":
             return _error("response_format json_schema is not supported", "invalid_request_error",
@@ -415,8 +458,9 @@ class FakeOpenAI:
                 self.timings.append(record)
 
         if rejection:
-            h._send(400, rejection)
-            return done(400)
+            status = rejection["error"]["code"] or 400
+            h._send(status, rejection)
+            return done(status)
         if fault is not None and fault not in FAULTS:
             h._send(500, _error(f"fake: unknown fault name {fault!r}", "server_error"))
             return done(500)
@@ -425,8 +469,9 @@ class FakeOpenAI:
             h._send(429, {"error": {"message": "rate limited", "type": "rate_limit_error"}}, headers)
             return done(429)
         if fault in _ERROR_STATUS:
-            status, message, type_ = _ERROR_STATUS[fault]
-            h._send(status, _error(message, type_))
+            status, message, type_, code = _ERROR_STATUS[fault]
+            key = (h.headers.get("Authorization") or "").removeprefix("Bearer ")
+            h._send(status, _error(message.format(key=key[:3] + "*" * 8 + key[-4:]), type_, None, code))
             return done(status)
         if fault == "drop":
             done(0)

@@ -11,7 +11,7 @@ import pytest
 from fake_openai import FakeOpenAI
 
 from gen.config import Sampling
-from gen.engines import EngineError, RetryPolicy
+from gen.engines import EngineError, EngineUnusable, RetryPolicy
 from gen.engines.openai import OpenAIEngine
 from gen.engines.retry import StatusError
 from gen.validate import parse_answer
@@ -56,10 +56,11 @@ def test_retries_are_bounded_and_end_in_engine_error():
 
 
 def test_other_4xx_is_not_retried():
-    # A 404 (wrong URL) says the request itself is wrong: retrying would only repeat it.
+    # A 404 (wrong URL) is wrong for every request: retrying would only repeat it, and with no
+    # other server to ask, nothing can be answered (tests/test_stops.py).
     with FakeOpenAI() as fake:
         fake.base_url = fake.base_url.replace("/v1", "/wrong")
-        with pytest.raises(EngineError, match="HTTP 404 Not Found: no route POST"):
+        with pytest.raises(EngineUnusable, match="HTTP 404 Not Found: no route POST"):
             complete(fake, attempts=5)
         assert fake.requests == []
 
@@ -202,7 +203,7 @@ def test_api_key_echoed_in_a_refusal_never_reaches_errors_or_logs(monkeypatch, c
             return refusal(f"response_format not allowed for key {auth}")
         return 401, {"error": {"message": f"Incorrect API key provided: {auth}"}}
 
-    with Scripted(reply) as server, pytest.raises(EngineError) as err:
+    with Scripted(reply) as server, pytest.raises(EngineUnusable) as err:
         complete(server)
     assert "HTTP 401 Unauthorized" in str(err.value) and "***" in str(err.value)
     assert secret not in str(err.value) and secret not in caplog.text
@@ -218,11 +219,11 @@ def test_an_unreadable_or_empty_200_is_retried(broken):
     assert (done.text, done.prompt_tokens, done.completion_tokens) == ("ok", 3, 1) and info["retries"] == 1
 
 
-def test_a_refused_connection_is_retried_then_an_engine_error():
+def test_a_refused_connection_is_retried_then_stops_the_engine():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(EngineError, match="connection failed"):
+    with pytest.raises(EngineUnusable, match="no server answers.*connection failed"):
         complete(SimpleNamespace(base_url=f"http://127.0.0.1:{port}/v1"), attempts=2)
 
 

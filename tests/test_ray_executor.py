@@ -5,7 +5,7 @@ import pytest
 from conftest import read_rows, write_jsonl
 from fake_openai import FakeOpenAI, _caption_of
 
-from gen.run import EXIT_OK, EXIT_USAGE, main
+from gen.run import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 
 pytestmark = pytest.mark.slow
 
@@ -47,3 +47,16 @@ def test_ray_without_a_server_is_a_usage_error(tmp_path, sample_captions):
     path = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:2])
     assert main(["--captions", str(path), "--out", str(tmp_path / "o"), "--executor", "ray",
                  "--model", "/nonexistent-model", "--no-progress"]) == EXIT_USAGE
+
+
+def test_a_refused_model_stops_a_ray_run_with_exit_1_and_no_traceback(ray_local, tmp_path, sample_captions, capsys):
+    path = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:30])
+    with FakeOpenAI(check_model=True) as fake:
+        code = main(["--captions", str(path), "--out", str(tmp_path / "o"), "--executor", "ray",
+                     "--ray-actors", "2", "--concurrency", "4", "--base-url", fake.base_url,
+                     "--model", "fake-modle", "--no-progress", "--retry-wait", "0.01"])
+        assert code == EXIT_FAILED
+        assert len(fake.requests) <= 2 * 4 * 2   # per actor: the batch in flight, and one more at most
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "every server refused" in err and "does not exist" in err
+    assert not (tmp_path / "o" / "manifest.json").exists()

@@ -305,13 +305,19 @@ def test_api_key_echoed_by_a_server_is_redacted_everywhere(tmp_path, monkeypatch
     try:
         path = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:2])
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        assert main(cli(path, tmp_path / "out", url)) == 3
+        # Alone, the refusing server stops the run; beside a good one it is taken out, and its
+        # reply is logged and kept in the manifest.
+        assert main(cli(path, tmp_path / "alone", url)) == EXIT_FAILED
+        with FakeOpenAI() as good:
+            assert main(cli(path, tmp_path / "out", url, "--base-url", good.base_url)) == 0
     finally:
         server.shutdown()
         server.server_close()
-    rejects = (tmp_path / "out" / "rejects.jsonl").read_text()
-    assert "HTTP 401 Unauthorized" in rejects and "***" in rejects
-    everything = capsys.readouterr().err + rejects + (tmp_path / "out" / "manifest.json").read_text()
+    err = capsys.readouterr().err
+    manifest = (tmp_path / "out" / "manifest.json").read_text()
+    refused = [s.get("refused", "") for s in json.loads(manifest)["engine"]["servers"]]
+    assert "HTTP 401 Unauthorized" in refused[0] and "***" in refused[0] and "***" in err
+    everything = err + (tmp_path / "out" / "rejects.jsonl").read_text() + manifest
     assert secret not in everything
 
 

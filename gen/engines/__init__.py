@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from gen.config import RunConfig
-from gen.engines.base import Completion, Engine, EngineError
+from gen.engines.base import Completion, Engine, EngineError, EngineUnusable
 from gen.engines.retry import RetryPolicy
 
 
@@ -21,4 +21,4 @@ def build_engine(config: RunConfig, model: str, schema: dict) -> Engine:
                       disable_thinking=config.disable_thinking, **config.vllm_args)
 
 
-__all__ = ["Completion", "Engine", "EngineError", "RetryPolicy", "build_engine"]
+__all__ = ["Completion", "Engine", "EngineError", "EngineUnusable", "RetryPolicy", "build_engine"]

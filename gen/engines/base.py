@@ -34,6 +34,15 @@ class EngineError(RuntimeError):
     """
 
 
+class EngineUnusable(RuntimeError):
+    """No request can be answered: every server refused the key, the account or the model, or
+    none could be reached for longer than retries would wait.
+
+    Not an EngineError, which is one request's failure: this one stops the run (gen.run exits 1,
+    publishes nothing; stored answers stay and a rerun resumes).
+    """
+
+
 class Engine(ABC):
     name: str
 

@@ -17,6 +17,10 @@ here (gzip or deflate, never past the limit: a gzip bomb costs at most that), an
 that holds no usable answer (past the limit, another shape, empty or refused, not text) is
 EmptyAnswer: the server's fault, retried and counted against that server, never a traceback
 and never a stored answer.
+
+A server that refuses the key or the model is taken out for the rest of the run, and no
+server at all (every one refused, or none reachable for longer than the retries would wait)
+stops the run with EngineUnusable: see engines/pool.py.
 """
 from __future__ import annotations
 
@@ -30,13 +34,13 @@ import zlib
 from typing import Any, Optional
 
 import aiohttp
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from gen.config import Sampling
+from gen.config import Sampling, base_url_problem
 from gen.engines.base import Completion, Engine, EngineError, printable
 from gen.engines.pool import Server, ServerPool
 from gen.engines.retry import (EmptyAnswer, RequestFailed, RetryPolicy, StatusError, TransportError,
-                               is_transient)
+                               is_refusal, is_transient, refusal_hint)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,10 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 def _refuses(exc: StatusError, *names: str) -> bool:
     text = exc.text.lower()
     return any(n in text for n in names)
+
+
+def _unreachable(exc: Optional[BaseException]) -> bool:
+    return isinstance(exc, TransportError) and exc.unreachable
 
 
 def _env_proxy(url: str) -> Optional[str]:
@@ -165,12 +173,16 @@ class OpenAIEngine(Engine):
         self._secret = api_key if api_key != "EMPTY" else None
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
                          "Accept": "application/json", "Accept-Encoding": "gzip, deflate"}
-        self.timeout = timeout
+        self.timeout, self.api_key_env = timeout, api_key_env
         self.reply_limit = reply_limit(sampling.max_tokens)
-        default = os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        default = os.environ.get("OPENAI_BASE_URL", DEFAULT_BASE_URL)
+        urls = [default if url is None else url for url in (base_urls or [None])]
+        for url in urls:  # an empty one must not quietly send the key to the default
+            if problem := base_url_problem(url):
+                raise ValueError(f"base URL {problem}")
         # Sessions open on first use: aiohttp binds one to the running event loop.
-        self.pool = ServerPool([Server(url=url or default, client=None) for url in (base_urls or [None])],
-                               cooldown=cooldown)
+        self.pool = ServerPool([Server(url=url, client=None) for url in urls], cooldown=cooldown,
+                               first_outage_limit=retry.patience(2), outage_limit=retry.patience())
         self._proxies = {s.url: _env_proxy(s.url) for s in self.pool.servers}
         self.format_level = 0
         self.thinking_kwargs = disable_thinking
@@ -228,11 +240,14 @@ class OpenAIEngine(Engine):
         try:
             async with self._session(server).post(url, data=body,
                                                   proxy=self._proxies[server.url]) as r:
+                self.pool.replied(server)
                 raw = await _read(r, self.reply_limit)
                 if not 200 <= r.status < 300:
                     raise StatusError(r.status, r.headers, raw.decode("utf-8", "replace"))
         except TimeoutError:
             raise TransportError(f"timed out: no reply within {self.timeout:g} s") from None
+        except aiohttp.ClientConnectorError as exc:  # refused, no such host, proxy or TLS failed
+            raise TransportError(f"connection failed: {type(exc).__name__}: {exc}", unreachable=True) from None
         except aiohttp.ClientError as exc:
             raise TransportError(f"connection failed: {type(exc).__name__}: {exc}") from None
         try:
@@ -267,25 +282,47 @@ class OpenAIEngine(Engine):
                     raise
 
     async def _once(self, messages: list[dict[str, str]], schema: Optional[dict]) -> Completion:
-        server = self.pool.pick()
-        self.pool.started(server)
-        try:
-            done = _completion(await self._send(server, messages, schema), server.url)
-        except BaseException as exc:
-            # Only the server's own trouble counts against it, not a request it rightly refused.
-            self.pool.finished(server, ok=not is_transient(exc))
-            raise
-        self.pool.finished(server, ok=True)
-        return done
+        while True:  # round again only after a refusal took a server out: another may serve
+            server = self.pool.pick()   # EngineUnusable once every server has refused
+            self.pool.started(server)
+            try:
+                done = _completion(await self._send(server, messages, schema), server.url)
+            except BaseException as exc:
+                refused = is_refusal(exc)
+                # Only the server's own trouble counts against it, not a request it rightly refused.
+                self.pool.finished(server, ok=refused or not is_transient(exc))
+                if refused:
+                    self.pool.refuse(server, self._refusal(exc))
+                    continue
+                if _unreachable(exc):
+                    self.pool.unreachable(server, str(exc))  # EngineUnusable past the outage limit
+                raise
+            self.pool.finished(server, ok=True)
+            return done
+
+    def _refusal(self, exc: StatusError) -> str:
+        hint = refusal_hint(exc) + (f" in ${self.api_key_env}" if exc.status == 401 else "")
+        return f"{self.redact(str(exc))[:300]} ({hint})"
 
     async def complete(self, messages: list[dict[str, str]], schema: Optional[dict] = None) -> Completion:
+        unreachable = 0
+
+        def stop(state: RetryCallState) -> bool:
+            nonlocal unreachable
+            if _unreachable(state.outcome.exception()):
+                unreachable += 1   # an outage: the pool's limit ends it, not this request's attempts
+                return False
+            return state.attempt_number - unreachable >= self.retry.max_attempts
+
+        def wait(state: RetryCallState) -> float:
+            pause = self.retry.wait(state)
+            if _unreachable(state.outcome.exception()):   # try again as the outage limit passes
+                pause = min(pause, max(0.0, self.pool.outage_left()) + 0.05)
+            return pause
+
         try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.retry.max_attempts),
-                wait=self.retry.wait,
-                retry=retry_if_exception(is_transient),
-                reraise=True,
-            ):
+            async for attempt in AsyncRetrying(stop=stop, wait=wait, retry=retry_if_exception(is_transient),
+                                               reraise=True):
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
                         self.retries += 1

@@ -4,6 +4,10 @@ Retried: 429 (rate limit), 408/409/5xx, timeouts, dropped connections, unreadabl
 a 200 with no choices; all say "the server could not answer now", not "this request is wrong".
 Not retried: other 4xx (the request itself is wrong; retrying repeats the cost) and
 invalid answers (those get repair rounds in gen.generate instead).
+Refusals are neither: 401, 402, 403, 404 and a 429 for a spent quota say the key, the account,
+the model or the URL is wrong, the same for every request, so the server that sent one is
+taken out for the rest of the run (gen.engines.pool) and the run stops when none is left.
+A connection no server accepts is the pool's to judge too: an outage, not a caption's fault.
 A Retry-After header is honoured, capped so one bad header cannot stall a job for hours;
 otherwise exponential backoff with full jitter spreads many clients' retries apart.
 """
@@ -30,7 +34,14 @@ class EmptyAnswer(RequestFailed):
 
 
 class TransportError(RequestFailed):
-    """No usable HTTP reply: a timeout, a refused or dropped connection, a body that is not JSON."""
+    """No usable HTTP reply: a timeout, a refused or dropped connection, a body that is not JSON.
+
+    unreachable: no connection could be made at all (refused, no such host): the server is
+    not there, rather than slow or failing."""
+
+    def __init__(self, message: str, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class StatusError(RequestFailed):
@@ -62,6 +73,11 @@ class RetryPolicy:
     maximum: float = 30.0     # cap of the exponential backoff
     retry_after_cap: float = 120.0
 
+    def patience(self, retries: Optional[int] = None) -> float:
+        """The longest the first `retries` backoffs (default: all of them) may wait in all."""
+        n = self.max_attempts - 1 if retries is None else min(retries, self.max_attempts - 1)
+        return sum(min(self.maximum, self.initial * 2 ** k) for k in range(max(n, 0)))
+
     def wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         hinted = retry_after_seconds(exc)
@@ -75,9 +91,34 @@ class RetryPolicy:
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (TransportError, EmptyAnswer)):
         return True
-    if isinstance(exc, StatusError):
+    if isinstance(exc, StatusError) and not is_refusal(exc):
         return exc.status in (408, 409, 429) or exc.status >= 500
     return False
+
+
+# What to check, by status; the run's error message ends with it.
+_REFUSALS = {401: "check the API key", 402: "the account's credit is spent",
+             403: "the key may not use this model or endpoint", 404: "check --model and --base-url"}
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """A reply no retry can change: the key, the account, the model or the URL is refused."""
+    return isinstance(exc, StatusError) and (exc.status in _REFUSALS or _quota_spent(exc))
+
+
+def refusal_hint(exc: StatusError) -> str:
+    return "the account's quota is spent" if _quota_spent(exc) else _REFUSALS.get(exc.status, "")
+
+
+def _quota_spent(exc: StatusError) -> bool:
+    """OpenAI answers a spent quota with 429, as it does a rate limit; the error's code tells."""
+    if exc.status != 429:
+        return False
+    try:
+        error = json.loads(exc.text)["error"]
+        return "insufficient_quota" in (error.get("code"), error.get("type"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def retry_after_seconds(exc: Optional[BaseException]) -> Optional[float]:
