@@ -18,7 +18,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gen import localmodel
 from gen.curate.config import CurateConfig
@@ -52,7 +52,8 @@ def base_url_problem(url: str) -> Optional[str]:
     """
     if not url.strip():
         return "is empty"
-    shown = repr(re.sub(r"//.*@", "//***@", url))   # to the last @: more hidden, never less
+    # Credentials hide before the last @ and in a query (?api-key=...): neither is shown.
+    shown = repr(re.sub(r"[?#].*", "?***", re.sub(r"//.*@", "//***@", url), flags=re.S))
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises on a port that is not a number

@@ -1,6 +1,7 @@
 """Errors that mean stop: a refused key or model, no server at all, a base URL that would send
 the key somewhere unintended. Each ends the run at once with exit 1 (or 2 for settings),
 publishes nothing and keeps what was stored; an outage that passes does not stop the run."""
+import re
 import json
 import os
 import socket
@@ -36,7 +37,9 @@ def closed_port() -> int:
 
 
 def errors(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("ERROR")]
+    """The error lines, less the `finished` event every run ends on (its level follows the exit)."""
+    return [line for line in text.splitlines()
+            if line.startswith("ERROR") and not re.match(r"ERROR gen\.\w+ finished: ", line)]
 
 
 def snapshot(out: Path) -> dict[str, bytes]:
