@@ -7,6 +7,7 @@ Everything comes from the version's own files and manifest, and from the generat
 manifest (captions file and digest, model, template digest, sampling)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -30,19 +31,35 @@ _TYPES = {pa.string(): "string", pa.large_string(): "string", pa.bool_(): "bool"
 
 
 def write_card(version_dir: Path, run_dir: Path, config: CurateConfig, manifest: dict,
-               generation: Optional[dict] = None) -> None:
+               generation: Optional[dict] = None, version: Optional[str] = None) -> None:
     """README.md in version_dir. generation: the run's manifest as gen.run builds it; None
-    reads run_dir/manifest.json (a finished run being re-curated), if there is one."""
+    reads run_dir/manifest.json (a finished run being re-curated), if there is one.
+    version: the shards version's name, when it is one."""
     if generation is None:
         try:
             generation = json.loads((Path(run_dir) / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             generation = {}
-    write_text(render(Path(version_dir), config, manifest, generation), Path(version_dir) / "README.md")
+    write_text(render(Path(version_dir), config, manifest, generation, version), Path(version_dir) / "README.md")
 
 
-def render(version_dir: Path, config: CurateConfig, manifest: dict, generation: dict) -> str:
+def content_digest(manifest: dict) -> str:
+    """sha256 over every data file's name and sha256: what the rows are, whatever the folder."""
+    h = hashlib.sha256()
+    for f in sorted(manifest.get("files", []), key=lambda f: f["file"]):
+        h.update(f"{f['file']}\0{f.get('sha256', '')}\n".encode())
+    return h.hexdigest()
+
+
+def render(version_dir: Path, config: CurateConfig, manifest: dict, generation: dict,
+           version: Optional[str] = None) -> str:
     files = _files_by_view(manifest)
+    # `datasets` caches what it loaded under the folder's name and a hash of this header,
+    # never of the files: every .../shards/latest on a machine shared one cache entry, and a
+    # trainer got an older version's rows (or another run's) without a word. The header's
+    # dataset_info is in that hash, so each config's description names the content.
+    described = (f"capgen shards{' version ' + version if version else ''}; "
+                 f"content sha256 {content_digest(manifest)}")
     header = {
         "license": config.dataset_license,
         "language": ["zh"],
@@ -56,7 +73,8 @@ def render(version_dir: Path, config: CurateConfig, manifest: dict, generation: 
              **({"default": True} if name == "default" else {})}
             for name, _, _ in VIEWS if any(files[name].values())
         ],
-        "dataset_info": [info for name, _, _ in VIEWS if (info := _info(version_dir, name, files[name]))],
+        "dataset_info": [{**(_info(version_dir, name, files[name]) or {"config_name": name}),
+                          "description": described} for name, _, _ in VIEWS if any(files[name].values())],
     }
     return "---\n" + _yaml(header) + "---\n\n" + _body(version_dir, config, manifest, generation, files)
 
@@ -198,7 +216,10 @@ def _body(version_dir: Path, config: CurateConfig, manifest: dict, generation: d
     train_flag = " ".join(f["file"] for f in manifest.get("files", [])
                           if f["file"].startswith("flag/train-")) or "flag/train-00000.jsonl"
     L += ["", "## Loading", "",
-          "With `datasets` (the header above names the files of each split):", "",
+          "With `datasets` (the header above names the files of each split). Load this version's",
+          "folder, `shards/<version>`, to train on a version that stays put; `shards/latest` works",
+          "too: the header names this version's content, so `datasets` never serves an older one",
+          "from its cache.", "",
           "```python", "from datasets import load_dataset",
           'rows = load_dataset("path/to/this/folder")                           # train and dev: query rows',
           'pairs = load_dataset("path/to/this/folder", "sentence-transformers")  # anchor, positive, negatives',

@@ -187,7 +187,7 @@ def prepare_version(run_dir: Path, config: CurateConfig, root: Path, min_share: 
     partial = root / f".{version}.partial"
     try:
         manifest = curate(run_dir, config, out_dir=partial)
-        write_card(partial, run_dir, config, manifest, generation)
+        write_card(partial, run_dir, config, manifest, generation, version)
         with atomic_path(partial / "inputs.json") as tmp:
             tmp.write_text(json.dumps({"digest": digest, "curation_fingerprint": config.fingerprint()}) + "\n")
         pairs = manifest["stats"]["pairs_out"]
