@@ -205,12 +205,28 @@ def prepare_version(run_dir: Path, config: CurateConfig, root: Path, min_share: 
     return Prepared(root, version, False, manifest, partial)
 
 
+def check_out(run_dir: Path, out: Path) -> None:
+    """An --out folder must hold nothing of the run's: curating into the run directory
+    replaces its manifest.json (gen.store prune then sees no answer in use), into an
+    ancestor it scatters shards over the run's parents, and into shards/ it rewrites a
+    published version in place (latest's: reused by every later run)."""
+    run, dest = Path(run_dir).resolve(), Path(out).resolve()
+    shards = run / "shards"
+    if dest == run or dest in run.parents or dest == shards or shards in dest.parents:
+        what = ("the run directory" if dest == run else "a folder holding the run directory"
+                if dest in run.parents else f"inside {Path(run_dir) / 'shards'}, the run's published versions")
+        raise PublishRefused(f"--out {out} is {what}: curating there would overwrite the run's own files; "
+                             f"nothing was changed. Give a folder outside {run_dir}, or leave --out out "
+                             "for a new version under shards/")
+
+
 def curate_into(run_dir: Path, config: CurateConfig, out: Path) -> dict[str, Any]:
     """Curates run_dir into the folder `out` (gen.curate --out): made whole in out/.partial,
     then moved in by renames a stop signal waits for, the manifest last; curation files of
     an earlier curation there that this one does not rewrite go (write.py's _OWNED)."""
     from gen.curate.write import _OWNED
     check_run_dir(run_dir)
+    check_out(run_dir, out)
     partial = out / ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     published = False

@@ -34,3 +34,31 @@ def test_datasets_loads_the_new_rows_of_latest_after_a_rerun(tmp_path):
     expected = json.loads((version / "manifest.json").read_text())["stats"]["splits"]["train"]["query_rows"]
     assert datasets.load_dataset(str(latest(out)), cache_dir=cache)["train"].num_rows == expected != first
     assert datasets.load_dataset(str(version), cache_dir=cache)["train"].num_rows == expected
+
+
+# --- gen.curate --out into the run's own files ------------------------------------------------
+
+def test_curate_out_into_the_run_directory_or_its_shards_is_refused(tmp_path, capsys):
+    from gen.curate.__main__ import main as curate_main
+    from gen.run import EXIT_LOCKED, lock_out_dir
+    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(20))
+    out = tmp_path / "out"
+    with FakeOpenAI() as fake:
+        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+    before = snapshot(out)
+    capsys.readouterr()
+    for dest in (out, tmp_path, latest(out), out / "shards", out / "shards" / "mine", out / "x" / ".." / "shards" / "latest"):
+        assert curate_main(["--queries", str(out), "--out", str(dest), "--negatives", "2"]) == EXIT_USAGE, dest
+        err = capsys.readouterr().err
+        assert "would overwrite the run's own files" in err and "Traceback" not in err
+        assert snapshot(out) == before and not leftovers(out)
+    assert not (out / "shards" / "mine").exists() and not (tmp_path / "manifest.json").exists()
+    elsewhere = tmp_path / "elsewhere"
+    lock = lock_out_dir(out)
+    try:   # a run writing the run's files meanwhile: --out waits its turn too
+        assert curate_main(["--queries", str(out), "--out", str(elsewhere)]) == EXIT_LOCKED
+    finally:
+        lock.close()
+    assert not elsewhere.exists()
+    assert curate_main(["--queries", str(out), "--out", str(elsewhere), "--negatives", "2"]) == EXIT_OK
+    assert snapshot(out) == before

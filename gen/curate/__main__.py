@@ -5,9 +5,11 @@ CurateConfig field is an option (--near-dup-threshold 0.7, --summary-share 0.3, 
 tuple fields repeat (--decontaminate-against a.jsonl --decontaminate-against b.jsonl).
 Exit codes and log events are gen.run's (--log-format json for one JSON object a line); a
 new version under RUN_DIR/shards/ takes the run directory's lock, as gen.run does (exit 75).
-A missing or damaged run file is named, exit 2, nothing created. The new curation is made
-whole in a hidden folder and moved in by renames a stop signal waits for: stopped (143),
-shards/latest (or the --out folder) holds the previous curation or the new one, never a mix.
+A missing or damaged run file is named, exit 2, nothing created; so is an --out that is the
+run directory, a folder above it, or anything under its shards/ (--out takes the lock too).
+The new curation is made whole in a hidden folder and moved in by renames a stop signal
+waits for: stopped (143), shards/latest (or the --out folder) holds the previous curation
+or the new one, never a mix.
 """
 from __future__ import annotations
 
@@ -103,20 +105,23 @@ def start_event(job: Job, command: str) -> tuple[str, dict]:
 
 
 def work(job: Job) -> int:
-    from gen.publish import curate_into, curate_versioned  # the same versions and pointer as gen.run
+    from gen.publish import check_out, curate_into, curate_versioned  # the same versions and pointer as gen.run
     from gen.run import UsageError, lock_out_dir, note
     try:
         check_run_dir(job.run_dir)   # before the lock file: a mistyped path must stay absent
-        if job.out is None:
-            lock = lock_out_dir(job.run_dir)          # and the same one writer at a time
-            try:
+        if job.out is not None:
+            check_out(job.run_dir, job.out)          # before the lock file: nothing created
+        # With --out too: a run rewriting queries.parquet meanwhile would be read half made.
+        lock = lock_out_dir(job.run_dir)              # and the same one writer at a time
+        try:
+            if job.out is None:
                 manifest = curate_versioned(job.run_dir, job.config, keep=job.keep_versions,
                                             min_share=job.min_share)
-            finally:
-                lock.close()
-            note(shards_version=manifest["version"], shards_reused=manifest["reused"])
-        else:
-            manifest = curate_into(job.run_dir, job.config, job.out)
+                note(shards_version=manifest["version"], shards_reused=manifest["reused"])
+            else:
+                manifest = curate_into(job.run_dir, job.config, job.out)
+        finally:
+            lock.close()
     except (FileNotFoundError, InputError) as e:   # a run or judge file the settings need
         raise UsageError(str(e)) from None
     summary = {k: manifest["stats"][k] for k in ("queries_in", "pairs_out", "dropped_by_reason", "splits")}
