@@ -159,23 +159,26 @@ def delete_keys(store_path: Path, keys: list[str]) -> None:
         store.close()
 
 
-def prune_main(argv: Optional[list[str]] = None) -> int:
-    """Answers no current caption uses: listed by default, deleted with --apply."""
-    import argparse
-    import json
-    import logging
+@dataclass
+class PruneJob:
+    out: Path
+    captions: list[Path]
+    cache: Path
+    fingerprints: list[str]
+    apply: bool
+    min_share: float
+    log_format: str
 
-    from gen.captions import CaptionError, read_captions
-    from gen.config import answer_key
-    from gen.run import EXIT_LOCKED, DirectoryLocked, UsageError, lock_out_dir
-    from schemas import Caption
-    from schemas.caption import MAX_CAPTION_CHARS
 
-    ap = argparse.ArgumentParser(prog="python -m gen.store prune", description=(
+def _prune_parser():
+    from gen.cli import Parser
+    from gen.config import MIN_SHARE
+    ap = Parser(prog="python -m gen.store prune", description=(
         "Answers in the store that none of the captions uses under the fingerprint of the output "
         "directory's last run (its manifest.json) or one named with --fingerprint. Counts them; "
         "--apply deletes them. A store shared by several jobs (--cache) needs every job's captions "
-        "and fingerprints, or it loses answers those jobs pay for again."))
+        "and fingerprints, or it loses answers those jobs pay for again. Captions files with no "
+        "caption, or far fewer than the last run had, are refused (exit 2), as gen.run refuses them."))
     ap.add_argument("--out", type=Path, required=True,
                     help="the run's output directory (locked while deleting: exit 75 while a run holds it)")
     ap.add_argument("--captions", type=Path, action="append", required=True,
@@ -184,59 +187,105 @@ def prune_main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--fingerprint", action="append", default=[],
                     help="another generation fingerprint whose answers stay; repeatable")
     ap.add_argument("--apply", action="store_true", help="delete them (default: count only)")
-    args = ap.parse_args(argv)
-    log = logging.getLogger("gen.store")
-    logging.basicConfig(format="%(levelname)s %(message)s", level=logging.INFO)
+    ap.add_argument("--allow-shrink", action="store_true",
+                    help=f"prune even when the captions are under {MIN_SHARE:.0%} of the last run's")
+    ap.add_argument("--log-format", choices=["text", "json"],
+                    help="json: one object per line, for scheduled jobs (default: $CAPGEN_LOG_FORMAT or text)")
+    return ap
 
-    cache = args.cache or args.out / "cache.sqlite"
-    if not args.out.is_dir():
-        log.error("output directory not found: %s", args.out)
-        return 2
-    fingerprints = list(args.fingerprint)
+
+def _prune_load(argv: list[str]) -> PruneJob:
+    from gen.cli import log_format_hint
+    from gen.config import MIN_SHARE
+    args = _prune_parser().parse_args(argv)
+    return PruneJob(args.out, args.captions, args.cache or args.out / "cache.sqlite", list(args.fingerprint),
+                    args.apply, 0.0 if args.allow_shrink else MIN_SHARE, args.log_format or log_format_hint(argv))
+
+
+def _prune_start(job: PruneJob, command: str) -> tuple[str, dict]:
+    return f"{command} started: {job.cache} ({'delete' if job.apply else 'count only'})", {
+        "event": "start", "command": command, "out": str(job.out), "cache": str(job.cache),
+        "captions": [str(p) for p in job.captions], "apply": job.apply}
+
+
+def _prune(job: PruneJob) -> int:
+    import json
+    import logging
+
+    from gen.captions import read_captions
+    from gen.config import answer_key
+    from gen.publish import published_captions
+    from gen.run import UsageError, lock_out_dir
+    from schemas import Caption
+    from schemas.caption import MAX_CAPTION_CHARS
+
+    log = logging.getLogger("gen.store")
+    if not job.out.is_dir():
+        raise UsageError(f"output directory not found: {job.out}")
+    fingerprints = list(job.fingerprints)
     try:
-        fingerprints.append(json.loads((args.out / "manifest.json").read_text())["fingerprint"])
-    except (OSError, ValueError, KeyError):
+        fingerprints.append(json.loads((job.out / "manifest.json").read_text())["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):   # TypeError: a manifest of another shape
         if not fingerprints:
-            log.error("no finished run in %s (manifest.json with its fingerprint): nothing says which "
-                      "answers are in use; run gen.run first or name --fingerprint", args.out)
-            return 2
-    if not cache.is_file():
-        log.error("answer store not found: %s", cache)
-        return 2
-    lock = None
+            raise UsageError(f"no finished run in {job.out} (a manifest.json with its fingerprint): nothing "
+                             "says which answers are in use; run gen.run first or name --fingerprint") from None
+    if not job.cache.is_file():
+        raise UsageError(f"answer store not found: {job.cache}")
+    lock = lock_out_dir(job.out) if job.apply else None   # no run writes the store meanwhile
     try:
-        lock = lock_out_dir(args.out) if args.apply else None   # no run writes the store meanwhile
-        texts = set()
-        for path in args.captions:
+        texts, captions, rejected = set(), 0, 0
+        for path in job.captions:
             if not path.is_file():
                 raise UsageError(f"captions file not found: {path}")
-            texts.update(r.text for r in read_captions(path, MAX_CAPTION_CHARS * 100) if isinstance(r, Caption))
+            for r in read_captions(path, MAX_CAPTION_CHARS * 100):
+                if isinstance(r, Caption):
+                    texts.add(r.text)
+                    captions += 1
+                else:
+                    rejected += 1
+        names = ", ".join(map(str, job.captions))
+        # Every answer no caption uses goes: a wrong file (a CSV, an empty export) would take
+        # every paid answer with it, so the checks gen.run makes on its input come first.
+        if rejected and not captions:
+            raise UsageError(f"no line of {names} is a caption ({rejected} rejected): check the file's "
+                             "format; nothing was deleted")
+        previous = published_captions(job.out)
+        if previous and captions < job.min_share * previous:
+            raise UsageError(f"{captions} captions in {names} ({rejected} lines rejected), under "
+                             f"{job.min_share:.0%} of the {previous} of the last run in {job.out}: refused, "
+                             "nothing was deleted. If the file is right, rerun with --allow-shrink")
         keep = {answer_key(fp, text) for fp in fingerprints for text in texts}
-        total, unused = unused_keys(cache, keep)
-        log.info("%s: %d answers, %d used by the %d distinct captions of %s, %d unused%s", cache, total,
-                 total - len(unused), len(texts), ", ".join(map(str, args.captions)), len(unused),
-                 "" if args.apply else " (count only: --apply deletes them)")
-        if args.apply and unused:
-            delete_keys(cache, unused)
-            log.info("deleted %d unused answers; %d kept", len(unused), total - len(unused))
+        total, unused = unused_keys(job.cache, keep)
+        log.info("%s: %d answers, %d used by the %d distinct captions of %s (%d lines rejected), %d unused%s",
+                 job.cache, total, total - len(unused), len(texts), names, rejected, len(unused),
+                 "" if job.apply else " (count only: --apply deletes them)",
+                 extra={"fields": {"event": "prune", "answers": total, "unused": len(unused),
+                                   "captions": len(texts), "input_rejects": rejected, "apply": job.apply}})
+        if job.apply and unused:
+            delete_keys(job.cache, unused)
+            log.info("deleted %d unused answers; %d kept", len(unused), total - len(unused),
+                     extra={"fields": {"event": "pruned", "deleted": len(unused), "kept": total - len(unused)}})
         return 0
-    except DirectoryLocked as e:   # as gen.run reports it: nothing done, retry later
-        log.warning("%s", e)
-        return EXIT_LOCKED
-    except (UsageError, CaptionError) as e:
-        log.error("%s", e)
-        return 2
-    except StoreError as e:
-        log.error("%s", e)
-        return 1
     finally:
         if lock is not None:
             lock.close()
 
 
+def prune_main(argv: Optional[list[str]] = None) -> int:
+    """Answers no current caption uses: listed by default, deleted with --apply. Logs,
+    errors and exit codes as gen.run's (75 while a run holds --out)."""
+    from gen.run import entry
+    return entry(argv, _prune, command="gen.store prune", load=_prune_load, start=_prune_start)
+
+
 if __name__ == "__main__":
     import sys
+    import signal
+
+    from gen.atomic import stop_signals
     if sys.argv[1:2] != ["prune"]:
         print("usage: python -m gen.store prune --out DIR --captions FILE [--apply]", file=sys.stderr)
         sys.exit(2)
-    sys.exit(prune_main(sys.argv[2:]))
+    with stop_signals(after=signal.SIG_IGN):   # a late Ctrl-C must not change the exit code
+        code = prune_main(sys.argv[2:])
+    sys.exit(code)

@@ -62,3 +62,38 @@ def test_curate_out_into_the_run_directory_or_its_shards_is_refused(tmp_path, ca
     assert not elsewhere.exists()
     assert curate_main(["--queries", str(out), "--out", str(elsewhere), "--negatives", "2"]) == EXIT_OK
     assert snapshot(out) == before
+
+
+# --- gen.store prune on a wrong captions file -------------------------------------------------
+
+def test_store_prune_refuses_a_captions_file_with_no_or_far_fewer_captions(tmp_path, capsys):
+    from gen.store import prune_main
+    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(20))
+    out = tmp_path / "out"
+    with FakeOpenAI() as fake:
+        assert main(cli(path, out, fake.base_url, "--no-curate")) == EXIT_OK
+    stored = safety._stored(out)
+    assert stored == 20
+    csv = tmp_path / "caps.csv"
+    csv.write_text("id,text\n" + "".join(f"{r['id']},{r['text']}\n" for r in synthetic(20)), encoding="utf-8")
+    capsys.readouterr()
+    assert prune_main(["--out", str(out), "--captions", str(csv), "--apply"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "is a caption (21 rejected)" in err and "nothing was deleted" in err and "Traceback" not in err
+    few = write_jsonl(tmp_path / "few.jsonl", synthetic(5))
+    for extra in ([], ["--apply"]):
+        assert prune_main(["--out", str(out), "--captions", str(few), *extra]) == EXIT_USAGE
+        assert "5 captions" in (err := capsys.readouterr().err) and "of the 20" in err and "--allow-shrink" in err
+    assert safety._stored(out) == stored
+    # as a scheduled job reads it: JSON from the first line to the last, `finished` with the exit
+    assert prune_main(["--out", str(out), "--captions", str(few), "--apply", "--allow-shrink",
+                       "--log-format", "json"]) == EXIT_OK
+    lines = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]
+    assert lines[0]["event"] == "start" and lines[-1]["event"] == "finished" and lines[-1]["exit_status"] == 0
+    assert any(line.get("event") == "pruned" and line["deleted"] == 15 for line in lines)
+    assert safety._stored(out) == 5
+    # a manifest of another shape: a clear error, not a TypeError
+    (out / "manifest.json").write_text("[]")
+    assert prune_main(["--out", str(out), "--captions", str(few)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "no finished run" in err and "Traceback" not in err
