@@ -38,6 +38,11 @@ class PublishRefused(Exception):
     """Publishing would lose or hide data; nothing was changed. Bad input: exit 2."""
 
 
+class ShrunkByFailures(PublishRefused):
+    """The shrink comes from captions that got no answer (a server down): not the input's
+    fault, and no reason to allow a shrink; a retry publishes. Exit 3."""
+
+
 def check_pointer(root: Path) -> None:
     """shards/latest must be capgen's symlink (or absent). A real folder there (a `cp -rL`
     copy) is the user's data: refused before anything is replaced, never deleted."""
@@ -168,11 +173,12 @@ class Prepared:
 
 
 def prepare_version(run_dir: Path, config: CurateConfig, root: Path, min_share: float = MIN_SHARE,
-                    generation: Optional[dict] = None) -> Prepared:
+                    generation: Optional[dict] = None, failed: int = 0) -> Prepared:
     """Curates run_dir into a hidden folder under root (nothing a reader sees changes).
     Refused (PublishRefused) when shards/latest is not capgen's pointer, or the new version
-    keeps less than min_share of the latest one's pairs. generation: the run's manifest, for
-    the dataset card (gen/card.py); None reads run_dir/manifest.json."""
+    keeps less than min_share of the latest one's pairs (ShrunkByFailures when `failed`
+    captions got no answer). generation: the run's manifest, for the dataset card
+    (gen/card.py); None reads run_dir/manifest.json."""
     check_run_dir(run_dir)
     check_pointer(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -192,6 +198,12 @@ def prepare_version(run_dir: Path, config: CurateConfig, root: Path, min_share: 
             tmp.write_text(json.dumps({"digest": digest, "curation_fingerprint": config.fingerprint()}) + "\n")
         pairs = manifest["stats"]["pairs_out"]
         previous = _latest_pairs(root)
+        if pairs < min_share * (previous or 0) and failed:
+            raise ShrunkByFailures(f"curation kept {pairs} pairs, under {min_share:.0%} of the {previous} of "
+                                   f"{latest}, and {failed} captions got no answer after every retry (a "
+                                   f"server down?): nothing was published, shards/latest stays on "
+                                   f"{os.readlink(latest)} and the previous outputs are kept; a rerun asks "
+                                   "only for the captions without an answer")
         if pairs < min_share * (previous or 0):
             raise PublishRefused(f"curation kept {pairs} pairs, under {min_share:.0%} of the {previous} of "
                                  f"{latest} ({why_dropped(manifest)}): refused, shards/latest stays on "

@@ -9,7 +9,8 @@ failed: among others, every server refused the key, the account or the model, or
 be reached (the run stops at once, writes and publishes nothing; stored answers stay and a
 rerun resumes); 2 bad usage, or bad input (with --strict any bad line; else no good line at
 all; a publication gen.publish refuses);
-3 finished but some captions got no answer after every retry (a rerun asks only for those);
+3 finished but some captions got no answer after every retry (a rerun asks only for those;
+where they would shrink the curation past the shrink guard, nothing is published);
 75 another run holds the output directory, nothing done (EX_TEMPFAIL of sysexits.h: a
 temporary condition, retry later; clear of the shell's 126-165 and of capgen's own codes);
 143 stopped by SIGTERM, SIGHUP or Ctrl-C (the engine is shut down first; a rerun resumes).
@@ -276,6 +277,7 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
                       engine_log: Optional[Path] = None) -> int:
     """`source`: the captions as a regular file (a stream's copy); `engine_log`: where the
     engine's own output goes, if anywhere."""
+    from gen.publish import ShrunkByFailures
     out_dir = config.out_dir
     staging = out_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)   # a killed run's; we hold the lock
@@ -286,7 +288,12 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
                 from gen.publish import check_pointer
                 check_pointer(out_dir / "shards")   # before paying for anything
             staging.mkdir()
-            code, prepared, manifest = await _generate(config, prompts, source, staging, engine_log)
+            try:
+                code, prepared, manifest = await _generate(config, prompts, source, staging, engine_log)
+            except ShrunkByFailures as e:   # a server's outage, not bad input: retry, exit 3
+                note(outputs="previous")
+                log.warning("%s", e, extra={"fields": {"event": "not_published", "kind": "failed_captions"}})
+                return EXIT_INCOMPLETE
             with all_or_none():   # a stop signal waits: the previous state or the new one, not a mix
                 _commit(out_dir, staging, prepared)
                 published = True
@@ -318,13 +325,28 @@ def _report(config: RunConfig, code: int, manifest: dict) -> int:
     if "engine_log" in manifest["outputs"]:
         log.info("the engine's own output (warnings included) is in %s; -v shows it here instead",
                  out_dir / ENGINE_LOG, extra={"fields": {"event": "engine_log", "path": str(out_dir / ENGINE_LOG)}})
-    if c["input_rejects"] and not c["captions"]:
-        # Some bad lines are data; every line bad is the wrong file (a CSV, a JSON array), and a
-        # scheduled job must not report an empty success. The rejects are written all the same.
-        log.error("no line of %s is a caption (%d rejected, reasons in %s): check the file's format",
-                  config.captions, c["input_rejects"], out_dir / "rejects.jsonl")
-        return EXIT_USAGE
     return code
+
+
+def _no_caption(config: RunConfig, staging: Path, rejected: int) -> None:
+    """Some bad lines are data; every line bad is the wrong file (a CSV, a JSON array): a
+    usage error before anything is published, whatever --allow-shrink says, so the previous
+    outputs stay. The rejects go beside them only where there are none to contradict."""
+    out_dir = config.out_dir
+    first = []
+    with contextlib.suppress(OSError, ValueError):
+        with (staging / "rejects.jsonl").open(encoding="utf-8") as f:
+            for line, _ in zip(f, range(3)):
+                r = json.loads(line)
+                first.append(f"line {r.get('line')}: {r.get('reason')}")
+    where = "; ".join(first)
+    if not any((out_dir / name).exists() for name in (*OUTPUTS, "manifest.json")):
+        os.replace(staging / "rejects.jsonl", out_dir / "rejects.jsonl")
+        where += f"; every reason in {out_dir / 'rejects.jsonl'}"
+    else:
+        where += "; the previous outputs were left as they were"
+    raise UsageError(f"no line of {_input_name(config)} is a caption ({rejected} rejected: {where}): "
+                     "check the file's format")
 
 
 def _commit(out_dir: Path, staging: Path, prepared) -> None:
@@ -422,6 +444,8 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
     }
     if engine_log is not None and engine_log.is_file() and engine_log.stat().st_size:
         manifest["outputs"]["engine_log"] = engine_log.name
+    if stats.input_rejects and not stats.captions:
+        _no_caption(config, staging, stats.input_rejects)
     from gen import publish
     publish.check_share(f"captions ({stats.input_rejects} lines rejected)" if stats.input_rejects else "captions",
                         publish.published_captions(out_dir), stats.captions, config.min_share_of_previous,
@@ -436,7 +460,8 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
                 os.symlink((out_dir / name).resolve(), staging / name)
         t = time.time()
         prepared = publish.prepare_version(staging, config.curation, out_dir / "shards",
-                                           config.min_share_of_previous, generation=manifest)
+                                           config.min_share_of_previous, generation=manifest,
+                                           failed=stats.failed)
         cur = prepared.result()
         manifest["curation"] = {k: cur[k] for k in ("version", "reused", "fingerprint", "stats", "files")}
         manifest["curation"]["dir"] = f"shards/{cur['version']}"

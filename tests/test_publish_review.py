@@ -97,3 +97,40 @@ def test_store_prune_refuses_a_captions_file_with_no_or_far_fewer_captions(tmp_p
     assert prune_main(["--out", str(out), "--captions", str(few)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "no finished run" in err and "Traceback" not in err
+
+
+# --- a rerun while the server is down -------------------------------------------------------
+
+def test_a_rerun_against_a_server_that_fails_every_caption_is_exit_3_and_publishes_nothing(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(20))
+    out = tmp_path / "out"
+    with FakeOpenAI() as fake:
+        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+    before = snapshot(out)
+    capsys.readouterr()
+    with FakeOpenAI(faults={"503": 1.0}) as down:   # new settings: every caption asked again
+        assert main(cli(path, out, down.base_url, "--temperature", "0.5", "--max-attempts", "2")) == EXIT_INCOMPLETE
+    err = capsys.readouterr().err
+    assert "20 captions got no answer" in err and "--allow-shrink" not in err and "Traceback" not in err
+    assert "previous outputs" in err.strip().splitlines()[-1]
+    assert snapshot(out) == before and not leftovers(out)
+    with FakeOpenAI() as fake:   # the server back: the rerun publishes
+        assert main(cli(path, out, fake.base_url, "--temperature", "0.5")) == EXIT_OK
+        assert len(fake.requests) == 20
+    assert os.readlink(latest(out)) != before["latest ->"].decode()
+
+
+# --- a captions file with no caption in it, with --allow-shrink -------------------------------
+
+def test_a_file_with_no_caption_is_refused_before_anything_is_published_even_with_allow_shrink(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(20))
+    out = tmp_path / "out"
+    with FakeOpenAI() as fake:
+        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+        before = snapshot(out)
+        capsys.readouterr()
+        path.write_text("id,text\n" + "".join(f"{r['id']},{r['text']}\n" for r in synthetic(20)), encoding="utf-8")
+        assert main(cli(path, out, fake.base_url, "--allow-shrink")) == EXIT_USAGE
+    assert snapshot(out) == before and not leftovers(out)
+    err = capsys.readouterr().err
+    assert "no line of" in err and "21 rejected" in err and "line 1:" in err and "Traceback" not in err
