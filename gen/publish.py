@@ -129,12 +129,24 @@ def reusable(run_dir: Path, config: CurateConfig) -> str | None:
 
 
 def prune(root: Path, keep: int) -> None:
-    """Keeps the newest `keep` versions, and always the one shards/latest points at."""
+    """Keeps the newest `keep` versions, and always the one shards/latest points at. Runs
+    after the new version is published: what cannot be deleted is a warning naming it, never
+    a failed run (every later run would fail the same way, its outputs already out)."""
     current = os.readlink(root / "latest") if (root / "latest").is_symlink() else None
-    versions = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name[0].isdigit())
+    try:
+        versions = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name[0].isdigit())
+    except OSError as e:
+        log.warning("old shard versions not pruned: %s", e, extra={"fields": {"event": "prune_failed"}})
+        return
     for old in versions[:-keep]:
-        if old.name != current:
-            shutil.rmtree(old)
+        if old.name == current:
+            continue
+        left: list[str] = []
+        shutil.rmtree(old, onerror=lambda _f, path, exc: left.append(f"{path}: {exc[1]}"))
+        if left:
+            log.warning("old shard version %s could not be deleted in full (%d left, first %s); "
+                        "delete it by hand", old, len(left), left[0],
+                        extra={"fields": {"event": "prune_failed", "version": str(old), "left": left[:10]}})
 
 
 def _clear_partial(root: Path) -> None:

@@ -3,6 +3,7 @@ shards/latest, an --out in the wrong place, a wrong captions file for prune, a s
 for a whole rerun, files that cannot be deleted, damaged or left-over pointer files."""
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,30 @@ def test_a_file_with_no_caption_is_refused_before_anything_is_published_even_wit
     assert snapshot(out) == before and not leftovers(out)
     err = capsys.readouterr().err
     assert "no line of" in err and "21 rejected" in err and "line 1:" in err and "Traceback" not in err
+
+
+# --- an old version that cannot be deleted -------------------------------------------------
+
+def test_an_old_version_that_cannot_be_deleted_is_a_warning_not_a_failed_run(tmp_path, monkeypatch, capsys):
+    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(10))
+    out = tmp_path / "out"
+    real_unlink = os.unlink
+    with FakeOpenAI() as fake:
+        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+        first = os.readlink(latest(out))
+
+        def guarded(name, *args, dir_fd=None, **kwargs):   # what chattr +i or another owner does
+            if dir_fd is not None and name == "README.md" and first in os.readlink(f"/proc/self/fd/{dir_fd}"):
+                raise PermissionError(1, "Operation not permitted", name)
+            return real_unlink(name, *args, dir_fd=dir_fd, **kwargs)
+
+        monkeypatch.setattr(os, "unlink", guarded)
+        capsys.readouterr()
+        for n in (12, 14):
+            time.sleep(1.1)   # versions are named by the second
+            write_jsonl(path, synthetic(n))
+            assert main(cli(path, out, fake.base_url, "--keep-versions", "1")) == EXIT_OK
+            err = capsys.readouterr().err
+            assert f"old shard version {out / 'shards' / first} could not be deleted" in err and "README.md" in err
+            assert json.loads((out / "manifest.json").read_text())["counts"]["captions"] == n
+    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted([first, os.readlink(latest(out)), "latest"])
