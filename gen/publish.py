@@ -114,11 +114,21 @@ def _point(latest: Path, version: str) -> None:
 
 
 def latest_version(run_dir: Path) -> tuple[str, str] | None:
-    """(version, inputs digest) of shards/latest, or None when there is no version to reuse."""
+    """(version, inputs digest) of shards/latest, or None when there is no version to reuse:
+    none yet, not capgen's pointer (check_pointer refuses it), or its files damaged (a
+    warning: a new version replaces it)."""
     latest = run_dir / "shards" / "latest"
-    if not ((latest / "inputs.json").is_file() and (latest / "manifest.json").is_file()):
+    if not (latest.is_symlink() and (latest / "inputs.json").is_file() and (latest / "manifest.json").is_file()):
         return None
-    return os.readlink(latest), json.loads((latest / "inputs.json").read_text())["digest"]
+    try:
+        digest = json.loads((latest / "inputs.json").read_text())["digest"]
+        if not (isinstance(digest, str) and isinstance(json.loads((latest / "manifest.json").read_text()), dict)):
+            raise ValueError("not the shape capgen writes")
+        return os.readlink(latest), digest
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s is damaged (inputs.json or manifest.json: %s): not reused, a new version replaces it",
+                    latest, e, extra={"fields": {"event": "latest_damaged", "path": str(latest)}})
+        return None
 
 
 def reusable(run_dir: Path, config: CurateConfig) -> str | None:

@@ -162,3 +162,40 @@ def test_an_old_version_that_cannot_be_deleted_is_a_warning_not_a_failed_run(tmp
             assert f"old shard version {out / 'shards' / first} could not be deleted" in err and "README.md" in err
             assert json.loads((out / "manifest.json").read_text())["counts"]["captions"] == n
     assert sorted(p.name for p in (out / "shards").iterdir()) == sorted([first, os.readlink(latest(out)), "latest"])
+
+
+# --- odd or damaged shards/latest -----------------------------------------------------------
+
+def test_the_dry_run_refuses_a_copied_latest_as_the_run_does(tmp_path, capsys):
+    import shutil
+    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(10))
+    out = tmp_path / "out"
+    with FakeOpenAI() as fake:
+        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+        target = latest(out).resolve()
+        latest(out).unlink()
+        shutil.copytree(target, latest(out))          # what `cp -rL` leaves
+        capsys.readouterr()
+        assert main(cli(path, out, fake.base_url)) == EXIT_USAGE
+        refused = [line for line in capsys.readouterr().err.splitlines() if "not the symlink" in line]
+        assert main(cli(path, out, fake.base_url, "--dry-run")) == EXIT_USAGE
+        err = capsys.readouterr().err
+    assert refused and refused[0].split("ERROR ", 1)[-1] in err and "Errno" not in err
+
+
+@pytest.mark.parametrize("damage", ['{"digest": null', '{"digest": null}', "[]", ""])
+def test_a_damaged_latest_inputs_file_is_a_warning_and_a_new_version(tmp_path, capsys, damage):
+    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(10))
+    out = tmp_path / "out"
+    with FakeOpenAI() as fake:
+        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+        first = os.readlink(latest(out))
+        (latest(out) / "inputs.json").write_text(damage)
+        capsys.readouterr()
+        assert main(cli(path, out, fake.base_url, "--dry-run")) == EXIT_OK
+        assert "is damaged" in (err := capsys.readouterr().err) and "Traceback" not in err
+        time.sleep(1.1)   # versions are named by the second
+        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+        assert "is damaged" in (err := capsys.readouterr().err) and "Traceback" not in err
+    assert os.readlink(latest(out)) != first
+    assert json.loads((latest(out) / "inputs.json").read_text())["digest"]
