@@ -183,16 +183,24 @@ def is_stream(path: Path) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
 
 
+_SPOOL_PREFIX, _SPOOL_SUFFIX = ".captions-", ".stream"
+
+
 @contextlib.contextmanager
 def spooled(path: Path, directory: Optional[Path]) -> Iterator[Path]:
     """A regular file to read as often as needed: `path` itself, or a stream's bytes copied
     once into `directory` (None: the system's temporary directory) and removed afterwards.
     A run reads its input more than once: the format is told by the first bytes, the
-    progress bar counts lines, parquet is read by seeking, the Ray executor reads it twice."""
+    progress bar counts lines, parquet is read by seeking, the Ray executor reads it twice.
+    A `directory` is an output directory whose lock the caller holds: a copy found there is a
+    killed run's (kill -9 while copying) and goes."""
+    if directory is not None:
+        for stale in Path(directory).glob(f"{_SPOOL_PREFIX}*{_SPOOL_SUFFIX}"):
+            stale.unlink(missing_ok=True)
     if not is_stream(path):
         yield path
         return
-    fd, tmp = tempfile.mkstemp(prefix=".captions-", suffix=".stream", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=_SPOOL_PREFIX, suffix=_SPOOL_SUFFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as copy:
             if path == STDIN:

@@ -160,9 +160,13 @@ def prune(root: Path, keep: int) -> None:
 
 
 def _clear_partial(root: Path) -> None:
-    """Folders of curations killed outright (kill -9); the caller holds the run's lock."""
+    """Folders of curations killed outright (kill -9), and pointers made for a swap a kill
+    cut short (_point); the caller holds the run's lock."""
     for partial in root.glob(".*.partial"):
         shutil.rmtree(partial, ignore_errors=True)
+    for pointer in root.glob(".latest.*"):
+        if pointer.is_symlink() or pointer.is_file():
+            pointer.unlink(missing_ok=True)
 
 
 @dataclass

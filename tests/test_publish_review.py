@@ -199,3 +199,16 @@ def test_a_damaged_latest_inputs_file_is_a_warning_and_a_new_version(tmp_path, c
         assert "is damaged" in (err := capsys.readouterr().err) and "Traceback" not in err
     assert os.readlink(latest(out)) != first
     assert json.loads((latest(out) / "inputs.json").read_text())["digest"]
+
+
+# --- what a kill -9 leaves -------------------------------------------------------------------
+
+def test_a_killed_runs_stream_copy_and_half_swapped_pointer_are_cleared_by_the_next(tmp_path):
+    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(10))
+    out = tmp_path / "out"
+    with FakeOpenAI() as fake:
+        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+        (out / ".captions-k9x2ab.stream").write_text('{"id": "s0", "text": "一只')   # killed while copying stdin
+        os.symlink(os.readlink(latest(out)), out / "shards" / ".latest.99999")        # killed before os.replace
+        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+    assert not leftovers(out)
