@@ -199,12 +199,13 @@ class Prepared:
 
 
 def prepare_version(run_dir: Path, config: CurateConfig, root: Path, min_share: float = MIN_SHARE,
-                    generation: Optional[dict] = None, failed: int = 0) -> Prepared:
+                    generation: Optional[dict] = None, failed: int = 0, name: Optional[Path] = None) -> Prepared:
     """Curates run_dir into a hidden folder under root (nothing a reader sees changes).
     Refused (PublishRefused) when shards/latest is not capgen's pointer, or the new version
     keeps less than min_share of the latest one's pairs (ShrunkByFailures when `failed`
     captions got no answer). generation: the run's manifest, for the dataset card
-    (gen/card.py); None reads run_dir/manifest.json."""
+    (gen/card.py); None reads run_dir/manifest.json. name: the run directory to name in
+    messages, when run_dir is its staging copy."""
     check_run_dir(run_dir)
     check_pointer(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -218,7 +219,7 @@ def prepare_version(run_dir: Path, config: CurateConfig, root: Path, min_share: 
     version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest[:8]
     partial = root / f".{version}.partial"
     try:
-        manifest = curate(run_dir, config, out_dir=partial)
+        manifest = curate(run_dir, config, out_dir=partial, name=name)
         write_card(partial, run_dir, config, manifest, generation, version)
         with atomic_path(partial / "inputs.json") as tmp:
             tmp.write_text(json.dumps({"digest": digest, "curation_fingerprint": config.fingerprint()}) + "\n")

@@ -461,7 +461,7 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
         t = time.time()
         prepared = publish.prepare_version(staging, config.curation, out_dir / "shards",
                                            config.min_share_of_previous, generation=manifest,
-                                           failed=stats.failed)
+                                           failed=stats.failed, name=out_dir)
         cur = prepared.result()
         manifest["curation"] = {k: cur[k] for k in ("version", "reused", "fingerprint", "stats", "files")}
         manifest["curation"]["dir"] = f"shards/{cur['version']}"

@@ -212,3 +212,17 @@ def test_a_killed_runs_stream_copy_and_half_swapped_pointer_are_cleared_by_the_n
         os.symlink(os.readlink(latest(out)), out / "shards" / ".latest.99999")        # killed before os.replace
         assert main(cli(path, out, fake.base_url)) == EXIT_OK
     assert not leftovers(out)
+
+
+# --- warnings name what a person can open ------------------------------------------------------
+
+def test_the_grounding_warning_names_the_run_directory_not_its_staging(tmp_path, capsys):
+    from fake_openai import default_answer
+    rows = synthetic(40)
+    previous = {r["text"]: rows[i - 1]["text"] for i, r in enumerate(rows)}
+    path = write_jsonl(tmp_path / "caps.jsonl", rows)
+    out = tmp_path / "out"
+    with FakeOpenAI(answer=lambda caption, body: default_answer(previous[caption])) as fake:
+        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+    warning = [line for line in capsys.readouterr().err.splitlines() if "answering about other captions" in line]
+    assert warning and f"curation of {out}:" in warning[0] and ".staging" not in warning[0]

@@ -50,8 +50,10 @@ class _Timer:
         self.peak_gib[step] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
-def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Optional[Path] = None) -> dict:
-    """Curate one generation run; returns the manifest written to out_dir/manifest.json."""
+def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Optional[Path] = None,
+           name: Optional[Path] = None) -> dict:
+    """Curate one generation run; returns the manifest written to out_dir/manifest.json.
+    name: the run directory to name in messages, when run_dir is a staging copy of it."""
     config = config or CurateConfig()
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
@@ -131,7 +133,7 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
         recs, d, stats["grounding"] = filters.apply(recs, config, caps["c_norm"])
         drops.append(d)
         if stats["grounding"]["warning"]:
-            log.warning("curation of %s: %s", run_dir, stats["grounding"]["warning"])
+            log.warning("curation of %s: %s", name or run_dir, stats["grounding"]["warning"])
 
     with timer("dedup_near"):
         recs, d = dedup.near(recs, config.near_dup_threshold)
