@@ -37,7 +37,7 @@ class _Stored:
     history still prices the plan."""
 
     def __init__(self, cache: Path, force: bool):
-        self.db = sqlite3.connect(f"file:{cache}?mode=ro", uri=True) if cache.is_file() else None
+        self.db = _read_only(cache) if cache.is_file() else None
         self.force = force
 
     def which(self, keys: list[str], repair_rounds: int) -> set[str]:
@@ -65,6 +65,17 @@ class _Stored:
     def close(self) -> None:
         if self.db is not None:
             self.db.close()
+
+
+def _read_only(cache: Path) -> sqlite3.Connection:
+    """The store, opened so that nothing is written beside it. mode=ro alone still makes the
+    WAL's -wal and -shm files where a run left none. With none there, every answer is in the
+    main file and nobody is writing: immutable reads it with no lock and no WAL. With them
+    there (a run at work, or killed) the answers may still be in the WAL: read through it."""
+    uri = Path(cache).resolve().as_uri()
+    if any(Path(f"{cache}{suffix}").exists() for suffix in ("-wal", "-shm")):
+        return sqlite3.connect(f"{uri}?mode=ro", uri=True)
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
 
 
 def _chunks(items: Iterable, size: int):

@@ -226,3 +226,21 @@ def test_the_grounding_warning_names_the_run_directory_not_its_staging(tmp_path,
         assert main(cli(path, out, fake.base_url)) == EXIT_OK
     warning = [line for line in capsys.readouterr().err.splitlines() if "answering about other captions" in line]
     assert warning and f"curation of {out}:" in warning[0] and ".staging" not in warning[0]
+
+
+# --- the dry run writes nothing ------------------------------------------------------------------
+
+def test_the_dry_run_writes_nothing_beside_the_store(tmp_path):
+    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(10))
+    out = tmp_path / "out"
+    with FakeOpenAI() as fake:
+        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+        before = sorted(p.name for p in out.iterdir())
+        stat = (out / "cache.sqlite").stat()
+        write_jsonl(path, synthetic(14))
+        assert main(cli(path, out, fake.base_url, "--dry-run")) == EXIT_OK
+        assert sorted(p.name for p in out.iterdir()) == before
+        assert (out / "cache.sqlite").stat().st_mtime_ns == stat.st_mtime_ns
+        nowhere = tmp_path / "nowhere"
+        assert main(cli(path, nowhere, fake.base_url, "--dry-run")) == EXIT_OK
+        assert not (nowhere / "cache.sqlite").exists()
