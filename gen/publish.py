@@ -216,7 +216,13 @@ def prepare_version(run_dir: Path, config: CurateConfig, root: Path, min_share: 
     if current and current[1] == digest:
         manifest = json.loads((latest / "manifest.json").read_text())
         return Prepared(root, current[0], True, manifest)
-    version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest[:8]
+    version = base = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest[:8]
+    # Inputs back to an older version's within its second (A, B, A again): that folder is
+    # not latest's and keeps its name; this one gets its own.
+    for n in range(2, 1000):
+        if not (root / version).exists():
+            break
+        version = f"{base}-{n}"
     partial = root / f".{version}.partial"
     try:
         manifest = curate(run_dir, config, out_dir=partial, name=name)

@@ -244,3 +244,16 @@ def test_the_dry_run_writes_nothing_beside_the_store(tmp_path):
         nowhere = tmp_path / "nowhere"
         assert main(cli(path, nowhere, fake.base_url, "--dry-run")) == EXIT_OK
         assert not (nowhere / "cache.sqlite").exists()
+
+
+def test_inputs_back_to_an_older_versions_within_its_second_make_a_version_of_their_own(tmp_path, monkeypatch):
+    import gen.publish
+    monkeypatch.setattr(gen.publish.time, "strftime", lambda fmt, t=None: "20260101T000000Z")
+    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(10))
+    out = tmp_path / "out"
+    with FakeOpenAI() as fake:
+        for n in (10, 12, 10):
+            write_jsonl(path, synthetic(n))
+            assert main(cli(path, out, fake.base_url)) == EXIT_OK
+    assert json.loads((latest(out) / "manifest.json").read_text())["stats"]["captions_in"] == 10
+    assert len([p for p in (out / "shards").iterdir() if not p.is_symlink()]) == 3
