@@ -339,14 +339,14 @@ def _no_caption(config: RunConfig, staging: Path, rejected: int) -> None:
             for line, _ in zip(f, range(3)):
                 r = json.loads(line)
                 first.append(f"line {r.get('line')}: {r.get('reason')}")
-    where = "; ".join(first)
-    if not any((out_dir / name).exists() for name in (*OUTPUTS, "manifest.json")):
+    from gen.publish import published_captions
+    if published_captions(out_dir) is None and (staging / "rejects.jsonl").is_file():
         os.replace(staging / "rejects.jsonl", out_dir / "rejects.jsonl")
-        where += f"; every reason in {out_dir / 'rejects.jsonl'}"
+        first.append(f"every reason in {out_dir / 'rejects.jsonl'}")
     else:
-        where += "; the previous outputs were left as they were"
-    raise UsageError(f"no line of {_input_name(config)} is a caption ({rejected} rejected: {where}): "
-                     "check the file's format")
+        first.append("the previous outputs were left as they were")
+    raise UsageError(f"no line of {_input_name(config)} is a caption ({rejected} rejected: "
+                     f"{'; '.join(first)}): check the file's format")
 
 
 def _commit(out_dir: Path, staging: Path, prepared) -> None:
