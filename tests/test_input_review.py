@@ -81,3 +81,74 @@ def test_a_control_or_format_character_in_an_id_is_a_reject_naming_line_and_fiel
         assert all(bad_id not in json.dumps(r, ensure_ascii=False) for r in pq.read_table(p).to_pylist()), p
     for p in latest.rglob("*.jsonl"):   # beir/corpus.jsonl, qrels
         assert bad_id not in p.read_text(encoding="utf-8"), p
+
+
+# --------------------------------------------------------------------------- job files
+
+def json_lines(text: str) -> list[dict]:
+    """Every line of a --log-format json run, parsed (a traceback fails the test here)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def dry_run(tmp_path: Path, job: str, env: dict | None = None) -> tuple[int, list[dict]]:
+    (tmp_path / "caps.jsonl").write_text('{"id": "a", "text": "图片中有一只猫"}\n', encoding="utf-8")
+    (tmp_path / "job.toml").write_text(job, encoding="utf-8")
+    proc = subprocess.run([PY, "-m", "gen.run", "--config", str(tmp_path / "job.toml"), "--log-format", "json",
+                           "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+    return proc.returncode, json_lines(proc.stdout + proc.stderr)
+
+
+@pytest.mark.parametrize("job, env, named", [
+    ('captions = "caps.jsonl"\ncuration = "x"\n', {}, "curation in"),
+    ('captions = "caps.jsonl"\n[curation]\ndecontaminate_against = [5]\n', {}, "curation.decontaminate_against in"),
+    ('captions = "ca\\u0000ps.jsonl"\n', {}, "captions in"),
+    ('captions = "caps.jsonl"\nsampling = 3\n', {"CAPGEN_TEMPERATURE": "0.5"}, "sampling in"),
+    ('captions = "caps.jsonl"\n[[sampling]]\ntemperature = 1\n', {"CAPGEN_TEMPERATURE": "0.5"}, "sampling in"),
+    ('captions = "caps.jsonl"\n[[curation]]\nnegatives = 1\n', {}, "curation in"),
+    ('captions = "caps.jsonl"\nvllm_args = 3\n', {}, "vllm_args in"),
+    ('captions = "caps.jsonl"\n[base_urls]\nx = 1\n', {}, "base_urls in"),
+    ('captions = "caps.jsonl"\n[curation]\ndecontaminate_against = ["e\\u0000val"]\n', {},
+     "curation.decontaminate_against in"),
+    ('captions = "caps.jsonl"\ntimeout = 1979-05-27T07:32:00\n', {}, "timeout in"),
+    ('captions = 1979-05-27\n', {}, "captions in"),
+    ('captions = "caps.jsonl"\n[sampling.extra.deeper]\nx = 1\n', {}, "sampling.extra in"),
+])
+def test_a_job_file_of_the_wrong_shape_is_a_usage_error_naming_the_key(tmp_path, job, env, named):
+    code, events = dry_run(tmp_path, job, env)
+    assert code == EXIT_USAGE
+    errors = [e for e in events if e.get("event") == "error"]
+    assert len(errors) == 1 and errors[0]["kind"] == "usage" and named in errors[0]["message"], errors
+    assert events[-1]["event"] == "finished" and events[-1]["exit_status"] == EXIT_USAGE
+
+
+def test_a_job_file_from_a_pipe_is_read_once(tmp_path, sample_captions):
+    captions = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:2])
+    read, write = os.pipe()
+    os.write(write, f'captions = "{captions}"\nlog_format = "text"\n'.encode())
+    os.close(write)
+    try:
+        with FakeOpenAI() as fake:
+            code = main(["--config", f"/dev/fd/{read}", "--base-url", fake.base_url, "--model", "fake-model",
+                         "--dry-run"])
+    finally:
+        os.close(read)
+    assert code == EXIT_OK
+
+
+# --------------------------------------------------------------------------- evaluation sets
+
+@pytest.mark.parametrize("missing", ["nonexistent.jsonl", "."])
+def test_a_missing_evaluation_set_is_a_usage_error_before_any_request(tmp_path, sample_captions, missing):
+    evals = str(tmp_path / missing)
+    proc = subprocess.run([PY, "-m", "gen.curate", "--queries", str(tmp_path), "--decontaminate-against", evals,
+                           "--log-format", "json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    events = json_lines(proc.stdout + proc.stderr)
+    assert proc.returncode == EXIT_USAGE
+    assert "--decontaminate-against" in events[0]["message"] and evals in events[0]["message"]
+    assert events[-1]["event"] == "finished"
+
+    captions = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:3])
+    with FakeOpenAI() as fake:
+        assert run(captions, tmp_path / "out", fake.base_url, "--decontaminate-against", evals) == EXIT_USAGE
+        assert fake.requests == []
