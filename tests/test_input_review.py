@@ -152,3 +152,36 @@ def test_a_missing_evaluation_set_is_a_usage_error_before_any_request(tmp_path, 
     with FakeOpenAI() as fake:
         assert run(captions, tmp_path / "out", fake.base_url, "--decontaminate-against", evals) == EXIT_USAGE
         assert fake.requests == []
+
+
+# --------------------------------------------------------------------------- stop signals
+
+def _catches_sigterm(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc to see the handlers installed")
+def test_a_stop_signal_at_any_moment_of_start_up_ends_with_the_stop_line_and_143(tmp_path, sample_captions):
+    """From the moment capgen's handlers are in place (before: the signal's default action,
+    which a shell reports as 143 too), through settings, imports and the start event."""
+    captions = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:4])
+    with FakeOpenAI(latency=10) as fake:   # a run that would still be asking when the signal comes
+        for i, delay in enumerate((0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)):
+            proc = subprocess.Popen([PY, "-m", "gen.run", "--captions", str(captions), "--out", str(tmp_path / f"o{i}"),
+                                     "--base-url", fake.base_url, "--model", "fake-model", "--log-format", "json"],
+                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            deadline = time.monotonic() + 30
+            while not _catches_sigterm(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGTERM)
+            stdout, stderr = proc.communicate(timeout=60)
+            assert proc.returncode == EXIT_STOPPED, (delay, stderr[-2000:])
+            events = json_lines(stdout + stderr)   # no traceback: every line is JSON
+            assert any(e.get("event") == "stopped" for e in events), (delay, events)
+            assert events[-1]["event"] == "finished" and events[-1]["exit_status"] == EXIT_STOPPED
