@@ -185,3 +185,44 @@ def test_a_stop_signal_at_any_moment_of_start_up_ends_with_the_stop_line_and_143
             events = json_lines(stdout + stderr)   # no traceback: every line is JSON
             assert any(e.get("event") == "stopped" for e in events), (delay, events)
             assert events[-1]["event"] == "finished" and events[-1]["exit_status"] == EXIT_STOPPED
+
+
+# --------------------------------------------------------------------------- judge and pool
+
+def test_the_judge_takes_the_run_directorys_lock(tmp_path, sample_captions):
+    import fcntl
+    out = tmp_path / "out"
+    common = ["--captions", str(write_jsonl(tmp_path / "caps.jsonl", sample_captions[:2])), "--out", str(out),
+              "--model", "fake-model", "--no-progress"]
+    from gen.judge import main as judge_main
+    with FakeOpenAI() as fake:
+        assert main([*common, "--base-url", fake.base_url, "--no-curate"]) == EXIT_OK
+        with open(out / ".lock", "a+") as held:   # what a gen.run beside it holds
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            before = len(fake.requests)
+            assert judge_main([*common, "--base-url", fake.base_url]) == EXIT_LOCKED
+            assert len(fake.requests) == before and not (out / "judgements.parquet").exists()
+
+
+def test_with_no_peer_answer_yet_a_servers_first_invalid_answers_make_it_no_suspect(tmp_path):
+    from gen.engines.pool import Server, ServerPool
+    a, b = Server("a", None), Server("b", None)
+    pool = ServerPool([a, b])
+    assert pool.checked(a, valid=False) is False   # nothing to compare with
+    assert pool.checked(a, valid=False) is False
+    assert pool.checked(a, valid=False) is True    # a fast broken server, caught before its peers answer
+    # A hard caption (invalid everywhere) costs its request and one repair round, on a rerun's
+    # first caption too: not a third request that no server deserved.
+    rows = [{"id": "hard", "text": "图片中有一只黑猫坐在窗台上晒太阳"}]
+    with FakeOpenAI(answer=lambda caption, body: "这不是JSON") as one, \
+            FakeOpenAI(answer=lambda caption, body: "这不是JSON") as two:
+        code = main(["--captions", str(write_jsonl(tmp_path / "caps.jsonl", rows)), "--out", str(tmp_path / "out"),
+                     "--base-url", one.base_url, "--base-url", two.base_url, "--model", "fake-model",
+                     "--no-progress", "--repair-rounds", "1", "--no-curate"])
+        assert len(one.requests) + len(two.requests) == 2
+    assert code == EXIT_OK
+    assert [r["caption_id"] for r in read_jsonl_lines(tmp_path / "out" / "rejects.jsonl")] == ["hard"]
+
+
+def read_jsonl_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
