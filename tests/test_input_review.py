@@ -122,6 +122,15 @@ def test_a_job_file_of_the_wrong_shape_is_a_usage_error_naming_the_key(tmp_path,
     assert events[-1]["event"] == "finished" and events[-1]["exit_status"] == EXIT_USAGE
 
 
+def test_a_job_file_not_in_utf8_is_a_usage_error_naming_it(tmp_path):
+    (tmp_path / "job.toml").write_bytes(b'captions = "caps\xff.jsonl"\n')
+    proc = subprocess.run([PY, "-m", "gen.run", "--config", str(tmp_path / "job.toml"), "--log-format", "json",
+                           "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    events = json_lines(proc.stdout + proc.stderr)
+    assert proc.returncode == EXIT_USAGE and str(tmp_path / "job.toml") in events[0]["message"]
+    assert events[-1]["event"] == "finished"
+
+
 def test_a_job_file_from_a_pipe_is_read_once(tmp_path, sample_captions):
     captions = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:2])
     read, write = os.pipe()
