@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from gen.config import RunConfig, Sampling, base_url_problem
 from gen.settings import describe, problems
@@ -146,17 +146,77 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     return _nest(flat)
 
 
+_streams: dict[tuple, bytes] = {}
+
+
+def _job_bytes(path: Path) -> bytes:
+    """The job file's bytes. A pipe (--config <(...)) can be read only once, and the log
+    format is looked up before the settings are read: its bytes are kept for the second."""
+    from gen.captions import is_stream
+    if not is_stream(path):
+        return path.read_bytes()
+    st = path.stat()
+    key = (str(path), st.st_dev, st.st_ino)   # a new pipe at the same /dev/fd path is new
+    if key not in _streams:
+        _streams[key] = path.read_bytes()
+    return _streams[key]
+
+
+def _table(field) -> Optional[type]:
+    """The model of a field that is a TOML table (dict for a free one), else None."""
+    from gen.settings import _base
+    kind = _base(field.annotation)[0]
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        return kind
+    return dict if kind is dict or getattr(kind, "__origin__", None) is dict else None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return "an array of tables"
+    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number"}.get(type(value), "a date or time")   # all TOML has besides
+
+
+def _check_shapes(data: dict, model: type[BaseModel], where: str, prefix: str = "") -> None:
+    """A table where the model has one, a value where it has a value: else a ConfigError
+    naming the key. Unknown keys and wrong values are the model's to name."""
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            continue
+        name, table = f"{prefix}{key}", _table(field)
+        if table is not None and not isinstance(value, dict):
+            raise ConfigError(f"{name} in {where}: expected a table ([{name}]), got {_kind(value)}")
+        if table is None and isinstance(value, dict):
+            raise ConfigError(f"{name} in {where}: expected {describe(field)}, got a table")
+        if table not in (None, dict):
+            _check_shapes(value, table, where, f"{name}.")
+
+
+def _path(base: Path, value: Any, name: str, where: Path) -> Any:
+    """A path in the file, made absolute against the file's folder; a wrong type is left for
+    the model to name."""
+    if not isinstance(value, str):
+        return value
+    if "\0" in value:   # no file has one; os calls refuse it with a ValueError
+        raise ConfigError(f"{name} in {where}: the path holds a NUL character")
+    return str((base / value).resolve())
+
+
 def _from_file(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        data = tomllib.loads(_job_bytes(path).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
+    _check_shapes(data, RunConfig, str(path))
     for key in PATH_FIELDS:
-        if isinstance(data.get(key), str):
-            data[key] = str((path.parent / data[key]).resolve())
+        if key in data:
+            data[key] = _path(path.parent, data[key], key, path)
     evals = data.get("curation", {}).get("decontaminate_against")
     if isinstance(evals, list):
-        data["curation"]["decontaminate_against"] = [str((path.parent / p).resolve()) for p in evals]
+        name = "curation.decontaminate_against"
+        data["curation"]["decontaminate_against"] = [_path(path.parent, p, name, path) for p in evals]
     return data
 
 
@@ -167,8 +227,8 @@ def _file_log_format(path: Optional[Path]) -> Optional[str]:
     if path is None:
         return None
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
+        text = _job_bytes(path).decode("utf-8", errors="replace")
+    except (OSError, ValueError):   # ValueError: a NUL in the path
         return None
     try:
         return tomllib.loads(text).get("log_format")
@@ -202,7 +262,8 @@ def log_format_hint(argv: list[str], env: Mapping[str, str] = os.environ) -> str
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in top.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
+        below = out.get(k)
+        out[k] = _merge(below if isinstance(below, dict) else {}, v) if isinstance(v, dict) else v
     return out
 
 

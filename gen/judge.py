@@ -225,10 +225,15 @@ async def judge(config: RunConfig, candidates: int = 0) -> dict:
 
 
 def _main(config: RunConfig, candidates: int) -> int:
-    from gen.run import EXIT_INCOMPLETE, EXIT_OK, UsageError
+    from gen.run import EXIT_INCOMPLETE, EXIT_OK, UsageError, lock_out_dir
     if not (config.out_dir / "queries.parquet").is_file():
         raise UsageError(f"{config.out_dir}/queries.parquet not found: run gen.run first (same --out)")
-    stats = asyncio.run(judge(config, candidates))
+    # gen.run beside it would replace the queries and prune the shard versions it reads.
+    lock = lock_out_dir(config.out_dir)
+    try:
+        stats = asyncio.run(judge(config, candidates))
+    finally:
+        lock.close()
     print(json.dumps(stats, ensure_ascii=False, indent=2))
     failed = sum(part["failed"] for part in (stats["own"], stats.get("candidates", {"failed": 0})))
     return EXIT_INCOMPLETE if failed else EXIT_OK

@@ -521,6 +521,8 @@ def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int], command: 
     with stop_signals():   # to the last line: a second Ctrl-C must not cut the clean-up short
         try:
             code = _entry(argv, work, command, load, start)
+        except KeyboardInterrupt:   # a stop signal before the command's work began
+            code = _stopped_early(argv)
         finally:
             _facts.reset(token)
         level, meaning = OUTCOMES.get(code, (logging.ERROR, "failed"))
@@ -531,6 +533,18 @@ def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int], command: 
                  "new": "; the new outputs are complete"}.get(facts.get("outputs"), "")
         log.log(level, "%s finished: exit %d, %s%s", command, code, meaning, state, extra={"fields": fields})
     return code
+
+
+def _stopped_early(argv: list[str]) -> int:
+    """The stop line for a signal that came during start-up (settings, logging, imports):
+    in the job's log format, though the signal may have cut its set-up short."""
+    try:
+        logs.setup(log_format_hint(argv))
+    except Exception:
+        logs.setup("text")
+    note(outputs="previous")
+    log.warning("stopped while starting: nothing was done", extra={"fields": {"event": "stopped"}})
+    return EXIT_STOPPED
 
 
 def _entry(argv: list[str], work: Callable, command: str, load: Callable, start: Callable) -> int:

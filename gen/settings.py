@@ -141,6 +141,8 @@ def problems(err: ValidationError, model: type[BaseModel],
             close = difflib.get_close_matches(unknown, list(parent.model_fields), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             out.append(f"{name((*names, unknown))}: no such setting{hint}")
+        elif e["type"] == "setting":   # a validator's own sentence (PydanticCustomError("setting", ...))
+            out.append(f"{where}: {msg}")
         elif field is None or (isinstance(_base(field.annotation)[0], type)
                                 and issubclass(_base(field.annotation)[0], BaseModel)):
             out.append(f"{where}: {msg}")  # about a whole table: a rule across its fields

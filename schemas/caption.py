@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from schemas.text import CONTROL as _TEXT_CONTROL  # the rule queries follow too; tab, LF, CR allowed
+from schemas.text import hidden
 
 # Longer than any real caption by far (CapRetrieval's longest is 105 characters);
 # anything past this is a concatenation accident or an attack on the prompt budget.
@@ -17,11 +18,16 @@ MAX_ID_CHARS = 256
 # Regexes, not a Python loop over characters: every caption is checked twice a run
 # (generation and export), and the loops were a quarter of export's CPU.
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_ID_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_ID_CONTROL = re.compile("[\t\n\r]")   # beyond the shared rule: an id is one line
 
 
 def _has_surrogate(v: str) -> bool:
     return _SURROGATE.search(v) is not None
+
+
+def _where(path: tuple) -> str:
+    """('meta', 0, 'k') -> 'meta'[0]['k']: where in the input line's extra fields."""
+    return repr(path[0]) + "".join(f"[{k!r}]" for k in path[1:])
 
 
 class Caption(BaseModel):
@@ -37,10 +43,31 @@ class Caption(BaseModel):
     def _id_is_printable(cls, v: str) -> str:
         if v != v.strip():
             raise ValueError("id has leading or trailing whitespace")
-        if _ID_CONTROL.search(v):
-            raise ValueError("id contains control characters")
+        if bad := _ID_CONTROL.search(v):
+            raise ValueError(f"id contains control character U+{ord(bad.group()):04X} at {bad.start()}")
+        if why := hidden(v):   # a bidi override or a zero-width space would reach every shard
+            raise ValueError(f"id contains {why}")
         if _has_surrogate(v):
             raise ValueError("id contains an unpaired surrogate (not encodable as UTF-8)")
+        return v
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_is_encodable(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # Extra fields ride along into captions.parquet: a lone surrogate anywhere in them,
+        # nested or in a key, would stop the export after every request was paid for.
+        stack: list[tuple[tuple, Any]] = [((), v)]
+        while stack:   # a loop, not recursion: json.loads allows nesting near the stack limit
+            path, node = stack.pop()
+            for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+                at = (*path, key)
+                if isinstance(key, str) and _has_surrogate(key):
+                    raise ValueError(f"key {_where(at)} holds a lone surrogate (not encodable as UTF-8)")
+                if isinstance(value, str):
+                    if _has_surrogate(value):
+                        raise ValueError(f"{_where(at)} holds a lone surrogate (not encodable as UTF-8)")
+                elif isinstance(value, (dict, list, tuple)):
+                    stack.append((at, value))
         return v
 
     @field_validator("text")

@@ -59,6 +59,18 @@ def _format_chars() -> tuple[re.Pattern, re.Pattern]:
     return re.compile(f"[{cf}]"), re.compile(f"({keep})|[{cf}]")
 
 
+def hidden(text: str) -> str | None:
+    """Why `text` cannot be a name (a caption id), or None: the first control or format
+    character in it, kept or not by `clean`. A name is matched byte for byte and shown to
+    people; one that reads otherwise than it matches (an override, a zero-width space) is
+    refused, not cleaned, so that two ids never become one."""
+    bad = CONTROL.search(text) or (None if text.isascii() else _format_chars()[0].search(text))
+    if bad is None:
+        return None
+    kind = "control" if CONTROL.match(bad.group()) else "invisible format"
+    return f"{kind} character U+{ord(bad.group()):04X} at {bad.start()}"
+
+
 def clean(text: str) -> tuple[str, str | None]:
     """(text without invisible format characters, None), or (text, why it is refused) when
     it holds a control character."""

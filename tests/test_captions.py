@@ -150,7 +150,7 @@ HOSTILE = {
     "bool id": (b'{"id": true, "text": "b"}', "field 'id': Input should be a valid string"),
     "empty id": (b'{"id": "", "text": "b"}', "field 'id': String should have at least 1 character"),
     "padded id": (b'{"id": " a", "text": "b"}', "id has leading or trailing whitespace"),
-    "newline in id": (b'{"id": "a\\nb", "text": "b"}', "id contains control characters"),
+    "newline in id": (b'{"id": "a\\nb", "text": "b"}', "id contains control character U+000A"),
     "300-char id": (b'{"id": "' + b"i" * 300 + b'", "text": "b"}', "at most 256 characters"),
     "object text": (b'{"id": "a", "text": {"zh": "b"}}', "field 'text': Input should be a valid string"),
     "invalid utf-8": (b'{"id": "a", "text": "\xc3\x28"}', "invalid UTF-8 at byte"),

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from gen.atomic import sha256_file
 from gen.settings import Float, Int, OptFloat, OptInt
@@ -123,6 +125,21 @@ class CurateConfig(BaseModel):
     # --- runtime ----------------------------------------------------------------------
     workers: Int = Field(2, ge=1)
     bm25_backend: Literal["auto", "numpy", "numba"] = "auto"
+
+    @field_validator("decontaminate_against")
+    @classmethod
+    def _readable_files(cls, paths: tuple[Path, ...]) -> tuple[Path, ...]:
+        # Checked with the settings, by every command: the fingerprint reads each file
+        # before the first log line, and a run would pay for every request first.
+        for path in paths:
+            try:
+                problem = ("" if path.is_file() and os.access(path, os.R_OK) else
+                           "not a file" if path.exists() else "no such file")
+            except (OSError, ValueError) as e:   # ValueError: a NUL in the path
+                problem = str(e)
+            if problem:
+                raise PydanticCustomError("setting", "{path}: {problem}", {"path": str(path), "problem": problem})
+        return paths
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> "CurateConfig":

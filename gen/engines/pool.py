@@ -57,6 +57,7 @@ class ServerPool:
     # its peers' share that one must be to take it out.
     answers_to_judge: int = 10
     invalid_margin: float = 0.4
+    answers_alone: int = 3
 
     # Seconds with no server reached that stop the run, before and after the first reply;
     # OpenAIEngine sets them from its retry policy (RetryPolicy.patience).
@@ -109,8 +110,11 @@ class ServerPool:
         makes it suspect at once and takes it out like one that errors once it has given
         `answers_to_judge` answers. Peers' share is smoothed ((invalid + 1) / (answers + 2)):
         peers that answered little count as 0.5, so a server alone in use is suspect only
-        when nearly all of its answers fail. Answers that fail everywhere alike (a hard
-        caption, a weak model) make no server suspect; a lone server never is.
+        when nearly all of its answers fail. With no peer answer yet, a server's first
+        `answers_alone` answers make it suspect of nothing: the first hard caption of a run
+        gets its repair round, not a plain retry (a fast broken server is still caught by
+        its third answer, before its peers have answered). Answers that fail everywhere
+        alike (a hard caption, a weak model) make no server suspect; a lone server never is.
         """
         now = self.clock()
         if server.answers >= 100:   # halved: the share follows what the server does now
@@ -122,7 +126,10 @@ class ServerPool:
         if server.down_until > now:
             return True
         peers = [s for s in self.servers if s is not server]
-        peer_share = (sum(s.invalid for s in peers) + 1) / (sum(s.answers for s in peers) + 2)
+        peer_answers = sum(s.answers for s in peers)
+        if not peer_answers and server.answers < self.answers_alone:
+            return False
+        peer_share = (sum(s.invalid for s in peers) + 1) / (peer_answers + 2)
         share = server.invalid / server.answers
         if share < peer_share + self.invalid_margin:
             return False
