@@ -7,6 +7,9 @@ to export as each answer arrives: queries.parquet, rejects.jsonl) -> manifest.js
 Exit codes, for schedulers: 0 done (rejected rows are data, not failure); 1 the run itself
 failed; 2 bad usage, or bad input (with --strict any bad line; else no good line at all);
 3 finished but some captions got no answer after every retry (a rerun asks only for those);
+4 batch mode: captions are in batches not yet finished (submitted or still running), and the
+outputs hold what is answered so far; the next run collects them (not a failure: cron runs
+it again; --wait instead polls until they are done);
 75 another run holds the output directory, nothing done (EX_TEMPFAIL of sysexits.h: a
 temporary condition, retry later; clear of the shell's 126-165 and of capgen's own codes);
 143 stopped by SIGTERM or Ctrl-C (the engine is shut down first; a rerun resumes).
@@ -47,6 +50,7 @@ from schemas import decoding_constraints
 log = logging.getLogger("gen.run")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+EXIT_PENDING = 4   # batch mode: submitted, answers pending; a later run collects them
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the output directory; try again later
 EXIT_STOPPED = 128 + signal.SIGTERM  # stopped by SIGTERM or Ctrl-C; what shells report for a kill
 ENGINE_LOG = "engine.log"
@@ -57,6 +61,7 @@ OUTCOMES = {
     EXIT_FAILED: (logging.ERROR, "failed"),
     EXIT_USAGE: (logging.ERROR, "bad usage or input"),
     EXIT_INCOMPLETE: (logging.WARNING, "finished, some captions got no answer: a rerun asks only for them"),
+    EXIT_PENDING: (logging.INFO, "submitted: answers pending in batches, a later run collects them"),
     EXIT_LOCKED: (logging.WARNING, "another run holds the output directory: nothing done, retry later"),
     EXIT_STOPPED: (logging.WARNING, "stopped by a signal: a rerun resumes"),
 }
@@ -251,9 +256,20 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
     progress = Progress(count_lines(source), bar=config.progress)
     read = lambda: read_captions(source, config.max_caption_chars, config.strict, _input_name(config))
     digest = CaptionDigest()   # of the pass that exports: what --dry-run compares against
+    batches = batch_summary = None
     try:
         try:
-            if config.executor == "ray":
+            if config.batch:   # gen/batch.py: collect, submit, export what is answered
+                stats, batches = _batch(config, prompts, store, model, schema, fingerprint, read)
+                if config.batch_cancel:
+                    return EXIT_OK
+                generated_at = time.time()
+                exported = export(digest.through(_counted(read(), stats, store, config, batches)), store=store,
+                                  fingerprint=fingerprint, model=model_identity(config.model), out_dir=out_dir,
+                                  failures=stats.failures, pending=store.pending)
+                exported_at = time.time()
+                batch_summary = batches.summary()
+            elif config.executor == "ray":
                 from gen.ray_executor import ExecutorUnavailable, generate_ray
                 try:  # blocks this loop; nothing else runs on it meanwhile
                     stats = generate_ray(read(), config=config, model=model, schema=schema,
@@ -288,7 +304,7 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
         "templates": str(prompts.directory),
         "sampling": config.sampling.model_dump(),
         "repair_rounds": config.repair_rounds,
-        "engine": engine.describe(),
+        "engine": engine.describe() if batches is None else batches.describe(),
         "counts": {
             "captions": stats.captions,
             "input_rejects": stats.input_rejects,
@@ -301,6 +317,8 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
             # whose valid queries were kept.
             "salvaged": exported.salvaged,
             "failed": stats.failed,
+            # In a batch not yet collected (batch mode): in no output file until a later run.
+            "pending": exported.pending,
             "captions_with_queries": exported.captions_with_queries,
             "queries": exported.queries,
             "queries_by_type": dict(exported.queries_by_type),
@@ -308,6 +326,7 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
         },
         "usage": {"requests": stats.requests, "prompt_tokens": stats.prompt_tokens,
                   "completion_tokens": stats.completion_tokens},
+        "batch": batch_summary,
         "timings": {"started": started, "generate_s": round(generated_at - started, 3),
                     "export_s": round(exported_at - generated_at, 3),
                     "total_s": round(time.time() - started, 3)},
@@ -359,7 +378,42 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
         log.error("no line of %s is a caption (%d rejected, reasons in %s): check the file's format",
                   config.captions, stats.input_rejects, out_dir / "rejects.jsonl")
         return EXIT_USAGE
+    if exported.pending:
+        log.info("%d captions are in batches not yet finished; a later run collects them (exit %d)",
+                 exported.pending, EXIT_PENDING, extra={"fields": {"event": "batch_pending",
+                                                                    "pending": exported.pending}})
+        return EXIT_PENDING
     return EXIT_INCOMPLETE if stats.failed or exported.unreadable else EXIT_OK
+
+
+def _batch(config: RunConfig, prompts: PromptSet, store: AnswerStore, model: str, schema: dict,
+           fingerprint: str, read: Callable):
+    from gen.batch import Batches, provider_for
+    from gen.generate import GenStats
+    stats = GenStats()
+    batches = Batches(config, prompts, store, model, schema, provider_for(config), stats)
+    pending = batches.run(read, fingerprint)
+    if config.batch_cancel:
+        log.info("cancel asked for %d batches (%d captions)", len(batches.batch.cancelled), pending,
+                 extra={"fields": {"event": "batch_cancelled", "batches": batches.batch.cancelled}})
+    return stats, batches
+
+
+def _counted(records, stats, store: AnswerStore, config: RunConfig, batches):
+    """The export pass's records, counting what the batch run did not: captions, input
+    rejects, and those answered by an earlier run."""
+    from schemas import Reject
+    from gen.config import answer_key
+    fingerprint = batches.fingerprint
+    for rec in records:
+        if isinstance(rec, Reject):
+            stats.input_rejects += 1
+        else:
+            stats.captions += 1
+            key = answer_key(fingerprint, rec.text)
+            if key not in batches.answered and store.has(key, 0.0, config.repair_rounds):
+                stats.cached += 1
+        yield rec
 
 
 def start_event(config: RunConfig, command: str) -> tuple[str, dict]:
