@@ -35,8 +35,10 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -312,7 +314,10 @@ class Batches:
         self.work = config.out_dir / "batches"
         self.line_limit = reply_limit(config.sampling.max_tokens) + 8192
         self.batch = BatchStats()
-        self.failed_here: set[str] = set()   # keys whose request failed in this run: --wait asks them next run
+        # Keys whose request failed in this run, and how often: submitted again at once, up to
+        # --max-attempts times a run, so that --wait cannot loop on a caption the provider
+        # always fails.
+        self.failed_here: Counter[str] = Counter()
         self.answered: set[str] = set()      # keys answered by the batches collected in this run
         self.fingerprint = ""
 
@@ -388,9 +393,8 @@ class Batches:
                         extra={"fields": {"event": "batch_missing", "batch_id": bid, "status": state.status,
                                           "reason": state.reason, "captions": len(missing)}})
         for key in missing:
-            self.stats.failed += 1
             self.stats.failures[key] = f"batch {bid} {state.status}" + (f": {state.reason}" if state.reason else "")
-            self.failed_here.add(key)
+            self.failed_here[key] += 1
         self.store.close_batch(row.digest, state.status, state.reason, tally["answered"],
                                tally["prompt_tokens"], tally["completion_tokens"])
         self.batch.collected.append({"batch_id": bid, "status": state.status, "reason": state.reason,
@@ -475,9 +479,8 @@ class Batches:
         log.warning("caption %s: no answer (%s); submitted again next run", req.caption_id, printable(reason, 300),
                     extra={"fields": {"event": "batch_line_failed", "caption_id": req.caption_id,
                                       "reason": printable(reason, 300)}})
-        self.stats.failed += 1
         self.stats.failures[key] = reason
-        self.failed_here.add(key)
+        self.failed_here[key] += 1
 
     # ------------------------------------------------------------------ submit
 
@@ -496,7 +499,7 @@ class Batches:
             if self.store.pending(key):
                 yield rec, key, "pending"
                 continue
-            if key in self.failed_here:
+            if self.failed_here[key] >= self.config.max_attempts:
                 continue
             asked.add(key)
             yield rec, key, None
@@ -544,7 +547,9 @@ class Batches:
 
     def _submit(self, lines: list[bytes], reqs: list[BatchRequest]) -> int:
         blob = b"".join(lines)
-        digest = hashlib.sha256(blob).hexdigest()
+        # The file's digest, and a nonce: the same captions submitted again after a failed
+        # batch are a new intent, which the provider's listing must not confuse with the old.
+        digest = f"{hashlib.sha256(blob).hexdigest()[:48]}-{secrets.token_hex(8)}"
         self.work.mkdir(parents=True, exist_ok=True)
         path = self.work / _file_name(digest)
         with atomic_path(path) as tmp:
@@ -607,6 +612,10 @@ class Batches:
                 break
             sleep(pause)
             pause = min(pause * 2, MAX_POLL)
+        # A caption counts as failed when the run ends without its answer and outside any batch.
+        for key in [k for k in self.stats.failures if self.store.get(k) is not None or self.store.pending(k)]:
+            del self.stats.failures[key]
+        self.stats.failed = len(self.stats.failures)
         return sum(r.requests for r in self.store.open_batches())
 
 

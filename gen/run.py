@@ -228,6 +228,11 @@ def dry_run(config: RunConfig, prompts: PromptSet, source: Path) -> int:
              result["requests_at_least"], result["requests_at_most"], result["prompt_tokens_estimate"],
              "a new version" if cur["new_version"] else "no new version", cur["reason"],
              extra={"fields": {"event": "dry_run", "plan": result}})
+    if "batch" in result:
+        b = result["batch"]
+        log.info("batch mode: %d captions pending in %d open batches; %d would be submitted",
+                 b["pending"], len(b["open_batches"]), b["to_submit"],
+                 extra={"fields": {"event": "dry_run_batch", "batch": b}})
     for server in engine.get("servers", []):
         if server["error"]:
             log.warning("server %s: %s", server["url"], server["error"],

@@ -1,0 +1,305 @@
+"""Batch mode against the fake batch API (tests/fake_batch.py): the cron shape, every
+provider fault, and crashes at each step of a batch's life."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, read_jsonl, read_rows, write_jsonl
+from fake_batch import FakeBatch
+from fake_openai import FakeOpenAI, default_answer
+
+import gen.batch
+from gen.run import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_PENDING, main
+
+
+def run(captions: Path, out: Path, fake, *extra: str) -> int:
+    return main(["--captions", str(captions), "--out", str(out), "--base-url", fake.base_url,
+                 "--model", "fake-model", "--no-progress", "--retry-wait", "0.01", "--timeout", "5",
+                 "--max-attempts", "2", "--no-curate", "--batch", *extra])
+
+
+WAIT = ("--wait", "--batch-poll", "0.001")
+
+
+@pytest.fixture
+def captions(tmp_path, sample_captions):
+    return write_jsonl(tmp_path / "caps.jsonl", sample_captions[:12])
+
+
+def sent(fake: FakeBatch) -> Counter:
+    """custom_id -> how many request lines, over every file uploaded."""
+    return Counter(json.loads(line)["custom_id"] for f in fake.files.values() if f["meta"]["purpose"] == "batch"
+                   for line in f["data"].splitlines() if line.strip())
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+
+
+def answered_once(out: Path, sample: list[dict]) -> None:
+    rows = read_rows(out / "captions.parquet")
+    assert sorted(r["id"] for r in rows) == sorted(c["id"] for c in sample)
+    store = sqlite3.connect(out / "cache.sqlite")
+    assert store.execute("SELECT COUNT(*) FROM batch_requests").fetchone()[0] == 0   # nothing left open
+    store.close()
+
+
+def test_a_batch_asks_what_the_online_path_asks_and_gives_the_same_rows(tmp_path, captions, sample_captions):
+    with FakeOpenAI() as online:
+        assert main(["--captions", str(captions), "--out", str(tmp_path / "online"), "--base-url", online.base_url,
+                     "--model", "fake-model", "--no-progress", "--no-curate"]) == EXIT_OK
+    with FakeBatch() as fake:
+        assert run(captions, tmp_path / "batch", fake, *WAIT) == EXIT_OK
+        lines = fake.batch_lines
+    assert len(lines) == 12 and all(line["url"] == "/v1/chat/completions" and line["method"] == "POST"
+                                    for line in lines)
+    by_text = {r["messages"][1]["content"]: r for r in online.requests}
+    for line in lines:   # each body exactly what the online engine sent for that caption
+        assert line["body"] == by_text[line["body"]["messages"][1]["content"]]
+    assert read_rows(tmp_path / "batch" / "queries.parquet") == read_rows(tmp_path / "online" / "queries.parquet")
+    assert read_rows(tmp_path / "batch" / "captions.parquet") == read_rows(tmp_path / "online" / "captions.parquet")
+    m = manifest(tmp_path / "batch")
+    assert m["counts"]["accepted"] == 12 and m["counts"]["pending"] == 0
+    usage = m["batch"]["usage"]
+    assert usage["requests"] == 12 and usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert m["usage"]["prompt_tokens"] == usage["prompt_tokens"]
+
+
+def test_cron_submits_returns_4_and_the_next_runs_collect_and_submit_only_what_is_new(
+        tmp_path, captions, sample_captions):
+    out = tmp_path / "out"
+    with FakeBatch(steps=2) as fake:
+        assert run(captions, out, fake) == EXIT_PENDING
+        m = manifest(out)
+        assert m["counts"]["pending"] == 12 and m["counts"]["queries"] == 0 and len(m["batch"]["open"]) == 1
+        assert read_rows(out / "captions.parquet") == [] and read_jsonl(out / "rejects.jsonl") == []
+        assert run(captions, out, fake) == EXIT_PENDING      # still running: nothing submitted again
+        assert len(fake.batches) == 1
+        more = write_jsonl(tmp_path / "more.jsonl", sample_captions[:16])
+        assert run(more, out, fake) == EXIT_PENDING          # only the 4 new ones go out
+        assert sorted(sent(fake).values()) == [1] * 16
+        codes = [run(more, out, fake) for _ in range(8)]
+        assert codes[-1] == EXIT_OK and set(codes[codes.index(EXIT_OK):]) == {EXIT_OK}
+        assert len(fake.batches) == 2 and max(sent(fake).values()) == 1
+    answered_once(out, sample_captions[:16])
+    assert manifest(out)["counts"]["pending"] == 0
+
+
+def test_a_partly_answered_run_exports_what_is_answered_and_counts_the_rest_pending(
+        tmp_path, sample_captions):
+    out = tmp_path / "out"
+    first = write_jsonl(tmp_path / "a.jsonl", sample_captions[:6])
+    both = write_jsonl(tmp_path / "b.jsonl", sample_captions[:10])
+    with FakeBatch(steps=1) as fake:
+        assert run(first, out, fake, *WAIT) == EXIT_OK
+        assert run(both, out, fake) == EXIT_PENDING
+    m = manifest(out)
+    assert m["counts"]["pending"] == 4 and m["counts"]["captions_with_queries"] == 6
+    assert {r["id"] for r in read_rows(out / "captions.parquet")} == {c["id"] for c in sample_captions[:6]}
+
+
+def test_every_oddity_of_an_output_file_is_logged_with_the_batch_id_and_nothing_lost_or_doubled(
+        tmp_path, captions, sample_captions, capsys):
+    texts = [c["text"] for c in sample_captions[:12]]
+    faults = {texts[0]: "error", texts[1]: "missing", texts[2]: "duplicate", texts[3]: "truncated",
+              texts[4]: "invalid"}
+    out = tmp_path / "out"
+    with FakeBatch(line_fault=lambda cid, caption: faults.get(caption), shuffle=True, unknown_line=True) as fake:
+        assert run(captions, out, fake, *WAIT) == EXIT_INCOMPLETE
+        log = capsys.readouterr().err
+        assert "batch-000002: output line" in log and "custom_id 'never-sent' was not sent" in log
+        assert "a second line for custom_id" in log and "not JSON (cut short?)" in log
+        assert "fake: this request failed" in log and "captions without an answer line" in log
+        m = manifest(out)   # each failed caption was submitted again at once, up to --max-attempts (2)
+        assert m["counts"]["failed"] == 3 and m["counts"]["accepted"] == 8 and m["counts"]["pending"] == 0
+        rejects = read_jsonl(out / "rejects.jsonl")
+        assert {r["caption_id"] for r in rejects} == {sample_captions[i]["id"] for i in (0, 1, 3, 4)}
+        assert all("batch batch-0000" in r["reason"] for r in rejects if r["caption_id"] != sample_captions[4]["id"])
+        # the invalid answer's repair round went into a follow-up batch: the answer and its error
+        repair = [line for line in fake.batch_lines if len(line["body"]["messages"]) > 2]
+        assert len(repair) == 1 and repair[0]["body"]["messages"][2] == {
+            "role": "assistant", "content": json.dumps({"queries": ["a"]})}
+        faults.clear()
+        assert run(captions, out, fake) == EXIT_PENDING        # the rerun submits exactly the 3 failed
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+    counts = sent(fake)
+    assert counts.pop(repair[0]["custom_id"]) == 2 and sorted(counts.values()) == [1] * 8 + [3] * 3
+    # caption 4 ended rejected after its repair round (the repair was answered as badly)
+    assert {r["id"] for r in read_rows(out / "captions.parquet")} == {c["id"] for c in sample_captions[:12]} - {
+        sample_captions[4]["id"]}
+
+
+@pytest.mark.parametrize("status", ["failed", "expired", "cancelled"])
+def test_a_batch_that_ends_without_answers_frees_its_captions_with_the_providers_reason(
+        tmp_path, captions, sample_captions, capsys, status):
+    out = tmp_path / "out"
+    with FakeBatch(outcome=lambda n: status if n == 0 else "completed") as fake:
+        assert run(captions, out, fake, *WAIT) == EXIT_OK   # submitted again at once, answered
+        log = capsys.readouterr().err
+        kept = 0 if status == "failed" else 6               # a partial batch keeps its answers
+        assert manifest(out)["counts"]["accepted"] == 12
+        first = manifest(out)["batch"]["collected"][0]
+        assert (first["batch_id"], first["status"], first["answered"]) == ("batch-000002", status, kept)
+        reason = {"failed": "fake: the batch failed", "expired": "could not be executed before",
+                  "cancelled": "the batch cancelled"}[status]
+        assert "batch-000002" in log and reason in log
+        assert len(fake.batches) == 2
+        assert sorted(sent(fake).values()) == sorted([1] * kept + [2] * (12 - kept))
+    answered_once(out, sample_captions[:12])
+
+
+def test_batch_cancel_cancels_and_the_next_run_resubmits_the_rest(tmp_path, captions, sample_captions):
+    out = tmp_path / "out"
+    with FakeBatch(steps=3) as fake:
+        assert run(captions, out, fake) == EXIT_PENDING
+        assert run(captions, out, fake, "--batch-cancel") == EXIT_OK
+        assert [b["status"] for b in fake.batches.values()] == ["cancelling"]
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+    answered_once(out, sample_captions[:12])
+    assert sorted(sent(fake).values()) == [1] * 6 + [2] * 6
+
+
+def test_a_server_without_a_batch_api_is_a_clear_error_naming_online_mode(tmp_path, captions, capsys):
+    with FakeOpenAI() as fake:
+        assert run(captions, tmp_path / "out", fake) == EXIT_FAILED
+    log = capsys.readouterr().err
+    assert "has no batch API (HTTP 404" in log and "online mode" in log
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    with FakeBatch() as fake:   # the refused intent is found nowhere, dropped, and its captions submitted
+        assert run(captions, tmp_path / "out", fake, *WAIT) == EXIT_OK
+
+
+def test_large_runs_are_split_by_requests_and_bytes_and_a_size_refusal_names_the_setting(
+        tmp_path, captions, sample_captions, capsys):
+    with FakeBatch() as fake:
+        assert run(captions, tmp_path / "a", fake, "--batch-max-requests", "5", *WAIT) == EXIT_OK
+        assert sorted(b["request_counts"]["total"] for b in fake.batches.values()) == [2, 5, 5]
+    with FakeBatch() as fake:
+        assert run(captions, tmp_path / "b", fake, "--batch-max-bytes", "20000", *WAIT) == EXIT_OK
+        sizes = [f["meta"]["bytes"] for f in fake.files.values() if f["meta"]["purpose"] == "batch"]
+        assert len(sizes) >= 4 and max(sizes) <= 20000 and sum(sent(fake).values()) == 12
+    with FakeBatch(max_file_bytes=10_000) as fake:
+        assert run(captions, tmp_path / "c", fake) == EXIT_FAILED
+    assert "lower --batch-max-bytes" in capsys.readouterr().err
+
+
+class Killed(BaseException):
+    """What a kill -9 leaves: nothing after the point runs (not even except Exception)."""
+
+
+@pytest.mark.parametrize("point", ["uploaded", "created", "downloading"])
+def test_a_run_killed_at_each_step_ends_with_every_caption_answered_once_and_no_batch_twice(
+        tmp_path, captions, sample_captions, monkeypatch, point):
+    out = tmp_path / "out"
+
+    def crash(name):
+        if name == point:
+            raise Killed(name)
+    with FakeBatch() as fake:
+        monkeypatch.setattr(gen.batch, "checkpoint", crash)
+        with pytest.raises(Killed):
+            run(captions, out, fake, *WAIT)
+        monkeypatch.setattr(gen.batch, "checkpoint", lambda name: None)
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+        assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [1] * 12
+        uploads = [f for f in fake.files.values() if f["meta"]["purpose"] == "batch"]
+        assert len(uploads) == 1
+    answered_once(out, sample_captions[:12])
+    store = sqlite3.connect(out / "cache.sqlite")
+    assert store.execute("SELECT COUNT(*), SUM(requests) FROM answers").fetchone() == (12, 12)
+    assert store.execute("SELECT status FROM batches").fetchall() == [("completed",)]
+    store.close()
+
+
+KILL = """
+import os, signal, sys
+import gen.batch
+from gen.run import cli
+point = sys.argv.pop(1)
+def kill(name):
+    if name == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+gen.batch.checkpoint = kill
+sys.exit(cli())
+"""
+
+
+def test_a_real_kill_9_between_create_and_the_store_write_leaves_a_batch_the_rerun_finds(
+        tmp_path, captions, sample_captions):
+    out = tmp_path / "out"
+    with FakeBatch() as fake:
+        args = ["--captions", str(captions), "--out", str(out), "--base-url", fake.base_url, "--model",
+                "fake-model", "--no-progress", "--no-curate", "--batch"]
+        done = subprocess.run([sys.executable, "-c", KILL, "created", *args], cwd=ROOT, timeout=120,
+                              capture_output=True, text=True)
+        assert done.returncode == -signal.SIGKILL, done.stderr
+        assert len(fake.batches) == 1
+        store = sqlite3.connect(out / "cache.sqlite")
+        assert store.execute("SELECT status FROM batches").fetchall() == [("intent",)]
+        store.close()
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+        assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [1] * 12
+    answered_once(out, sample_captions[:12])
+
+
+def test_a_store_from_before_batch_mode_opens_and_keeps_its_answers(tmp_path, captions, sample_captions):
+    out = tmp_path / "out"
+    with FakeOpenAI() as online:
+        assert main(["--captions", str(captions), "--out", str(out), "--base-url", online.base_url,
+                     "--model", "fake-model", "--no-progress", "--no-curate"]) == EXIT_OK
+    db = sqlite3.connect(out / "cache.sqlite")
+    db.execute("DROP TABLE batch_requests")
+    db.execute("DROP TABLE batches")
+    db.commit()
+    db.close()
+    more = write_jsonl(tmp_path / "more.jsonl", sample_captions[:14])
+    with FakeBatch() as fake:
+        assert run(more, out, fake, *WAIT) == EXIT_OK
+        assert len(sent(fake)) == 2          # the 12 answered online are not asked again
+    answered_once(out, sample_captions[:14])
+
+
+def test_dry_run_shows_what_is_pending_and_what_would_be_submitted(tmp_path, captions, sample_captions, capsys):
+    out = tmp_path / "out"
+    with FakeBatch(steps=5) as fake:
+        assert run(captions, out, fake) == EXIT_PENDING
+        more = write_jsonl(tmp_path / "more.jsonl", sample_captions[:15])
+        capsys.readouterr()
+        assert run(more, out, fake, "--dry-run") == EXIT_OK
+        plan = json.loads(capsys.readouterr().out)
+        assert plan["batch"]["pending"] == 12 and plan["batch"]["to_submit"] == 3 and plan["to_request"] == 3
+        assert [b["batch_id"] for b in plan["batch"]["open_batches"]] == ["batch-000002"]
+        assert len(fake.batches) == 1
+
+
+def test_batch_dir_writes_request_files_and_collects_results_placed_beside_them(tmp_path, captions, sample_captions):
+    out, queue = tmp_path / "out", tmp_path / "queue"
+    args = ["--captions", str(captions), "--out", str(out), "--model", "fake-model", "--no-progress",
+            "--no-curate", "--batch-dir", str(queue)]
+    assert main(args) == EXIT_PENDING
+    requests = sorted(queue.glob("capgen-*.requests.jsonl"))
+    assert len(requests) == 1
+    assert main(args) == EXIT_PENDING and len(list(queue.glob("*.requests.jsonl"))) == 1   # not twice
+    lines = read_jsonl(requests[0])
+    assert len(lines) == 12 and lines[0]["body"]["model"] == "fake-model"
+    # the site's queue answers, as vLLM's run_batch writes its output file (one line more, one cut short)
+    results = []
+    for i, line in enumerate(lines):
+        caption = line["body"]["messages"][1]["content"].removeprefix("描述：").removesuffix("输出：").strip()
+        body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": default_answer(caption)},
+                             "finish_reason": "stop"}], "usage": {"prompt_tokens": 10, "completion_tokens": 5}}
+        results.append(json.dumps({"id": f"vllm-{i}", "custom_id": line["custom_id"],
+                                   "response": {"status_code": 200, "request_id": str(i), "body": body},
+                                   "error": None}, ensure_ascii=False))
+    text = "\n".join(results[1:]) + "\n" + results[0][:50]
+    requests[0].with_name(requests[0].name.replace(".requests.", ".results.")).write_text(text, encoding="utf-8")
+    assert main(args) == EXIT_PENDING               # 11 answered, the cut one submitted again
+    assert manifest(out)["counts"]["captions_with_queries"] == 11 and manifest(out)["counts"]["pending"] == 1
+    second = [p for p in queue.glob("capgen-*.requests.jsonl") if p != requests[0]]
+    assert len(second) == 1 and len(read_jsonl(second[0])) == 1
