@@ -250,6 +250,7 @@ class DirProvider(Provider):
     def upload(self, path, digest):
         with atomic_path(self._path(digest, "requests")) as tmp:
             tmp.write_bytes(path.read_bytes())
+            tmp.chmod(0o644)   # a queue may run as another user
         return str(self._path(digest, "requests"))
 
     def create(self, file_id, digest, requests):
