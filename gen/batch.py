@@ -191,12 +191,14 @@ class ApiProvider(Provider):
         return made.id
 
     def state(self, batch_id):
-        try:
-            b = self.client.batches.retrieve(batch_id)
-        except self.openai.NotFoundError:
+        def retrieve():
+            try:
+                return self.client.batches.retrieve(batch_id)
+            except self.openai.NotFoundError:
+                return None
+        b = self._call(f"GET /batches/{batch_id}", retrieve)
+        if b is None:
             return State("failed", reason="the provider no longer knows this batch")
-        except self.openai.APIError:
-            b = self._call(f"GET /batches/{batch_id}", self.client.batches.retrieve, batch_id)
         status = getattr(b, "status", None)
         reason = None
         errors = getattr(getattr(b, "errors", None), "data", None)
@@ -368,6 +370,7 @@ class Batches:
     def _collect(self, row: BatchRow, state: State) -> None:
         expected = self.store.batch_requests(row.digest)
         bid = row.batch_id
+        self._opened = row.created
         seen: set[str] = set()
         tally = {"answered": 0, "prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
         self.work.mkdir(parents=True, exist_ok=True)
@@ -451,8 +454,8 @@ class Batches:
         tally["prompt_tokens"] += done.prompt_tokens
         tally["completion_tokens"] += done.completion_tokens
         stored = self.store.get(key)
-        if stored is not None and stored.requests > req.round:
-            return   # stored when this batch was collected before a crash, or by another run: once only
+        if stored is not None and stored.requests > req.round and self.store.has(key, self._opened, 0):
+            return   # stored since the batch was made: collected before a crash, or by another run
         requests = req.round + 1
         counts = dict(requests=requests, prompt_tokens=req.prompt_tokens + done.prompt_tokens,
                       completion_tokens=req.completion_tokens + done.completion_tokens)
@@ -555,15 +558,13 @@ class Batches:
         path = self.work / _file_name(digest)
         with atomic_path(path) as tmp:
             tmp.write_bytes(blob)
-        self.store.reserve_batch(digest, reqs)   # the intent, before anything leaves this machine
-        try:
-            file_id = self.provider.upload(path, digest)
-            checkpoint("uploaded")
-            batch_id = self.provider.create(file_id, digest, len(reqs))
-        except BatchError:
-            # Refused, not lost: the next run lists the provider's files and batches before
-            # dropping an intent, so one whose create went through after all is still found.
-            raise
+        # The intent, before anything leaves this machine. Left as it is when the upload or the
+        # create is refused: the next run lists the provider's files and batches before it
+        # drops an intent, so one whose create went through after all is still found.
+        self.store.reserve_batch(digest, reqs)
+        file_id = self.provider.upload(path, digest)
+        checkpoint("uploaded")
+        batch_id = self.provider.create(file_id, digest, len(reqs))
         checkpoint("created")
         self.store.batch_created(digest, batch_id, file_id)
         path.unlink(missing_ok=True)

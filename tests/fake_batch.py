@@ -10,7 +10,8 @@ A batch moves validating -> in_progress -> finalizing -> `outcome(n)` (completed
 expired or cancelled), one step per GET of it. Each line is answered as the chat endpoint
 would (`answer`), then `line_fault(custom_id, caption)` may make it an "error" line (in the
 error file), "missing", "duplicate" (the line twice), "truncated" (cut mid-line: the file's
-last line) or "invalid" (an answer of the wrong shape); `shuffle` writes the output in
+last line), "invalid" (an answer of the wrong shape) or "oversized" (an answer padded to
+`oversized_bytes`); `shuffle` writes the output in
 another order, `unknown_line` adds a line for a custom_id never sent. An expired or
 cancelled batch answers its first half; a failed one none.
 """
@@ -180,6 +181,8 @@ class FakeBatch(FakeOpenAI):
                     "error": None})
                 continue
             content = json.dumps({"queries": ["a"]}) if fault == "invalid" else self.answer(caption, body)
+            if fault == "oversized":   # a valid answer padded with whitespace to oversized_bytes
+                content += " " * max(self.oversized_bytes - len(content.encode()), 0)
             prompt = "\n".join(_text_of(m.get("content")) for m in body["messages"])
             reply = {"id": f"chatcmpl-b-{i}", "object": "chat.completion", "model": body.get("model"),
                      "choices": [{"index": 0, "message": {"role": "assistant", "content": content},

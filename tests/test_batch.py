@@ -135,6 +135,26 @@ def test_every_oddity_of_an_output_file_is_logged_with_the_batch_id_and_nothing_
         sample_captions[4]["id"]}
 
 
+def test_an_oversized_output_line_is_skipped_and_its_caption_asked_again(tmp_path, sample_captions, capsys):
+    caps = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:4])
+    big = sample_captions[0]["text"]
+    with FakeBatch(line_fault=lambda cid, caption: "oversized" if caption == big else None,
+                   oversized_bytes=300_000) as fake:
+        assert run(caps, tmp_path / "a", fake, *WAIT) == EXIT_INCOMPLETE   # 3 answered, the big one asked twice
+        log = capsys.readouterr().err
+        assert "output line" in log and "longer than 139,264 bytes; skipped" in log
+        assert manifest(tmp_path / "a")["counts"]["captions_with_queries"] == 3
+        store = sqlite3.connect(tmp_path / "a" / "cache.sqlite")
+        assert max(len(r or "") for (r,) in store.execute("SELECT raw FROM answers")) < 10_000
+        store.close()
+    one = write_jsonl(tmp_path / "one.jsonl", sample_captions[:1])
+    with FakeBatch(line_fault=lambda cid, caption: "oversized", oversized_bytes=3_000_000) as fake:
+        assert run(one, tmp_path / "b", fake, *WAIT) == EXIT_INCOMPLETE
+        log = capsys.readouterr().err
+        assert "output file: file file-" in log and "is larger than 1,187,840 bytes" in log
+        assert manifest(tmp_path / "b")["counts"]["failed"] == 1 and sent(fake).most_common(1)[0][1] == 2
+
+
 @pytest.mark.parametrize("status", ["failed", "expired", "cancelled"])
 def test_a_batch_that_ends_without_answers_frees_its_captions_with_the_providers_reason(
         tmp_path, captions, sample_captions, capsys, status):
@@ -339,3 +359,17 @@ def test_vllm_run_batch_answers_capgens_request_file_and_capgen_collects_it(tmp_
     done = {r["caption_id"] for r in read_rows(out / "queries.parquet")}
     rejected = {r["caption_id"] for r in read_jsonl(out / "rejects.jsonl") if r["stage"] != "query"}
     assert done | rejected == {c["id"] for c in sample_captions[:3]} and len(done) >= 2
+
+
+def test_force_submits_every_caption_again_and_stores_the_new_answers(tmp_path, captions):
+    import time
+    out = tmp_path / "out"
+    with FakeBatch() as fake:
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+        started = time.time()
+        assert run(captions, out, fake, "--force", *WAIT) == EXIT_OK
+        assert len(fake.batches) == 2 and sorted(sent(fake).values()) == [2] * 12
+    store = sqlite3.connect(out / "cache.sqlite")
+    assert store.execute("SELECT COUNT(*) FROM answers WHERE created >= ? AND requests = 1",
+                         (started,)).fetchone()[0] == 12
+    store.close()
