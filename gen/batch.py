@@ -322,6 +322,7 @@ class Batches:
         # always fails.
         self.failed_here: Counter[str] = Counter()
         self.answered: set[str] = set()      # keys answered by the batches collected in this run
+        self._since = time.time() if config.force else 0.0   # with --force, only this run's answers count
         self.fingerprint = ""
 
     # ------------------------------------------------------------------ reconcile and collect
@@ -491,8 +492,7 @@ class Batches:
     def submittable(self, records: Iterable[Union[Caption, Reject]]) -> Iterator[tuple[Caption, str, Optional[str]]]:
         """(caption, key, None) for each caption to submit, and (caption, key, 'pending') for
         one in a live batch; answered ones and input rejects are only counted."""
-        since = time.time() if self.config.force else 0.0
-        self._since = since
+        since = self._since
         asked: set[str] = set()
         for rec in records:
             if isinstance(rec, Reject):
