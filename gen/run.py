@@ -436,7 +436,8 @@ def start_event(config: RunConfig, command: str) -> tuple[str, dict]:
             "base_urls": [logs.public_url(u) for u in config.base_urls], "api_key_env": config.api_key_env,
             "executor": config.executor, "concurrency": config.concurrency,
             "repair_rounds": config.repair_rounds, "sampling": config.sampling.model_dump(),
-            "curate": config.curate, "dry_run": config.dry_run, "force": config.force, "strict": config.strict}
+            "curate": config.curate, "dry_run": config.dry_run, "force": config.force, "strict": config.strict,
+            "batch": config.batch}
 
 
 def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int], command: str = "gen.run",
