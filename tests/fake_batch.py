@@ -38,10 +38,11 @@ class FakeBatch(FakeOpenAI):
     def __init__(self, *, outcome: Callable[[int], str] = lambda n: "completed",
                  line_fault: LineFault = lambda custom_id, caption: None, shuffle: bool = False,
                  unknown_line: bool = False, steps: int = 1, max_file_bytes: int = 200_000_000,
-                 **kwargs):
+                 page_cap: int = 100, **kwargs):
         super().__init__(**kwargs)
         self.outcome, self.line_fault, self.shuffle = outcome, line_fault, shuffle
         self.unknown_line, self.steps, self.max_file_bytes = unknown_line, steps, max_file_bytes
+        self.page_cap = page_cap   # list pages hold at most this many, whatever `limit` asks
         self.files: dict[str, dict] = {}
         self.batches: dict[str, dict] = {}      # in creation order
         self.batch_lines: list[dict] = []       # every request line of every batch, as read
@@ -96,12 +97,11 @@ class FakeBatch(FakeOpenAI):
                 return 200, b
         return 404, _error(f"no route {method} /v1/batches/{'/'.join(rest)}", "not_found_error")
 
-    @staticmethod
-    def _page(items: list[dict], query: dict) -> dict:
+    def _page(self, items: list[dict], query: dict) -> dict:
         items = sorted(items, key=lambda x: x["id"], reverse=True)   # newest first
         if "after" in query:
             items = [x for x in items if x["id"] < query["after"]]
-        limit = int(query.get("limit", 20))
+        limit = min(int(query.get("limit", 20)), self.page_cap)
         page = items[:limit]
         return {"object": "list", "data": page, "has_more": len(items) > limit,
                 "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}

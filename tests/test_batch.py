@@ -237,6 +237,26 @@ def test_a_run_killed_at_each_step_ends_with_every_caption_answered_once_and_no_
     store.close()
 
 
+def test_a_batch_created_but_not_recorded_is_found_pages_down_the_providers_list(tmp_path, captions, monkeypatch):
+    import openai
+    out = tmp_path / "out"
+
+    def crash(name):
+        if name == "created":
+            raise Killed(name)
+    with FakeBatch(page_cap=2) as fake:
+        monkeypatch.setattr(gen.batch, "checkpoint", crash)
+        with pytest.raises(Killed):
+            run(captions, out, fake)
+        monkeypatch.setattr(gen.batch, "checkpoint", lambda name: None)
+        client = openai.OpenAI(base_url=fake.base_url, api_key="x")
+        for i in range(5):   # other jobs' batches since, listed before ours
+            f = client.files.create(file=(f"other-{i}.jsonl", b'{"custom_id": "x"}\n'), purpose="batch")
+            client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+        assert len(fake.batches) == 6 and sorted(n for k, n in sent(fake).items() if k != "x") == [1] * 12
+
+
 KILL = """
 import os, signal, sys
 import gen.batch
