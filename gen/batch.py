@@ -20,9 +20,10 @@ carries on from there; only when neither exists is the intent dropped and its ca
 submitted afresh. So no request file is submitted twice. An answer is stored once per
 caption and round: a batch collected again after a crash mid-download stores nothing twice.
 
-Repair rounds go into a follow-up batch on the next run (the stored invalid answer and its
-validation error make the repair request): they keep the batch price and need no online
-server at collection time, at the cost of one more cycle for the few answers that need it.
+Repair rounds go by default into a follow-up batch on the next run (the stored invalid answer
+and its validation error make the repair request): they keep the batch price and need no
+online server at collection time, at the cost of one more cycle for the few answers that need
+it. `--batch-repair online` sends them online as soon as the invalid answer is collected.
 
 Everything the provider sends is untrusted: files are downloaded up to a bound that follows
 from the requests and --max-tokens, lines past their bound, not JSON, of another shape, for
@@ -31,6 +32,7 @@ got no usable answer is submitted again by the next run.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -41,7 +43,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Optional, Union
 
 from gen.atomic import atomic_path
 from gen.config import RunConfig, answer_key
@@ -49,7 +51,7 @@ from gen.engines.base import EngineError, printable
 from gen.engines.openai import _completion, reply_limit, request_options
 from gen.engines.retry import EmptyAnswer
 from gen.logs import public_url
-from gen.generate import SHORT_CAPTION_SCHEMA, GenStats, rejection
+from gen.generate import SHORT_CAPTION_SCHEMA, GenStats, ask_until_valid, rejection
 from gen.prompts import PromptSet
 from gen.store import AnswerStore, BatchRequest, BatchRow
 from gen.validate import AnswerError, parse_answer
@@ -322,6 +324,7 @@ class Batches:
         # always fails.
         self.failed_here: Counter[str] = Counter()
         self.answered: set[str] = set()      # keys answered by the batches collected in this run
+        self.to_repair: list[tuple[str, BatchRequest, str, str]] = []   # --batch-repair online
         self._since = time.time() if config.force else 0.0   # with --force, only this run's answers count
         self.fingerprint = ""
 
@@ -470,8 +473,11 @@ class Batches:
             self.store.put(key, "rejected", answer=None, raw=done.text, reason=rejection(req.round, str(e)), **counts)
             self.answered.add(key)
             if req.round < self.config.repair_rounds:
-                log.info("caption %s: invalid answer in batch %s; a repair round goes into the next batch",
-                         req.caption_id, bid)
+                online = self.config.batch_repair == "online"
+                if online:
+                    self.to_repair.append((key, req, done.text, str(e)))
+                log.info("caption %s: invalid answer in batch %s; a repair round goes %s",
+                         req.caption_id, bid, "online" if online else "into the next batch")
             else:
                 self.stats.rejected += 1
             return
@@ -595,8 +601,50 @@ class Batches:
                 log.info("batch %s: cancel asked; the next run collects what it answered and submits the rest "
                          "again", row.batch_id, extra={"fields": {"event": "batch_cancel", "batch_id": row.batch_id}})
 
-    def run(self, read: Callable[[], Iterable[Union[Caption, Reject]]], fingerprint: str,
-            sleep: Callable[[float], None] = time.sleep) -> int:
+    async def repair_online(self, engine) -> None:
+        """--batch-repair online: the repair rounds of this run's invalid batch answers, as
+        online requests (gen.generate's ask_until_valid). One that gets no answer stays stored
+        as invalid with rounds left, so the next run puts its repair into a batch."""
+        slots = asyncio.Semaphore(self.config.concurrency)
+
+        async def one(key: str, req: BatchRequest, raw: str, error: str) -> None:
+            caption = Caption(id=req.caption_id, text=req.text)
+            first = self.prompts.messages(caption)
+            schema = SHORT_CAPTION_SCHEMA if is_short(caption.text) else None
+            completions: list = []
+            async with slots:
+                try:
+                    answer, error = await ask_until_valid(
+                        engine, self.prompts.repair(first, raw, error), schema,
+                        lambda done: parse_answer(done.text, caption.text, done.refusal),
+                        lambda _, text, why: self.prompts.repair(first, text, why),
+                        self.config.repair_rounds - req.round - 1, completions)
+                except EngineError as e:
+                    log.warning("caption %s: online repair got no answer (%s); the next run repairs it in a batch",
+                                req.caption_id, printable(e, 200))
+                    return
+            stored = self.store.get(key)
+            counts = dict(requests=stored.requests + len(completions),
+                          prompt_tokens=stored.prompt_tokens + sum(c.prompt_tokens for c in completions),
+                          completion_tokens=stored.completion_tokens + sum(c.completion_tokens for c in completions))
+            self.stats.requests += len(completions)
+            self.stats.prompt_tokens += sum(c.prompt_tokens for c in completions)
+            self.stats.completion_tokens += sum(c.completion_tokens for c in completions)
+            if error is None:
+                self.store.put(key, "ok", answer=answer.model_dump_json(), raw=completions[-1].text, reason=None,
+                               **counts)
+                self.stats.accepted += 1
+                self.stats.repaired += 1
+            else:
+                self.store.put(key, "rejected", answer=None, raw=completions[-1].text,
+                               reason=rejection(counts["requests"] - 1, error), **counts)
+                self.stats.rejected += 1
+
+        todo, self.to_repair = self.to_repair, []
+        await asyncio.gather(*(one(*item) for item in todo))
+
+    async def run(self, read: Callable[[], Iterable[Union[Caption, Reject]]], fingerprint: str,
+                  engine=None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> int:
         """Collect, submit, and with --wait repeat until nothing is pending. The number of
         captions still pending."""
         self.fingerprint = fingerprint
@@ -608,11 +656,13 @@ class Batches:
         pause = self.config.batch_poll
         while True:
             running = self.collect()
+            if self.to_repair and engine is not None:
+                await self.repair_online(engine)
             todo = ((c, k) for c, k, state in self.submittable(read()) if state is None)
             submitted = self.submit(todo)
             if not self.config.wait or (running == 0 and submitted == 0):
                 break
-            sleep(pause)
+            await sleep(pause)
             pause = min(pause * 2, MAX_POLL)
         # A caption counts as failed when the run ends without its answer and outside any batch.
         for key in [k for k in self.stats.failures if self.store.get(k) is not None or self.store.pending(k)]:

@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--batch-max-requests", type=int, help=f"requests per batch file ({r('batch_max_requests')})")
     a("--batch-max-bytes", type=int, help=f"bytes per batch file ({r('batch_max_bytes')})")
     a("--batch-poll", type=float, help=f"--wait: first pause between polls in seconds, doubling to 600 ({r('batch_poll')})")
+    a("--batch-repair", choices=["batch", "online"], help="where repair rounds of invalid batch answers go: "
+      "the next batch (default: the batch price, no online server needed) or online at once")
     a("--log-format", choices=["text", "json"], help="json: one object per line, for scheduled jobs")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     a("-v", "--verbose", action="store_true",

@@ -90,6 +90,9 @@ class RunConfig(BaseModel):
     batch_max_requests: Int = Field(50_000, ge=1)
     batch_max_bytes: Int = Field(200_000_000, ge=1024)
     batch_poll: Float = Field(30.0, gt=0)   # with `wait`: first pause between polls; doubles to 10 min
+    # Where an invalid batch answer's repair round goes: the next batch (the batch price, no
+    # online server needed) or online at once (an answer a cycle sooner).
+    batch_repair: Literal["batch", "online"] = "batch"
 
     @model_validator(mode="after")
     def _batch_needs_a_batch_api(self) -> "RunConfig":

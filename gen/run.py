@@ -265,7 +265,8 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
     try:
         try:
             if config.batch:   # gen/batch.py: collect, submit, export what is answered
-                stats, batches = _batch(config, prompts, store, model, schema, fingerprint, read)
+                stats, batches = await _batch(config, prompts, store, model, schema, fingerprint, read,
+                                              engine)
                 if config.batch_cancel:
                     return EXIT_OK
                 generated_at = time.time()
@@ -391,13 +392,13 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
     return EXIT_INCOMPLETE if stats.failed or exported.unreadable else EXIT_OK
 
 
-def _batch(config: RunConfig, prompts: PromptSet, store: AnswerStore, model: str, schema: dict,
-           fingerprint: str, read: Callable):
+async def _batch(config: RunConfig, prompts: PromptSet, store: AnswerStore, model: str, schema: dict,
+                 fingerprint: str, read: Callable, engine: LazyEngine):
     from gen.batch import Batches, provider_for
     from gen.generate import GenStats
     stats = GenStats()
     batches = Batches(config, prompts, store, model, schema, provider_for(config), stats)
-    pending = batches.run(read, fingerprint)
+    pending = await batches.run(read, fingerprint, engine if config.batch_repair == "online" else None)
     if config.batch_cancel:
         log.info("cancel asked for %d batches (%d captions)", len(batches.batch.cancelled), pending,
                  extra={"fields": {"event": "batch_cancelled", "batches": batches.batch.cancelled}})

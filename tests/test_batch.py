@@ -393,3 +393,18 @@ def test_force_submits_every_caption_again_and_stores_the_new_answers(tmp_path, 
     assert store.execute("SELECT COUNT(*) FROM answers WHERE created >= ? AND requests = 1",
                          (started,)).fetchone()[0] == 12
     store.close()
+
+
+def test_batch_repair_online_repairs_an_invalid_batch_answer_at_once(tmp_path, captions, sample_captions):
+    bad = sample_captions[0]["text"]
+    out = tmp_path / "out"
+    with FakeBatch(line_fault=lambda cid, caption: "invalid" if caption == bad else None) as fake:
+        assert run(captions, out, fake, "--batch-repair", "online", *WAIT) == EXIT_OK
+        assert len(fake.batches) == 1 and len(fake.requests) == 1     # one online request: the repair
+        repair = fake.requests[0]["messages"]
+        assert repair[2] == {"role": "assistant", "content": json.dumps({"queries": ["a"]})}
+    m = manifest(out)
+    assert m["counts"]["accepted"] == 12 and m["counts"]["repaired"] == 1 and m["usage"]["requests"] == 13
+    store = sqlite3.connect(out / "cache.sqlite")
+    assert store.execute("SELECT status, SUM(requests) FROM answers GROUP BY status").fetchall() == [("ok", 13)]
+    store.close()
