@@ -71,6 +71,11 @@ class BatchError(EngineError):
     """The batch API refused or failed (exit 1); the message says what to change."""
 
 
+class TooLarge(BatchError):
+    """A file past the bound its requests allow: read as no answers (its captions are asked
+    again), unlike a download that fails, which leaves the batch to the next run."""
+
+
 def checkpoint(name: str) -> None:
     """A named point of the lifecycle ('uploaded', 'created', 'downloading'); tests replace
     this to kill the run there."""
@@ -210,20 +215,24 @@ class ApiProvider(Provider):
                                for e in errors[:5])
         elif status in ("expired", "cancelled"):
             reason = f"the batch {status}"
-        return State(status if isinstance(status, str) else "unknown", _str(getattr(b, "output_file_id", None)),
+        # Not a string: shown as it came, and never equal to a known status.
+        return State(status if isinstance(status, str) else f"{type(status).__name__} {printable(status, 40)}", _str(getattr(b, "output_file_id", None)),
                      _str(getattr(b, "error_file_id", None)), reason)
 
     def download(self, file_id, dest, limit):
         size = 0
-        with self.client.files.with_streaming_response.content(file_id) as r, atomic_path(dest) as tmp, \
-                tmp.open("wb") as out:
-            for chunk in r.iter_bytes(1 << 16):
-                size += len(chunk)
-                if size > limit:
-                    raise BatchError(f"file {file_id} is larger than {limit:,} bytes, more than its requests "
-                                     "can hold at --max-tokens; not read")
-                out.write(chunk)
-                checkpoint("downloading")
+        try:
+            with self.client.files.with_streaming_response.content(file_id) as r, atomic_path(dest) as tmp, \
+                    tmp.open("wb") as out:
+                for chunk in r.iter_bytes(1 << 16):
+                    size += len(chunk)
+                    if size > limit:
+                        raise TooLarge(f"file {file_id} is larger than {limit:,} bytes, more than its requests "
+                                       "can hold at --max-tokens; not read")
+                    out.write(chunk)
+                    checkpoint("downloading")
+        except self.openai.APIError as e:   # the batch stays open: the next run downloads again
+            raise BatchError(f"GET /files/{file_id}/content failed: {self._redact(printable(e, 300))}") from None
 
     def cancel(self, batch_id):
         self._call(f"POST /batches/{batch_id}/cancel", self.client.batches.cancel, batch_id)
@@ -272,7 +281,7 @@ class DirProvider(Provider):
 
     def download(self, file_id, dest, limit):
         if Path(file_id).stat().st_size > limit:
-            raise BatchError(f"{file_id} is larger than {limit:,} bytes, more than its requests can hold at "
+            raise TooLarge(f"{file_id} is larger than {limit:,} bytes, more than its requests can hold at "
                              "--max-tokens; not read")
         with atomic_path(dest) as tmp:
             tmp.write_bytes(Path(file_id).read_bytes())
@@ -386,7 +395,7 @@ class Batches:
             local = self.work / f"{bid.replace(':', '-')}.{kind}.jsonl"
             try:
                 self.provider.download(file_id, local, limit)
-            except BatchError as e:
+            except TooLarge as e:
                 self._odd(bid, f"{kind} file: {e}")
                 continue
             with local.open("rb") as f:

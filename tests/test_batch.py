@@ -408,3 +408,33 @@ def test_batch_repair_online_repairs_an_invalid_batch_answer_at_once(tmp_path, c
     store = sqlite3.connect(out / "cache.sqlite")
     assert store.execute("SELECT status, SUM(requests) FROM answers GROUP BY status").fetchall() == [("ok", 13)]
     store.close()
+
+
+def test_a_batch_status_of_another_shape_is_taken_as_still_running(tmp_path, captions, sample_captions, capsys):
+    out = tmp_path / "out"
+    with FakeBatch() as fake:
+        assert run(captions, out, fake) == EXIT_PENDING
+        [b] = fake.batches.values()
+        b["status"] = 42
+        assert run(captions, out, fake) == EXIT_PENDING
+        assert "unknown status 'int 42'; taken as still running" in capsys.readouterr().err
+        b["status"] = "finalizing"
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+        assert len(fake.batches) == 1
+    answered_once(out, sample_captions[:12])
+
+
+def test_an_output_file_that_cannot_be_downloaded_leaves_the_batch_to_the_next_run(tmp_path, captions,
+                                                                                   sample_captions):
+    out = tmp_path / "out"
+    with FakeBatch() as fake:
+        assert run(captions, out, fake) == EXIT_PENDING
+        [b] = fake.batches.values()
+        for _ in range(3):
+            fake._advance(b)                            # completed, with an output file
+        hidden = fake.files.pop(b["output_file_id"])    # gone from the provider for a while
+        assert run(captions, out, fake) == EXIT_FAILED  # no answer lost: the batch stays open
+        fake.files[b["output_file_id"]] = hidden
+        assert run(captions, out, fake) == EXIT_OK
+        assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [1] * 12
+    answered_once(out, sample_captions[:12])
