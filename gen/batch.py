@@ -590,6 +590,19 @@ class Batches:
                                    "bytes": len(blob)}})
         return len(reqs)
 
+    def counted(self, records: Iterable[Union[Caption, Reject]]) -> Iterator[Union[Caption, Reject]]:
+        """The export pass's records, counting what collecting and submitting did not:
+        captions, input rejects, and those answered by an earlier run."""
+        for rec in records:
+            if isinstance(rec, Reject):
+                self.stats.input_rejects += 1
+            else:
+                self.stats.captions += 1
+                key = answer_key(self.fingerprint, rec.text)
+                if key not in self.answered and self.store.has(key, 0.0, self.config.repair_rounds):
+                    self.stats.cached += 1
+            yield rec
+
     def describe(self) -> dict[str, Any]:
         where = (str(self.provider.dir) if isinstance(self.provider, DirProvider)
                  else public_url(self.provider.base_url))
@@ -678,6 +691,20 @@ class Batches:
             del self.stats.failures[key]
         self.stats.failed = len(self.stats.failures)
         return sum(r.requests for r in self.store.open_batches())
+
+
+async def run_batches(config: RunConfig, prompts: PromptSet, store: AnswerStore, model: str, schema: dict,
+                      fingerprint: str, read: Callable[[], Iterable[Union[Caption, Reject]]],
+                      engine) -> tuple[GenStats, Batches]:
+    """gen.run's batch mode: collect, submit (and with --wait, poll); `engine` serves the
+    repair rounds with --batch-repair online."""
+    stats = GenStats()
+    batches = Batches(config, prompts, store, model, schema, provider_for(config), stats)
+    pending = await batches.run(read, fingerprint, engine if config.batch_repair == "online" else None)
+    if config.batch_cancel:
+        log.info("cancel asked for %d batches (%d captions)", len(batches.batch.cancelled), pending,
+                 extra={"fields": {"event": "batch_cancelled", "batches": batches.batch.cancelled}})
+    return stats, batches
 
 
 def _lines(f, limit: int) -> Iterator[Optional[bytes]]:

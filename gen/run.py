@@ -265,12 +265,12 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
     try:
         try:
             if config.batch:   # gen/batch.py: collect, submit, export what is answered
-                stats, batches = await _batch(config, prompts, store, model, schema, fingerprint, read,
-                                              engine)
+                from gen.batch import run_batches
+                stats, batches = await run_batches(config, prompts, store, model, schema, fingerprint, read, engine)
                 if config.batch_cancel:
                     return EXIT_OK
                 generated_at = time.time()
-                exported = export(digest.through(_counted(read(), stats, store, config, batches)), store=store,
+                exported = export(digest.through(batches.counted(read())), store=store,
                                   fingerprint=fingerprint, model=model_identity(config.model), out_dir=out_dir,
                                   failures=stats.failures, pending=store.pending)
                 exported_at = time.time()
@@ -390,36 +390,6 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
                                                                     "pending": exported.pending}})
         return EXIT_PENDING
     return EXIT_INCOMPLETE if stats.failed or exported.unreadable else EXIT_OK
-
-
-async def _batch(config: RunConfig, prompts: PromptSet, store: AnswerStore, model: str, schema: dict,
-                 fingerprint: str, read: Callable, engine: LazyEngine):
-    from gen.batch import Batches, provider_for
-    from gen.generate import GenStats
-    stats = GenStats()
-    batches = Batches(config, prompts, store, model, schema, provider_for(config), stats)
-    pending = await batches.run(read, fingerprint, engine if config.batch_repair == "online" else None)
-    if config.batch_cancel:
-        log.info("cancel asked for %d batches (%d captions)", len(batches.batch.cancelled), pending,
-                 extra={"fields": {"event": "batch_cancelled", "batches": batches.batch.cancelled}})
-    return stats, batches
-
-
-def _counted(records, stats, store: AnswerStore, config: RunConfig, batches):
-    """The export pass's records, counting what the batch run did not: captions, input
-    rejects, and those answered by an earlier run."""
-    from schemas import Reject
-    from gen.config import answer_key
-    fingerprint = batches.fingerprint
-    for rec in records:
-        if isinstance(rec, Reject):
-            stats.input_rejects += 1
-        else:
-            stats.captions += 1
-            key = answer_key(fingerprint, rec.text)
-            if key not in batches.answered and store.has(key, 0.0, config.repair_rounds):
-                stats.cached += 1
-        yield rec
 
 
 def start_event(config: RunConfig, command: str) -> tuple[str, dict]:
