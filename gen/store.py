@@ -182,14 +182,18 @@ class AnswerStore:
     def reserve_batch(self, digest: str, requests: list[BatchRequest]) -> None:
         """Record the intent to submit a request file, with its captions, in one transaction.
         A caption already in a live batch is an IntegrityError: never in two at once."""
-        with _sqlite(self.path):
-            with self._transaction():
+        try:
+            with _sqlite(self.path), self._transaction():
                 self.db.execute("INSERT INTO batches (digest, status, requests, created) VALUES (?, 'intent', ?, ?)",
                                 (digest, len(requests), time.time()))
                 self.db.executemany(
                     "INSERT INTO batch_requests VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(r.key, digest, r.caption_id, r.text, r.round, r.prompt_tokens, r.completion_tokens)
                      for r in requests])
+        except sqlite3.IntegrityError:
+            raise StoreError(f"answer store {self.path}: a caption of this request file went into a batch of "
+                             "another run sharing the store meanwhile; nothing was submitted, and a rerun "
+                             "submits the rest") from None
 
     def batch_created(self, digest: str, batch_id: str, file_id: Optional[str]) -> None:
         with _sqlite(self.path):

@@ -438,3 +438,17 @@ def test_an_output_file_that_cannot_be_downloaded_leaves_the_batch_to_the_next_r
         assert run(captions, out, fake) == EXIT_OK
         assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [1] * 12
     answered_once(out, sample_captions[:12])
+
+
+def test_a_caption_is_never_reserved_for_two_live_batches(tmp_path):
+    from gen.store import AnswerStore, BatchRequest, StoreError
+    store = AnswerStore(tmp_path / "cache.sqlite")
+    req = BatchRequest("k1", "cr.1", "一只猫", 0, 0, 0)
+    store.reserve_batch("d1", [req])
+    with pytest.raises(StoreError, match="another run sharing the store"):
+        store.reserve_batch("d2", [BatchRequest("k2", "cr.2", "两只狗", 0, 0, 0), req])
+    assert [b.digest for b in store.open_batches()] == ["d1"] and not store.pending("k2")   # all or nothing
+    store.close_batch("d1", "completed", None)
+    store.reserve_batch("d2", [req])                       # free again once its batch is closed
+    assert store.batch_requests("d2").keys() == {"k1"}
+    store.close()
