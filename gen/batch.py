@@ -463,19 +463,19 @@ class Batches:
         except EmptyAnswer as e:
             self._failed(key, req, f"batch {bid}: {e}")
             return
+        # Billed by the provider whatever becomes of the answer: counted here.
         tally["requests"] += 1
         tally["prompt_tokens"] += done.prompt_tokens
         tally["completion_tokens"] += done.completion_tokens
-        stored = self.store.get(key)
-        if stored is not None and stored.requests > req.round and self.store.has(key, self._opened, 0):
-            return   # stored since the batch was made: collected before a crash, or by another run
-        requests = req.round + 1
-        counts = dict(requests=requests, prompt_tokens=req.prompt_tokens + done.prompt_tokens,
-                      completion_tokens=req.completion_tokens + done.completion_tokens)
         self.stats.requests += 1
         self.stats.prompt_tokens += done.prompt_tokens
         self.stats.completion_tokens += done.completion_tokens
         tally["answered"] += 1
+        stored = self.store.get(key)
+        if stored is not None and stored.requests > req.round and self.store.has(key, self._opened, 0):
+            return   # stored since the batch was made: collected before a crash, or by another run
+        counts = dict(requests=req.round + 1, prompt_tokens=req.prompt_tokens + done.prompt_tokens,
+                      completion_tokens=req.completion_tokens + done.completion_tokens)
         try:
             answer = parse_answer(done.text, req.text, done.refusal)
         except AnswerError as e:
@@ -506,7 +506,7 @@ class Batches:
 
     def submittable(self, records: Iterable[Union[Caption, Reject]]) -> Iterator[tuple[Caption, str, Optional[str]]]:
         """(caption, key, None) for each caption to submit, and (caption, key, 'pending') for
-        one in a live batch; answered ones and input rejects are only counted."""
+        one in a live batch; answered ones and input rejects are passed over."""
         since = self._since
         asked: set[str] = set()
         for rec in records:
