@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from gen.config import RunConfig, Sampling, base_url_problem
 from gen.settings import describe, problems
 
-PATH_FIELDS = ("captions", "out", "cache", "prompts")
+PATH_FIELDS = ("captions", "out", "cache", "prompts", "batch_dir")
 SAMPLING_FIELDS = tuple(Sampling.model_fields)
 # Curation settings reachable by flag; the rest go in the file's [curation] table.
 CURATION_FLAGS = ("decontaminate_against", "dataset_license")
@@ -94,6 +94,18 @@ def _parser() -> argparse.ArgumentParser:
     a("--dry-run", action="store_true", help="say what would be generated and its cost, whether curation would "
       "publish, and whether each server lists the model (GET /v1/models; exit 1 if none would serve); "
       "generate nothing, write nothing")
+    a("--batch", action="store_true", help="submit to the server's batch API (about half the price; see "
+      "README, Batch mode): collects finished batches, submits what is new, exits 4 while answers are pending")
+    a("--wait", action="store_true", help="--batch: poll until every batch has finished, then export")
+    a("--batch-cancel", action="store_true", help="cancel the pending batches of this answer store and exit")
+    a("--batch-dir", type=Path, help="batch mode through a directory: request files are written there, result "
+      "files placed beside them are collected (a shared file system and a queue; see README)")
+    a("--batch-window", help=f"the batch's completion window ({d['batch_window'].default})")
+    a("--batch-max-requests", type=int, help=f"requests per batch file ({r('batch_max_requests')})")
+    a("--batch-max-bytes", type=int, help=f"bytes per batch file ({r('batch_max_bytes')})")
+    a("--batch-poll", type=float, help=f"--wait: first pause between polls in seconds, doubling to 600 ({r('batch_poll')})")
+    a("--batch-repair", choices=["batch", "online"], help="where repair rounds of invalid batch answers go: "
+      "the next batch (default: the batch price, no online server needed) or online at once")
     a("--log-format", choices=["text", "json"], help="json: one object per line, for scheduled jobs")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     a("-v", "--verbose", action="store_true",

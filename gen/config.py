@@ -121,6 +121,32 @@ class RunConfig(BaseModel):
     # False: the engine's own output (vLLM, torch, Ray) goes to <out>/engine.log, not the terminal.
     verbose: bool = False
 
+    # Batch mode (gen/batch.py): the server's batch API at about half the price, or, with
+    # batch_dir, request files in a directory that a site's own queue answers. A run submits
+    # what is new and returns (exit 4) unless `wait`; the next run collects.
+    batch: bool = False
+    wait: bool = False
+    batch_cancel: bool = False
+    batch_dir: Optional[Path] = None
+    batch_window: str = Field("24h", pattern=r"^[1-9][0-9]{0,3}h$")
+    # OpenAI's published limits per batch input file; lower them for providers with smaller ones.
+    batch_max_requests: Int = Field(50_000, ge=1)
+    batch_max_bytes: Int = Field(200_000_000, ge=1024)
+    batch_poll: Float = Field(30.0, gt=0)   # with `wait`: first pause between polls; doubles to 10 min
+    # Where an invalid batch answer's repair round goes: the next batch (the batch price, no
+    # online server needed) or online at once (an answer a cycle sooner).
+    batch_repair: Literal["batch", "online"] = "batch"
+
+    @model_validator(mode="after")
+    def _batch_needs_a_batch_api(self) -> "RunConfig":
+        if self.batch_dir is not None or self.batch_cancel:
+            self.batch = True
+        if self.batch and self.batch_dir is None and self.engine != "openai":
+            raise ValueError("batch mode needs an OpenAI-compatible server (--base-url) or --batch-dir")
+        if self.batch and self.executor != "local":
+            raise ValueError("batch mode runs on the local executor; drop --executor ray")
+        return self
+
     @model_validator(mode="after")
     def _answer_fits_context(self) -> "RunConfig":
         # vLLM refuses every request whose answer cannot fit; better said once, before loading.

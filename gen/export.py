@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -72,6 +72,7 @@ class ExportStats:
     queries: int = 0
     salvaged: int = 0     # rejected answers whose valid queries were kept
     unreadable: int = 0   # stored answers damaged on disk: rejected, and asked again next run
+    pending: int = 0      # captions in a batch not yet collected (gen.batch): in no file yet
     rejects: Counter = field(default_factory=Counter)   # by stage
     tally: Tally = field(default_factory=Tally)          # the report's figures
 
@@ -248,15 +249,21 @@ def _stored_rows(stored: Stored) -> Optional[list[dict]]:
 
 
 def export(records: Iterable[Union[Caption, Reject]], *, store: AnswerStore, fingerprint: str,
-           model: str, out_dir: Path, failures: dict[str, str]) -> ExportStats:
+           model: str, out_dir: Path, failures: dict[str, str],
+           pending: Optional[Callable[[str], bool]] = None) -> ExportStats:
     """A pass of its own over the captions, looking each answer up in the store (used after
-    the Ray executor, whose answers arrive out of order in another process's batches)."""
+    the Ray executor, whose answers arrive out of order in another process's batches, and
+    in batch mode). A caption `pending` in a batch is in no file (nor in the rejects) until
+    a later run collects its answer; the stats count it."""
     with Exporter(out_dir, model) as out:
         for record in records:
             if isinstance(record, Reject):
                 out.reject(record)
                 continue
             key = answer_key(fingerprint, record.text)
+            if pending is not None and pending(key):
+                out.stats.pending += 1
+                continue
             if not out.stored(record, key, store.get(key), failures.get(key, "not generated in this run")):
                 store.discard(key)
     return out.stats

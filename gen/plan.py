@@ -47,6 +47,18 @@ class _Stored:
         return {k for (k,) in self._query(f"SELECT key FROM answers WHERE key IN ({marks}) AND {KEPT}",
                                           [*keys, repair_rounds])}
 
+    def pending(self, keys: list[str]) -> set[str]:
+        """Those of `keys` in a batch not yet collected (batch mode)."""
+        if self.db is None or not keys:
+            return set()
+        marks = ",".join("?" * len(keys))
+        return {k for (k,) in self._query(f"SELECT key FROM batch_requests WHERE key IN ({marks})", keys)}
+
+    def open_batches(self) -> list[dict]:
+        rows = self._query("SELECT batch_id, status, requests, created FROM batches "
+                           "WHERE status IN ('intent', 'live') ORDER BY created") if self.db else []
+        return [{"batch_id": b, "status": s, "requests": n, "created": c} for b, s, n, c in rows]
+
     def history(self) -> tuple[float, float] | None:
         """Mean prompt and completion tokens per request."""
         rows = self._query("SELECT SUM(prompt_tokens), SUM(completion_tokens), SUM(requests) "
@@ -162,6 +174,8 @@ def _probe(url: str, model: str, api_key: str, timeout: float) -> dict[str, Any]
 
 def check_engine(config: RunConfig, model: str) -> dict[str, Any]:
     """Could the engine serve the run? `ready` false: the run would fail, so the dry run does."""
+    if config.batch_dir is not None:
+        return {"engine": "batch", "batch_dir": str(config.batch_dir), "model": model, "ready": True}
     if config.engine == "openai":
         from gen.engines.openai import DEFAULT_BASE_URL
         urls = config.base_urls or [os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL]
@@ -188,20 +202,26 @@ def plan(records: Iterable[Union[Caption, Reject]], config: RunConfig, prompts: 
     seen = CaptionDigest()
     to_request: set[str] = set()
     prompt_chars = 0
+    pending: set[str] = set()
     try:
         for chunk in _chunks(records, 512):
             keyed = [(answer_key(fingerprint, r.text), r) for r in chunk if not isinstance(r, Reject)]
             rejects += len(chunk) - len(keyed)
             captions += len(keyed)
             known = stored.which(list({k for k, _ in keyed}), config.repair_rounds)
+            in_batches = stored.pending(list({k for k, _ in keyed})) if config.batch else set()
             for key, record in keyed:
                 seen.add(record)
                 if key in known or key in to_request:
                     cached += 1
                     continue
+                if key in in_batches:   # submitted already: collected by the run, not asked again
+                    pending.add(key)
+                    continue
                 to_request.add(key)
                 prompt_chars += sum(len(m["content"]) for m in prompts.messages(record))
         history = stored.history()
+        open_batches = stored.open_batches() if config.batch else []
     finally:
         stored.close()
     n = len(to_request)
@@ -212,7 +232,7 @@ def plan(records: Iterable[Union[Caption, Reject]], config: RunConfig, prompts: 
     else:
         prompt_tokens, completion_tokens = prompt_chars / CHARS_PER_TOKEN, None
         method = f"prompt characters / {CHARS_PER_TOKEN}; completion unknown until answers exist"
-    return {
+    result = {
         "captions": captions, "input_rejects": rejects, "cached": cached, "to_request": n,
         "requests_at_least": n, "requests_at_most": most,
         "prompt_chars": prompt_chars,
@@ -223,3 +243,9 @@ def plan(records: Iterable[Union[Caption, Reject]], config: RunConfig, prompts: 
         "fingerprint": fingerprint,
         "curation": curation_outlook(config, fingerprint, n, seen.hexdigest()),
     }
+    if config.batch:
+        # What a batch run would do: collect these open batches first (their captions, if
+        # answered, are not asked), then submit `to_request` captions in new request files.
+        result["batch"] = {"pending": len(pending), "open_batches": open_batches, "to_submit": n,
+                           "files_at_least": -(-n // config.batch_max_requests)}
+    return result

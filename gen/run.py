@@ -11,6 +11,9 @@ rerun resumes); 2 bad usage, or bad input (with --strict any bad line; else no g
 all; a publication gen.publish refuses);
 3 finished but some captions got no answer after every retry (a rerun asks only for those;
 where they would shrink the curation past the shrink guard, nothing is published);
+4 batch mode: captions are in batches not yet finished (submitted or still running), and the
+outputs hold what is answered so far; the next run collects them (not a failure: cron runs
+it again; --wait instead polls until they are done);
 75 another run holds the output directory, nothing done (EX_TEMPFAIL of sysexits.h: a
 temporary condition, retry later; clear of the shell's 126-165 and of capgen's own codes);
 143 stopped by SIGTERM, SIGHUP or Ctrl-C (the engine is shut down first; a rerun resumes).
@@ -59,6 +62,7 @@ from schemas import decoding_constraints
 log = logging.getLogger("gen.run")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+EXIT_PENDING = 4   # batch mode: submitted, answers pending; a later run collects them
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the output directory; try again later
 EXIT_STOPPED = 128 + signal.SIGTERM  # stopped by SIGTERM or Ctrl-C; what shells report for a kill
 ENGINE_LOG = "engine.log"
@@ -69,6 +73,7 @@ OUTCOMES = {
     EXIT_FAILED: (logging.ERROR, "failed"),
     EXIT_USAGE: (logging.ERROR, "bad usage or input"),
     EXIT_INCOMPLETE: (logging.WARNING, "finished, some captions got no answer: a rerun asks only for them"),
+    EXIT_PENDING: (logging.INFO, "submitted: answers pending in batches, a later run collects them"),
     EXIT_LOCKED: (logging.WARNING, "another run holds the output directory: nothing done, retry later"),
     EXIT_STOPPED: (logging.WARNING, "stopped by a signal: a rerun resumes"),
 }
@@ -241,6 +246,11 @@ def dry_run(config: RunConfig, prompts: PromptSet, source: Path) -> int:
              result["requests_at_least"], result["requests_at_most"], result["prompt_tokens_estimate"],
              "a new version" if cur["new_version"] else "no new version", cur["reason"],
              extra={"fields": {"event": "dry_run", "plan": result}})
+    if "batch" in result:
+        b = result["batch"]
+        log.info("batch mode: %d captions pending in %d open batches; %d would be submitted",
+                 b["pending"], len(b["open_batches"]), b["to_submit"],
+                 extra={"fields": {"event": "dry_run_batch", "batch": b}})
     for server in engine.get("servers", []):
         if server["error"]:
             log.warning("server %s: %s", server["url"], server["error"],
@@ -290,6 +300,8 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
             staging.mkdir()
             try:
                 code, prepared, manifest = await _generate(config, prompts, source, staging, engine_log)
+                if manifest is None:   # --batch-cancel
+                    return code
             except ShrunkByFailures as e:   # a server's outage, not bad input: retry, exit 3
                 note(outputs="previous")
                 log.warning("%s", e, extra={"fields": {"event": "not_published", "kind": "failed_captions"}})
@@ -325,6 +337,9 @@ def _report(config: RunConfig, code: int, manifest: dict) -> int:
     if "engine_log" in manifest["outputs"]:
         log.info("the engine's own output (warnings included) is in %s; -v shows it here instead",
                  out_dir / ENGINE_LOG, extra={"fields": {"event": "engine_log", "path": str(out_dir / ENGINE_LOG)}})
+    if code == EXIT_PENDING:
+        log.info("%d captions are in batches not yet finished; a later run collects them (exit %d)",
+                 c["pending"], EXIT_PENDING, extra={"fields": {"event": "batch_pending", "pending": c["pending"]}})
     return code
 
 
@@ -379,9 +394,21 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
     progress = Progress(count_lines(source), bar=config.progress)
     read = lambda: read_captions(source, config.max_caption_chars, config.strict, _input_name(config))
     digest = CaptionDigest()   # of the pass that exports: what --dry-run compares against
+    batches = batch_summary = None
     try:
         try:
-            if config.executor == "ray":
+            if config.batch:   # gen/batch.py: collect, submit, export what is answered
+                from gen.batch import run_batches
+                stats, batches = await run_batches(config, prompts, store, model, schema, fingerprint, read, engine)
+                if config.batch_cancel:   # nothing to export or publish: the outputs stay
+                    return EXIT_OK, None, None
+                generated_at = time.time()
+                exported = export(digest.through(batches.counted(read())), store=store,
+                                  fingerprint=fingerprint, model=model_identity(config.model), out_dir=staging,
+                                  failures=stats.failures, pending=store.pending)
+                exported_at = time.time()
+                batch_summary = batches.summary()
+            elif config.executor == "ray":
                 from gen.ray_executor import ExecutorUnavailable, generate_ray
                 try:  # blocks this loop; nothing else runs on it meanwhile
                     stats = generate_ray(read(), config=config, model=model, schema=schema,
@@ -416,7 +443,7 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
         "templates": str(prompts.directory),
         "sampling": config.sampling.model_dump(),
         "repair_rounds": config.repair_rounds,
-        "engine": engine.describe(),
+        "engine": engine.describe() if batches is None else batches.describe(),
         "counts": {
             "captions": stats.captions,
             "input_rejects": stats.input_rejects,
@@ -429,6 +456,8 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
             # whose valid queries were kept.
             "salvaged": exported.salvaged,
             "failed": stats.failed,
+            # In a batch not yet collected (batch mode): in no output file until a later run.
+            "pending": exported.pending,
             "captions_with_queries": exported.captions_with_queries,
             "queries": exported.queries,
             "queries_by_type": dict(exported.queries_by_type),
@@ -436,6 +465,7 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
         },
         "usage": {"requests": stats.requests, "prompt_tokens": stats.prompt_tokens,
                   "completion_tokens": stats.completion_tokens},
+        "batch": batch_summary,
         "timings": {"started": started, "generate_s": round(generated_at - started, 3),
                     "export_s": round(exported_at - generated_at, 3),
                     "total_s": round(time.time() - started, 3)},
@@ -487,7 +517,8 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
         if prepared is not None:
             prepared.discard()
         raise
-    return (EXIT_INCOMPLETE if stats.failed or exported.unreadable else EXIT_OK), prepared, manifest
+    code = EXIT_PENDING if exported.pending else EXIT_INCOMPLETE if stats.failed or exported.unreadable else EXIT_OK
+    return code, prepared, manifest
 
 
 def start_event(config: RunConfig, command: str) -> tuple[str, dict]:
@@ -505,7 +536,8 @@ def start_event(config: RunConfig, command: str) -> tuple[str, dict]:
             "base_urls": [logs.public_url(u) for u in config.base_urls], "api_key_env": config.api_key_env,
             "executor": config.executor, "concurrency": config.concurrency,
             "repair_rounds": config.repair_rounds, "sampling": config.sampling.model_dump(),
-            "curate": config.curate, "dry_run": config.dry_run, "force": config.force, "strict": config.strict}
+            "curate": config.curate, "dry_run": config.dry_run, "force": config.force, "strict": config.strict,
+            "batch": config.batch}
 
 
 def entry(argv: Optional[list[str]], work: Callable[[RunConfig], int], command: str = "gen.run",

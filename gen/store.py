@@ -34,6 +34,54 @@ CREATE TABLE IF NOT EXISTS answers (
 )
 """
 
+# Batch mode (gen/batch.py). A batch is known by the digest of its request file from before
+# it is uploaded (status 'intent'), so that a run killed between upload, create and this
+# row's update finds it again on the provider; then by the provider's id ('live'); then by
+# the provider's final status. Stores from before batch mode get the tables on opening.
+_BATCH_SCHEMA = ("""
+CREATE TABLE IF NOT EXISTS batches (
+    digest TEXT PRIMARY KEY,        -- sha256 of the request file
+    batch_id TEXT,                  -- the provider's, once created
+    file_id TEXT,
+    status TEXT NOT NULL,           -- intent | live | completed | failed | expired | cancelled | ...
+    requests INTEGER NOT NULL,
+    reason TEXT,
+    answered INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    finished REAL
+)""", """
+CREATE TABLE IF NOT EXISTS batch_requests (
+    key TEXT PRIMARY KEY,           -- so a caption is in one live batch at most
+    digest TEXT NOT NULL,
+    caption_id TEXT NOT NULL,
+    text TEXT NOT NULL,             -- the caption, which its answer is validated against
+    round INTEGER NOT NULL,         -- requests it had before this one (a repair round when > 0)
+    prompt_tokens INTEGER NOT NULL, -- and their tokens, which this answer's add to
+    completion_tokens INTEGER NOT NULL
+)""", "CREATE INDEX IF NOT EXISTS batch_requests_digest ON batch_requests (digest)")
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    digest: str
+    batch_id: Optional[str]
+    file_id: Optional[str]
+    status: str
+    requests: int
+    created: float
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    key: str
+    caption_id: str
+    text: str
+    round: int
+    prompt_tokens: int
+    completion_tokens: int
+
 
 # Which stored answers a run keeps, given its repair rounds (the one parameter): every
 # accepted one whose JSON is intact, and each rejected one that had at least as many rounds
@@ -98,6 +146,8 @@ class AnswerStore:
             # NORMAL in WAL mode survives a killed process (only power loss can drop the tail).
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute(_SCHEMA)
+            for statement in _BATCH_SCHEMA:
+                self.db.execute(statement)
 
     def get(self, key: str) -> Optional[Stored]:
         with _sqlite(self.path):
@@ -126,6 +176,73 @@ class AnswerStore:
         """Forget a row that cannot be read, so that a rerun asks again."""
         with _sqlite(self.path):
             self.db.execute("DELETE FROM answers WHERE key = ?", (key,))
+
+    # ------------------------------------------------------------------ batch mode
+
+    def reserve_batch(self, digest: str, requests: list[BatchRequest]) -> None:
+        """Record the intent to submit a request file, with its captions, in one transaction.
+        A caption already in a live batch is an IntegrityError: never in two at once."""
+        try:
+            with _sqlite(self.path), self._transaction():
+                self.db.execute("INSERT INTO batches (digest, status, requests, created) VALUES (?, 'intent', ?, ?)",
+                                (digest, len(requests), time.time()))
+                self.db.executemany(
+                    "INSERT INTO batch_requests VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(r.key, digest, r.caption_id, r.text, r.round, r.prompt_tokens, r.completion_tokens)
+                     for r in requests])
+        except sqlite3.IntegrityError:
+            raise StoreError(f"answer store {self.path}: a caption of this request file went into a batch of "
+                             "another run sharing the store meanwhile; nothing was submitted, and a rerun "
+                             "submits the rest") from None
+
+    def batch_created(self, digest: str, batch_id: str, file_id: Optional[str]) -> None:
+        with _sqlite(self.path):
+            self.db.execute("UPDATE batches SET batch_id = ?, file_id = ?, status = 'live' WHERE digest = ?",
+                            (batch_id, file_id, digest))
+
+    def open_batches(self) -> list[BatchRow]:
+        """Batches not yet collected: intents and live ones, oldest first."""
+        with _sqlite(self.path):
+            rows = self.db.execute("SELECT digest, batch_id, file_id, status, requests, created FROM batches "
+                                   "WHERE status IN ('intent', 'live') ORDER BY created").fetchall()
+        return [BatchRow(*r) for r in rows]
+
+    def batch_requests(self, digest: str) -> dict[str, BatchRequest]:
+        with _sqlite(self.path):
+            rows = self.db.execute("SELECT key, caption_id, text, round, prompt_tokens, completion_tokens "
+                                   "FROM batch_requests WHERE digest = ?", (digest,)).fetchall()
+        return {r[0]: BatchRequest(*r) for r in rows}
+
+    def pending(self, key: str) -> bool:
+        """Whether `key` is in a batch not yet collected."""
+        with _sqlite(self.path):
+            return self.db.execute("SELECT 1 FROM batch_requests WHERE key = ?", (key,)).fetchone() is not None
+
+    def close_batch(self, digest: str, status: str, reason: Optional[str], answered: int = 0,
+                    prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        """The batch is over: its captions are free to be submitted again (those answered are
+        in the store by now), its final status and usage kept. An intent that never became a
+        batch is forgotten."""
+        with _sqlite(self.path):
+            with self._transaction():
+                self.db.execute("DELETE FROM batch_requests WHERE digest = ?", (digest,))
+                if status == "dropped":
+                    self.db.execute("DELETE FROM batches WHERE digest = ?", (digest,))
+                else:
+                    self.db.execute("UPDATE batches SET status = ?, reason = ?, answered = ?, prompt_tokens = ?, "
+                                    "completion_tokens = ?, finished = ? WHERE digest = ?",
+                                    (status, reason, answered, prompt_tokens, completion_tokens, time.time(),
+                                     digest))
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def __len__(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]

@@ -246,6 +246,8 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def do_GET(self):
+        if self.server.fake._route(self, "GET", b""):
+            return
         if self.path.rstrip("/") == "/v1/models":
             self._send(200, {"object": "list", "data": [
                 {"id": self.server.fake.model, "object": "model", "owned_by": "fake"}]})
@@ -254,6 +256,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.fake._route(self, "POST", raw):
+            return
         if self.path.rstrip("/") != "/v1/chat/completions":
             self._send(404, _error(f"no route POST {self.path}", "not_found_error"))
             return
@@ -330,6 +334,10 @@ class FakeOpenAI:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.base_url = ""
+
+    def _route(self, h: "_Handler", method: str, raw: bytes) -> bool:
+        """Other endpoints, for subclasses (tests/fake_batch.py): True when answered."""
+        return False
 
     # ------------------------------------------------------------------ lifecycle
 

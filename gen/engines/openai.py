@@ -160,6 +160,25 @@ async def _read(r: aiohttp.ClientResponse, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def request_options(model: str, sampling: Sampling, schema: dict, fmt: str = "json_schema",
+                    thinking_kwargs: bool = True) -> dict[str, Any]:
+    """Everything in a chat-completions body but the messages. The online engine and the batch
+    request file (gen.batch) both build their bodies here, so a batch asks exactly what a
+    request would."""
+    body: dict[str, Any] = dict(model=model, temperature=sampling.temperature,
+                                top_p=sampling.top_p, max_tokens=sampling.max_tokens)
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
+    if fmt == "json_schema":
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "caption_queries", "schema": schema, "strict": True}}
+    elif fmt == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    if thinking_kwargs:
+        body["chat_template_kwargs"] = {"enable_thinking": False}
+    return body
+
+
 class OpenAIEngine(Engine):
     name = "openai"
 
@@ -194,21 +213,8 @@ class OpenAIEngine(Engine):
 
     def _options(self, schema: Optional[dict] = None) -> dict[str, Any]:
         """Everything in a request body but the messages, as the server allows it now."""
-        body: dict[str, Any] = dict(
-            model=self.model, temperature=self.sampling.temperature,
-            top_p=self.sampling.top_p, max_tokens=self.sampling.max_tokens,
-        )
-        if self.sampling.seed is not None:
-            body["seed"] = self.sampling.seed
-        fmt = FORMATS[self.format_level]
-        if fmt == "json_schema":
-            body["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "caption_queries", "schema": schema or self.schema, "strict": True}}
-        elif fmt == "json_object":
-            body["response_format"] = {"type": "json_object"}
-        if self.thinking_kwargs:
-            body["chat_template_kwargs"] = {"enable_thinking": False}
-        return body
+        return request_options(self.model, self.sampling, schema or self.schema, FORMATS[self.format_level],
+                               self.thinking_kwargs)
 
     def _body(self, messages: list[dict[str, str]], schema: Optional[dict] = None) -> bytes:
         """The request's JSON. Only the user message changes from caption to caption, so the
