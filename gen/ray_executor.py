@@ -208,13 +208,16 @@ def generate_ray(records: Iterable[Union[Caption, Reject]], *, config: RunConfig
     gpus = gpus_per_actor(config, sum(r.get("GPU", 0) for _, r in nodes))
     cpus = 1.0
     check_fit(nodes, config.ray_actors, gpus, cpus)
-    path = model_path(model)
+    # A server's model name may look like a path on its own machine: only vLLM's is loaded here.
+    path = model_path(model) if config.engine == "vllm" else None
     log.info("starting %d Ray actor(s), %s GPU each, engine %s", config.ray_actors, _n(gpus), config.engine,
              extra={"fields": {"event": "ray_actors", "actors": config.ray_actors, "gpus_per_actor": gpus}})
 
-    # A batch of concurrency/2, two at a time: `concurrency` captions in flight per actor, as
-    # in a local run; the engine merges the two batches into its own.
-    batch_size = max(1, config.concurrency // BATCHES_PER_ACTOR)
+    # Two batches at each actor. vLLM's engine takes `concurrency` at once, as in a local run,
+    # and the second batch waits inside it for the first one's slots: full batches, and no
+    # gap between them. A server engine sends every caption it holds, so there the two make
+    # `concurrency` together: a local run's requests in flight.
+    batch_size = config.concurrency if config.engine == "vllm" else max(1, config.concurrency // BATCHES_PER_ACTOR)
     Actor = ray.remote(Replica).options(num_gpus=gpus, num_cpus=cpus, max_restarts=0, max_task_retries=0,
                                         max_concurrency=BATCHES_PER_ACTOR + 2)
     config_json = config.model_dump_json()
@@ -301,8 +304,8 @@ def _feed(ray, live: list, records, config: RunConfig, store: AnswerStore, finge
         on_progress(stats)
 
     while True:
-        for actor in [a for a in load if load[a] < BATCHES_PER_ACTOR]:
-            while load[actor] < BATCHES_PER_ACTOR:
+        for level in range(BATCHES_PER_ACTOR):   # every actor its first batch before any its second
+            for actor in [a for a in load if load[a] <= level]:
                 batch = next_batch()
                 if batch is None:
                     break

@@ -2,11 +2,12 @@
 
 It stands in for the vLLM engine where a test is about the Ray executor, not the model:
 each request is appended to `asked` (a file: actors are other processes), and a caption
-containing `die_on` ends its process abruptly (os._exit), once per `die_times` file entries,
-as a replica lost mid-batch would.
+containing `die_on` ends its process abruptly (os._exit) a second after it was asked, up to
+`die_times` times in all, as a replica lost mid-batch would.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 from pathlib import Path
@@ -33,6 +34,8 @@ class StandInEngine(Engine):
             if died < self.die_times:
                 with deaths.open("a") as f:
                     f.write(f"{os.getpid()}\n")
+                # mid-generation: the actor's other batch has time to come back first
+                await asyncio.sleep(1)
                 os._exit(1)
         text = default_answer(caption)
         return Completion(text=text, prompt_tokens=sum(_tokens(m["content"]) for m in messages),
