@@ -1,7 +1,8 @@
 """An Engine answering in-process as tests/fake_openai.py does, for Ray actors in tests.
 
 It stands in for the vLLM engine where a test is about the Ray executor, not the model:
-each request is appended to `asked` (a file: actors are other processes), and a caption
+each request's caption is appended to `asked` (a file: actors are other processes) and the
+pid of the process answering it to `asked` with the suffix .pids; a caption
 containing `die_on` ends its process abruptly (os._exit) a second after it was asked, up to
 `die_times` times in all, as a replica lost mid-batch would.
 """
@@ -28,6 +29,8 @@ class StandInEngine(Engine):
         caption = _caption_of({"messages": messages})
         with self.asked.open("a", encoding="utf-8") as f:
             f.write(caption.replace("\n", " ") + "\n")
+        with self.asked.with_suffix(".pids").open("a") as f:
+            f.write(f"{os.getpid()}\n")
         if self.die_on and self.die_on in caption:
             deaths = self.asked.with_suffix(".deaths")
             died = len(deaths.read_text().splitlines()) if deaths.exists() else 0

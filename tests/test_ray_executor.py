@@ -86,8 +86,11 @@ def test_engines_in_actors_answer_as_the_local_run_and_resume(ray_local, tmp_pat
     assert _engine_run(tmp_path, first, tmp_path / "ray", "--executor", "ray", "--ray-actors", "2") == EXIT_OK
     assert set(_asked(asked)) == {c["text"] for c in sample_captions[:4]}
     asked.unlink()
+    asked.with_suffix(".pids").unlink()
     assert _engine_run(tmp_path, path, tmp_path / "ray", "--executor", "ray", "--ray-actors", "2") == EXIT_OK
     assert set(_asked(asked)) == {c["text"] for c in sample_captions[4:10]}
+    # 6 captions in batches of 4: one batch each, not both to the first actor
+    assert len(set(asked.with_suffix(".pids").read_text().split())) == 2
     local = sorted(tuple(r.values()) for r in read_rows(tmp_path / "local" / "queries.parquet"))
     assert sorted(tuple(r.values()) for r in read_rows(tmp_path / "ray" / "queries.parquet")) == local
     m = json.loads((tmp_path / "ray" / "manifest.json").read_text())
