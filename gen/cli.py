@@ -61,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     a("--api-key-env", help=f"environment variable holding the API key (default: {d['api_key_env'].default})")
     a("--prompts", type=Path, help="directory of templates replacing the bundled prompts/")
     a("--executor", choices=["local", "ray"], help="where generation runs (default: local; ray: a Ray cluster, see docs/ray.md)")
-    a("--ray-actors", type=int, help=f"--executor ray: actor pool size ({r('ray_actors')})")
+    a("--ray-actors", type=int, help=f"--executor ray: actors, each one engine (a vLLM replica) ({r('ray_actors')})")
+    a("--ray-gpus-per-actor",
+      help=f"--executor ray: GPUs Ray gives each actor ({r('ray_gpus_per_actor')}: tensor_parallel_size x "
+           "pipeline_parallel_size for --engine vllm on a cluster with GPUs, else 0)")
     a("--concurrency", type=int, help=f"requests in flight; for vLLM the largest batch ({r('concurrency')})")
     a("--timeout", type=float, help=f"seconds per request ({r('timeout')})")
     a("--max-attempts", type=int, help=f"tries per request on transient faults ({r('max_attempts')})")

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gen import localmodel
 from gen.curate.config import CurateConfig
-from gen.settings import Float, Int, OptInt
+from gen.settings import Float, Int, OptFloat, OptInt
 from schemas.caption import MAX_CAPTION_CHARS
 
 
@@ -91,7 +91,11 @@ class RunConfig(BaseModel):
     # 256), or it idles in proportion: 64 against 256 slots ran 4.3x the limit (BENCHMARKS.md).
     concurrency: Int = Field(256, ge=1)
     executor: Literal["local", "ray"] = "local"
-    ray_actors: Int = Field(2, ge=1)     # --executor ray: actors, each with `concurrency` in flight
+    # --executor ray: actors, each one engine (one vLLM replica) with `concurrency` in flight
+    ray_actors: Int = Field(2, ge=1)
+    # GPUs Ray gives each actor; none: vLLM's tensor x pipeline parallel size on a cluster with
+    # GPUs, 0 on one without (the CPU build) or for --engine openai. See docs/ray.md.
+    ray_gpus_per_actor: OptFloat = Field(None, ge=0)
     timeout: Float = Field(120.0, gt=0)  # seconds per request
     max_attempts: Int = Field(6, ge=1)  # per request, for transient faults
     retry_wait: Float = Field(1.0, ge=0)  # first backoff in seconds; doubles, with jitter, to 30 s

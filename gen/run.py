@@ -395,6 +395,7 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
     read = lambda: read_captions(source, config.max_caption_chars, config.strict, _input_name(config))
     digest = CaptionDigest()   # of the pass that exports: what --dry-run compares against
     batches = batch_summary = None
+    ray_engine: dict = {}      # --executor ray: an actor's engine, as describe() says
     try:
         try:
             if config.batch:   # gen/batch.py: collect, submit, export what is answered
@@ -412,7 +413,8 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
                 from gen.ray_executor import ExecutorUnavailable, generate_ray
                 try:  # blocks this loop; nothing else runs on it meanwhile
                     stats = generate_ray(read(), config=config, model=model, schema=schema,
-                                         store=store, fingerprint=fingerprint, on_progress=progress)
+                                         store=store, fingerprint=fingerprint, on_progress=progress,
+                                         describe=ray_engine)
                 except ExecutorUnavailable as e:
                     raise UsageError(str(e)) from None
                 generated_at = time.time()
@@ -443,7 +445,8 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
         "templates": str(prompts.directory),
         "sampling": config.sampling.model_dump(),
         "repair_rounds": config.repair_rounds,
-        "engine": engine.describe() if batches is None else batches.describe(),
+        "engine": (batches.describe() if batches is not None else
+                   {**ray_engine, "executor": "ray", "actors": config.ray_actors} if ray_engine else engine.describe()),
         "counts": {
             "captions": stats.captions,
             "input_rejects": stats.input_rejects,
