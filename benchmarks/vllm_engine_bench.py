@@ -95,6 +95,34 @@ class ChunkedLLMEngine(Engine):
             await asyncio.sleep(0)
 
 
+class Timed(Engine):
+    """Passes requests through, adding up the time each was in flight: over the wall time,
+    the mean number in flight (how full the engine's batch was kept)."""
+
+    def __init__(self, inner: Engine):
+        self.inner, self.name, self.busy = inner, inner.name, 0.0
+
+    async def complete(self, messages, schema=None) -> Completion:
+        t = time.perf_counter()
+        try:
+            return await self.inner.complete(messages, schema)
+        finally:
+            self.busy += time.perf_counter() - t
+
+
+def cpu_seconds(procs) -> float:
+    """CPU time of an engine's processes (engine core, workers): against other jobs on the
+    same cores, tokens per engine CPU second compares engines where wall time cannot."""
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except Exception:  # noqa: BLE001 - gone
+            pass
+    return total
+
+
 def raw_chat(llm, params, chat_kwargs, messages) -> dict:
     llm.reset_prefix_cache()
     t = time.perf_counter()
@@ -117,13 +145,14 @@ async def capgen_run(variant: str, engine: Engine, caps, prompts, fingerprint, c
             if not first and stats.accepted + stats.rejected + stats.failed:
                 first.append(time.perf_counter() - t)
         t = time.perf_counter()
-        stats = await generate((Caption(**c) for c in caps), engine=engine, prompts=prompts, store=store,
+        timed = Timed(engine)
+        stats = await generate((Caption(**c) for c in caps), engine=timed, prompts=prompts, store=store,
                                fingerprint=fingerprint, concurrency=concurrency, on_progress=progress)
         wall = time.perf_counter() - t
         store.close()
     return {"variant": variant, "wall_s": wall, "tokens": stats.completion_tokens,
             "first_answer_s": first[0] if first else None, "requests": stats.requests,
-            "accepted": stats.accepted, "failed": stats.failed}
+            "accepted": stats.accepted, "failed": stats.failed, "mean_in_flight": timed.busy / wall}
 
 
 def server_run(model: str, caps: list[dict]) -> dict:
@@ -198,7 +227,10 @@ async def bench(a: argparse.Namespace, model: str) -> dict:
         extra["gpu_memory_utilization"] = a.gpu_memory_utilization
     kwargs = engine_kwargs(config.sampling, on_cpu, extra)
     t = time.perf_counter()
+    import psutil
+    me = psutil.Process()
     llm = LLM(model=model, enable_prefix_caching=True, max_model_len=4096, **kwargs)
+    llm_procs = me.children(recursive=True)
     sync_start = time.perf_counter() - t
     make_params = sampling_params_factory(config.sampling, on_cpu)
     chat_kwargs = {"chat_template_kwargs": {"enable_thinking": False}}
@@ -208,6 +240,7 @@ async def bench(a: argparse.Namespace, model: str) -> dict:
     capgen = await asyncio.to_thread(lambda: VLLMEngine(
         model=model, schema=schema, sampling=config.sampling, max_in_flight=a.concurrency, **extra))
     async_start = time.perf_counter() - t
+    async_procs = [p for p in me.children(recursive=True) if p.pid not in {q.pid for q in llm_procs}]
     messages = [prompts.messages(Caption(**c)) for c in caps]
     fp = generation_fingerprint(config, prompts.digest, decoding_constraints())
 
@@ -221,6 +254,8 @@ async def bench(a: argparse.Namespace, model: str) -> dict:
     for r in range(a.repeat):
         for variant in (order if r % 2 == 0 else order[::-1]):
             load = _load()
+            procs = async_procs if variant == "capgen" else llm_procs
+            cpu = cpu_seconds(procs)
             if variant == "raw":
                 run = raw_chat(llm, make_params(schema), chat_kwargs, messages)
                 ids = run.pop("prompt_ids")
@@ -232,6 +267,7 @@ async def bench(a: argparse.Namespace, model: str) -> dict:
                 await capgen.llm.reset_prefix_cache()
                 run = await capgen_run(variant, capgen, caps, prompts, fp, a.concurrency)
             run["load_before"] = load
+            run["engine_cpu_s"] = cpu_seconds(procs) - cpu
             runs.append(run)
             print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in run.items()}),
                   file=sys.stderr, flush=True)
@@ -251,6 +287,9 @@ async def bench(a: argparse.Namespace, model: str) -> dict:
             "captions_per_min": [round(a.n / r["wall_s"] * 60, 2) for r in mine],
             "first_answer_s": [round(r["first_answer_s"], 1) for r in mine],
             "requests": [r["requests"] for r in mine],
+            "tokens_per_engine_cpu_s": [round(r["tokens"] / r["engine_cpu_s"], 2) for r in mine],
+            "mean_in_flight": [round(r["mean_in_flight"], 1) for r in mine if "mean_in_flight" in r],
+            "load_before": [r["load_before"] for r in mine],
         }
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(), "cpus": os.cpu_count(),

@@ -115,6 +115,12 @@ class VLLMEngine(Engine):
         self.params = self._make_params(schema)
         self._params_by_schema: dict[str, Any] = {}
         self.max_in_flight = max_in_flight
+        self.batch_width = self.llm.vllm_config.scheduler_config.max_num_seqs
+        if max_in_flight < self.batch_width:
+            logging.getLogger(__name__).warning(
+                "--concurrency %d keeps vLLM's batch below the %d sequences it runs at once: "
+                "raise it to %d or more for full throughput", max_in_flight, self.batch_width,
+                self.batch_width)
         self._slots: Optional[asyncio.Semaphore] = None
         self._ids = itertools.count()
         self.requests = self.in_flight = self.most_in_flight = 0
@@ -169,4 +175,5 @@ class VLLMEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "requests": self.requests, "max_in_flight": self.max_in_flight,
-                "most_in_flight": self.most_in_flight, "structured_outputs": "json_schema"}
+                "most_in_flight": self.most_in_flight, "batch_width": getattr(self, "batch_width", None),
+                "structured_outputs": "json_schema"}
