@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--max-caption-chars", type=int, help=f"longer captions are rejected ({r('max_caption_chars')})")
     a("--max-model-len", type=int, help=f"vLLM context length, more than --max-tokens ({r('max_model_len')})")
     a("--vllm-arg", dest="vllm_args", action="append", type=_key_value, metavar="KEY=VALUE",
-      help="passed to vllm.LLM, e.g. tensor_parallel_size=2 (VALUE read as JSON when it parses); repeatable")
+      help="a vLLM engine argument, e.g. tensor_parallel_size=2 (VALUE read as JSON when it parses); repeatable")
     a("--allow-thinking", dest="disable_thinking", action="store_false",
       help="do not ask thinking models (Qwen3) to skip thinking")
     a("--strict", action="store_true", help="stop at the first bad input line")

@@ -106,7 +106,7 @@ class RunConfig(BaseModel):
     disable_thinking: bool = True
     max_caption_chars: Int = Field(MAX_CAPTION_CHARS, ge=1)
     max_model_len: Int = Field(4096, ge=1)  # vLLM context: prompt ~1k tokens + answer
-    # Passed to vllm.LLM as they are (tensor_parallel_size, gpu_memory_utilization, ...): how
+    # Passed to vLLM's engine arguments as they are (tensor_parallel_size, gpu_memory_utilization, ...): how
     # the engine runs, never what it answers, so they stay out of the fingerprint.
     vllm_args: dict[str, Any] = Field(default_factory=dict)
     strict: bool = False

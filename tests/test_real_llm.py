@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl, read_rows, write_jsonl
+from conftest import ROOT, read_jsonl, read_rows, write_jsonl
 
 from gen import localmodel
 from schemas import CaptionQueries
@@ -42,7 +42,7 @@ def twenty(tmp_path, sample_captions):
 def gen_run(*args: str) -> subprocess.CompletedProcess:
     # A subprocess, as a user runs it: vLLM spawns workers that re-import __main__.
     return subprocess.run([sys.executable, "-m", "gen.run", "--no-progress", *args],
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=1500, cwd=ROOT)
 
 
 def check_outputs(out: Path, captions: list[dict]) -> dict:
@@ -134,6 +134,10 @@ def _stored(cache: Path) -> int:
         db.close()
 
 
+def _tails(*paths: Path) -> str:
+    return "\n".join(f"{p}: ...{p.read_text(errors='replace')[-2000:]}" for p in paths if p.exists())
+
+
 @pytest.mark.parametrize("when", ["while the engine core starts", "once the weights are loaded",
                                   "while a batch runs"])
 def test_sigterm_ends_every_vllm_process(model_dir, twenty, tmp_path, when):
@@ -170,7 +174,7 @@ def test_sigterm_ends_every_vllm_process(model_dir, twenty, tmp_path, when):
         if when == "once the weights are loaded" and weights_loaded():
             break
         if when == "while a batch runs" and _stored(out / "cache.sqlite") >= 1:
-            break  # the first batch of 4 is stored: the next one is running
+            break  # an answer is stored: the others are being generated
         time.sleep(0.2)
     assert proc.poll() is None, "capgen ended before it could be stopped"
     started = me.children(recursive=True)
@@ -247,3 +251,61 @@ def test_vllm_openai_compatible_server(vllm_server, twenty, tmp_path, sample_cap
     assert p.returncode == 0, p.stderr[-3000:]
     check_judgements(out / "judgements.parquet")
     CaptionQueries.model_json_schema()  # the same schema class validated both paths
+
+
+def test_kill_9_loses_only_the_answers_being_generated(model_dir, tmp_path, sample_captions):
+    """The in-process engine hands back each answer the moment it finishes, and capgen stores
+    it then: answers arrive one by one (not a batch at a time), and a kill -9 loses only the
+    requests still in flight; the rerun asks for exactly those, and every caption is exported
+    once."""
+    import signal
+    import sqlite3
+
+    import psutil
+    from gen.store import KEPT
+    captions = sample_captions[:12]
+    assert len({c["text"] for c in captions}) == len(captions)  # no answer shared by two captions
+    caps = write_jsonl(tmp_path / "caps.jsonl", captions)
+    out = tmp_path / "out"
+    args = ["--captions", str(caps), "--out", str(out), "--engine", "vllm", "--concurrency", "4"]
+    err = tmp_path / "stderr.log"
+    with err.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "gen.run", "--no-progress", *args],
+                                stdout=subprocess.DEVNULL, stderr=f, cwd=ROOT)
+    me = psutil.Process(proc.pid)
+    deadline = time.time() + 900
+    try:
+        while _stored(out / "cache.sqlite") < 3:
+            assert proc.poll() is None, f"capgen ended before it could be killed: {_tails(err, out / 'engine.log')}"
+            assert time.time() < deadline, "no 3 answers stored in 15 minutes"
+            time.sleep(0.1)
+        started = me.children(recursive=True)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # kill -9 leaves vLLM's engine core and workers running: a scheduler would see them so
+    for p in started:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(started, timeout=30)
+
+    db = sqlite3.connect(out / "cache.sqlite")
+    created = [t for (t,) in db.execute("SELECT created FROM answers ORDER BY created")]
+    kept = db.execute(f"SELECT COUNT(*) FROM answers WHERE {KEPT}", (1,)).fetchone()[0]
+    db.close()
+    assert 3 <= len(created) < len(captions), created  # killed with requests in flight
+    # Stored as each finished: a chunk handed back at once is stored within milliseconds.
+    assert created[-1] - created[0] > 0.5, created
+
+    p = gen_run(*args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = check_outputs(out, captions)
+    # Nothing stored before the kill is asked again; everything else is.
+    assert m["counts"]["cached"] == kept and m["counts"]["requested"] == len(captions) - kept, m["counts"]
+    rows = read_rows(out / "queries.parquet")
+    keys = [(r["caption_id"], r["type"], r["salience"], r["query"]) for r in rows]
+    assert len(keys) == len(set(keys)), "a caption's queries exported twice"

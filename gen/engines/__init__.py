@@ -17,7 +17,7 @@ def build_engine(config: RunConfig, model: str, schema: dict) -> Engine:
             disable_thinking=config.disable_thinking)
     from gen.engines.vllm import VLLMEngine
     return VLLMEngine(model=model, schema=schema, sampling=config.sampling,
-                      batch_size=config.concurrency, max_model_len=config.max_model_len,
+                      max_in_flight=config.concurrency, max_model_len=config.max_model_len,
                       disable_thinking=config.disable_thinking, **config.vllm_args)
 
 
