@@ -71,7 +71,9 @@ def generate_ray(records: Iterable[Union[Caption, Reject]], *, config: RunConfig
                  log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     stats = GenStats()
-    config_json = config.model_dump_json()
+    # Each actor paces on its own: the key's limits are shared out between them.
+    share = {k: max(1, getattr(config, k) // config.ray_actors) for k in ("rpm", "tpm") if getattr(config, k)}
+    config_json = config.model_copy(update=share).model_dump_json()
 
     def run_window(rows: list[dict[str, str]]) -> None:
         ds = ray.data.from_items(rows).map_batches(

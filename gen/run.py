@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from gen import __version__, localmodel, logs, report
+from gen import __version__, cost, localmodel, logs, report
 from gen.atomic import atomic_path, raise_unless_held, sha256_file
 from gen.captions import STDIN, CaptionDigest, CaptionError, is_stream, read_captions, spooled
 from gen.cli import ConfigError, load_config, log_format_hint
@@ -217,11 +217,15 @@ def dry_run(config: RunConfig, prompts: PromptSet, source: Path) -> int:
     records = read_captions(source, config.max_caption_chars, config.strict, _input_name(config))
     result = plan(records, config, prompts, fingerprint)
     result["engine"] = check_engine(config, model)
-    cur, engine = result["curation"], result["engine"]
-    log.info("dry run: %d captions, %d cached, %d to request (%d-%d requests), ~%s prompt tokens; "
-             "curation: %s (%s)", result["captions"], result["cached"], result["to_request"],
-             result["requests_at_least"], result["requests_at_most"], result["prompt_tokens_estimate"],
-             "a new version" if cur["new_version"] else "no new version", cur["reason"],
+    cur, engine, price = result["curation"], result["engine"], result["cost"]
+    bill = (f"cost ~{price['online']:g} online, ~{price['batch']:g} by batch ({price['note']})"
+            if price["online"] is not None else price["note"])
+    log.info("dry run: %d captions, %d cached, %d to request (%d-%d requests), ~%s prompt tokens, ~%s "
+             "completion tokens (%s); %s; curation: %s (%s)", result["captions"], result["cached"],
+             result["to_request"], result["requests_at_least"], result["requests_at_most"],
+             result["prompt_tokens_estimate"], result["completion_tokens_estimate"],
+             "from history" if result["completion_estimate_from"] == "history" else "at --max-tokens, an upper bound",
+             bill, "a new version" if cur["new_version"] else "no new version", cur["reason"],
              extra={"fields": {"event": "dry_run", "plan": result}})
     for server in engine.get("servers", []):
         if server["error"]:
@@ -308,6 +312,8 @@ async def _run_locked(config: RunConfig, prompts: PromptSet, source: Path,
         },
         "usage": {"requests": stats.requests, "prompt_tokens": stats.prompt_tokens,
                   "completion_tokens": stats.completion_tokens},
+        "cost": cost.spent({"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens},
+                           config.pricing),
         "timings": {"started": started, "generate_s": round(generated_at - started, 3),
                     "export_s": round(exported_at - generated_at, 3),
                     "total_s": round(time.time() - started, 3)},
