@@ -16,8 +16,9 @@ Scenarios (each a real CLI run, `python -m gen.run ... --no-curate --concurrency
   flags            the server sends no rate-limit headers; capgen gets --rpm/--tpm/--rate-window
   headers          the server sends x-ratelimit-*; capgen gets no limits, only the headers
   flags+headers    both
-With --old DIR, the code in DIR (e.g. `git archive <commit> | tar -x -C DIR`) runs the
-same scenarios with no pacing flags (it has none), against the same server, in the same run.
+With --old DIR, the code in DIR (e.g. `git archive <commit> | tar -x -C DIR`) runs against
+the same server, without and with headers (old/no-headers, old/headers), given no pacing
+flags (it has none), in the same run.
 
 Measured at the server: requests, 429s and their share; the share of the allowed
 throughput used: over the whole windows from the first admitted request to the last,
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         runs = []
         if args.old:
-            runs += [(args.old, f"old/{name}", [], headers) for name, _, headers in scenarios[:2]]
+            runs += [(args.old, f"old/{'headers' if headers else 'no-headers'}", [], headers)
+                     for _, _, headers in scenarios[:2]]
         runs += [(ROOT, f"new/{name}", flags, headers) for name, flags, headers in scenarios]
         for code, label, flags, headers in runs:
             res = run(code, label.replace("/", "-").replace("+", "-"), flags, n=args.n, window=args.window,

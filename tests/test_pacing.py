@@ -15,7 +15,7 @@ from gen.engines import RetryPolicy
 from gen.engines import pacing
 from gen.engines.openai import OpenAIEngine
 from gen.engines.pacing import Pacer, parse_duration
-from gen.run import EXIT_OK, EXIT_USAGE, main
+from gen.run import EXIT_OK, main
 from schemas import answer_json_schema
 
 CAPTION = "图片中显示了一个安装在墙上的燃气表，旁边有管道和电源适配器。"
@@ -255,8 +255,3 @@ def test_without_prices_the_manifest_says_the_cost_is_unknown(tmp_path, sample_c
     assert cost["amount"] is None and "cost unknown" in cost["note"]
     assert "unknown (no prices set" in (out / "report.html").read_text(encoding="utf-8")
 
-
-def test_a_bad_price_is_bad_usage(tmp_path, sample_captions):
-    path = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:3])
-    assert main(["--captions", str(path), "--base-url", "http://127.0.0.1:9/v1", "--model", "m",
-                 "--price-in", "nan"]) == EXIT_USAGE
