@@ -255,3 +255,12 @@ def test_without_prices_the_manifest_says_the_cost_is_unknown(tmp_path, sample_c
     assert cost["amount"] is None and "cost unknown" in cost["note"]
     assert "unknown (no prices set" in (out / "report.html").read_text(encoding="utf-8")
 
+
+
+def test_a_server_that_reports_one_limit_only_is_not_paced_by_the_other():
+    # Requests reported, tokens never: the unknown token budget must not hold requests back.
+    headers = {"x-ratelimit-remaining-requests": "1000", "x-ratelimit-reset-requests": "1s"}
+    with FakeOpenAI(extra_headers=headers, latency=0.2) as fake:
+        done, wall, info = run_engine(fake, 60, concurrency=20)
+    assert len(done) == 60 and info["pacing"]["server_reports_limits"] is True
+    assert wall < 2.5   # 3 rounds of 20 at once; one at a time after the first round take 8 s

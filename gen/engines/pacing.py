@@ -122,6 +122,7 @@ class _Budget:
     """The server's view of one dimension: what is left, as its newest reply said."""
 
     def __init__(self) -> None:
+        self.reported = False                     # whether the server ever gave a figure for it
         self.remaining: Optional[float] = None   # None: unknown, send one request to learn
         self.ready_at = 0.0                       # no request before this (a hold)
 
@@ -207,6 +208,8 @@ class Pacer:
         elif self.reports:
             for kind, cost in (("requests", 1.0), ("tokens", tokens)):
                 budget = self._budget[kind]
+                if not budget.reported:
+                    continue
                 if budget.remaining is None and self._flight:
                     delay = max(delay, self.window)   # a probe is out; its reply will wake us
                 elif budget.ready_at > now:
@@ -270,6 +273,7 @@ class Pacer:
             if hint is None:
                 continue
             budget = self._budget[kind]
+            budget.reported = True
             need = 1.0 if kind == "requests" else ticket.tokens
             # What was sent after this request is not in the server's figure yet.
             left = hint.remaining - (len(later) if kind == "requests" else sum(t.tokens for t in later))
