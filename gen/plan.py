@@ -88,8 +88,8 @@ def cost_outlook(prompt_tokens: float, completion_tokens: float, config: RunConf
     p = config.pricing
     online = bill(prompt_tokens, completion_tokens, p.input, p.output)
     batch = bill(prompt_tokens, completion_tokens, p.input, p.output, batch=True, batch_discount=p.batch_discount)
-    out: dict[str, Any] = {"online": None if online is None else round(online, 4),
-                           "batch": None if batch is None else round(batch, 4),
+    out: dict[str, Any] = {"online": None if online is None else round(online, 6),
+                           "batch": None if batch is None else round(batch, 6),
                            "price_in_per_million": p.input, "price_out_per_million": p.output,
                            "batch_discount": p.batch_discount}
     if online is None:

@@ -224,8 +224,8 @@ def test_dry_run_prints_the_bill_or_says_it_is_unknown(tmp_path, sample_captions
     cost = plan["cost"]
     # Completion at --max-tokens (no history): 10 x 1,000 tokens at 10 per million = 0.1.
     expected = plan["prompt_tokens_estimate"] * 1 / 1e6 + 10 * 1000 * 10 / 1e6
-    assert cost["online"] == pytest.approx(expected, abs=1e-4)
-    assert cost["batch"] == pytest.approx(expected / 2, abs=1e-4)
+    assert cost["online"] == pytest.approx(expected, abs=1e-6)
+    assert cost["batch"] == pytest.approx(expected / 2, abs=1e-6)
     assert plan["completion_estimate_from"] == "max_tokens" and "upper bound" in cost["note"]
 
 
