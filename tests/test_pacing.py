@@ -264,3 +264,26 @@ def test_a_server_that_reports_one_limit_only_is_not_paced_by_the_other():
         done, wall, info = run_engine(fake, 60, concurrency=20)
     assert len(done) == 60 and info["pacing"]["server_reports_limits"] is True
     assert wall < 2.5   # 3 rounds of 20 at once; one at a time after the first round take 8 s
+
+
+def test_a_429_holds_every_request_also_where_nothing_was_paced():
+    # A server that sends no rate-limit headers, and no limits given: nothing is paced, until
+    # a 429 comes; then its Retry-After holds every request, not just its own.
+    with FakeOpenAI(faults=lambda i, caption: "429" if i == 1 else None, retry_after="0.6") as fake:
+        async def go():
+            engine = OpenAIEngine(base_urls=[fake.base_url], model="fake-model", schema=answer_json_schema(),
+                                  sampling=Sampling(), timeout=10, retry=RetryPolicy(max_attempts=3, initial=0.01))
+            try:
+                await engine.complete(MESSAGES)                 # 200, no headers: no pacing needed
+                refused = asyncio.ensure_future(engine.complete(MESSAGES))   # a 429, Retry-After 0.6 s
+                await asyncio.sleep(0.2)
+                start = time.monotonic()
+                await engine.complete(MESSAGES)                 # another request, after the 429
+                waited = time.monotonic() - start
+                await refused
+                return waited
+            finally:
+                await engine.aclose()
+        waited = asyncio.run(go())
+        assert fake.faults_drawn[1] == "429"
+    assert waited >= 0.3

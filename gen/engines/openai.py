@@ -288,6 +288,8 @@ class OpenAIEngine(Engine):
             self.pool.finished(server, ok=not is_transient(exc))
             if ticket is not None:
                 self._settle(ticket, exc, reply)
+            elif isinstance(exc, StatusError) and exc.status == 429:
+                self.pacer.refused(exc.headers, retry_after_seconds(exc))
             raise
         self.pool.finished(server, ok=True)
         if ticket is not None:

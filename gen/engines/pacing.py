@@ -155,7 +155,15 @@ class Pacer:
 
     @property
     def active(self) -> bool:
-        return self.max_requests is not None or self.max_tokens is not None or self.reports is not False
+        return (self.max_requests is not None or self.max_tokens is not None or self.reports is not False
+                or self._hold_until > 0)
+
+    def refused(self, headers: Mapping[str, str], retry_after: Optional[float]) -> None:
+        """A 429 for a request that was not paced (no limits, a server that reports none):
+        from now on every request is, and this one holds them all."""
+        self._observe(Ticket(-1, 0.0), headers, 429, retry_after, self.clock())
+        self._hold_until = max(self._hold_until, 1e-9)   # active from now on
+        self._changed.set()
 
     # ------------------------------------------------------------------ admission
 
