@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latency", type=float, default=0.5)
     ap.add_argument("--per-token-latency", type=float, default=0.002)
     ap.add_argument("--timings-out", type=Path, required=True)
+    ap.add_argument("--rate-limit", type=float, nargs=3, metavar=("REQUESTS", "TOKENS", "WINDOW_S"),
+                    help="a provider's limits: at most REQUESTS and TOKENS per WINDOW_S seconds, 429 beyond")
+    ap.add_argument("--rate-window-kind", choices=["sliding", "fixed"], default="sliding")
+    ap.add_argument("--rate-headers", action="store_true", help="send x-ratelimit-* headers")
     args = ap.parse_args(argv)
 
     fake_openai = load_fake()
@@ -51,8 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    limit = (int(args.rate_limit[0]), int(args.rate_limit[1]), args.rate_limit[2]) if args.rate_limit else None
     with fake_openai.FakeOpenAI(capacity=args.capacity, latency=args.latency,
-                                per_token_latency=args.per_token_latency) as fake:
+                                per_token_latency=args.per_token_latency, rate_limit=limit,
+                                rate_window_kind=args.rate_window_kind, rate_headers=args.rate_headers) as fake:
         print(fake.base_url, flush=True)
         while not stop.wait(0.2):
             pass

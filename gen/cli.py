@@ -17,13 +17,15 @@ from typing import Any, Mapping, Optional
 
 from pydantic import BaseModel, ValidationError
 
-from gen.config import RunConfig, Sampling, base_url_problem
+from gen.config import Pricing, RunConfig, Sampling, base_url_problem
 from gen.settings import describe, problems
 
 PATH_FIELDS = ("captions", "out", "cache", "prompts", "batch_dir")
 SAMPLING_FIELDS = tuple(Sampling.model_fields)
 # Curation settings reachable by flag; the rest go in the file's [curation] table.
 CURATION_FLAGS = ("decontaminate_against", "dataset_license")
+# Flags that set the [pricing] table's keys.
+PRICING_FLAGS = {"price_in": "input", "price_out": "output"}
 
 
 class ConfigError(ValueError):
@@ -69,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     a("--timeout", type=float, help=f"seconds per request ({r('timeout')})")
     a("--max-attempts", type=int, help=f"tries per request on transient faults ({r('max_attempts')})")
     a("--retry-wait", type=float, help=f"first backoff in seconds, doubling with jitter ({r('retry_wait')})")
+    a("--rpm", type=int, help=f"the API key's requests per minute: capgen stays under it ({r('rpm')})")
+    a("--tpm", type=int, help="the API key's tokens per minute (prompt + answer; a request is counted at its "
+      f"prompt plus --max-tokens until its usage is known) ({r('tpm')})")
+    a("--rate-window", type=float, help="seconds the provider counts --rpm and --tpm over, the limits scaled "
+      f"to it (1 for one that counts per second) ({r('rate_window')})")
+    a("--price-in", type=float, help="price per million input (prompt) tokens, for the dry run's bill and "
+      f"the manifest's; no default: unset means the cost is unknown ({describe(Pricing.model_fields['input'])})")
+    a("--price-out", type=float, help="price per million output (completion) tokens "
+      f"({describe(Pricing.model_fields['output'])})")
     a("--repair-rounds", type=int,
       help=f"requests after an invalid answer, each showing the model its error ({r('repair_rounds')})")
     a("--temperature", type=float, help=f"({r('temperature', Sampling)})")
@@ -145,6 +156,8 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = dict(value)
         elif key in CURATION_FLAGS:
             out.setdefault("curation", {})[key] = value
+        elif key in PRICING_FLAGS:
+            out.setdefault("pricing", {})[PRICING_FLAGS[key]] = value
         else:
             out[key] = value
     return out
@@ -155,7 +168,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     names = [*RunConfig.model_fields, *SAMPLING_FIELDS]
     for name in names:
         value = env.get(f"CAPGEN_{name.upper()}")
-        if value is None or name in ("sampling", "vllm_args"):  # tables: the file or flags
+        if value is None or name in ("sampling", "vllm_args", "pricing"):  # tables: the file or flags
             continue
         flat[name] = [u.strip() for u in value.split(",") if u.strip()] if name == "base_urls" else value
     return _nest(flat)
@@ -325,6 +338,7 @@ def _namer(flags: dict, env: dict, file: Optional[Path]):
     """A setting's name as the user wrote it, where the winning value came from: the flag,
     the environment variable or the job file's key."""
     options = {a.dest: a.option_strings[0] for a in _parser()._actions if a.option_strings}
+    options.update({key: options.pop(flag) for flag, key in PRICING_FLAGS.items()})
 
     def has(layer: dict, names: tuple[str, ...]) -> bool:
         for n in names:

@@ -73,6 +73,15 @@ def base_url_problem(url: str) -> Optional[str]:
     return None
 
 
+class Pricing(BaseModel):
+    """Prices per million tokens, the user's own: none are shipped, so unset means unknown."""
+    model_config = ConfigDict(extra="forbid")
+    input: OptFloat = Field(None, ge=0)
+    output: OptFloat = Field(None, ge=0)
+    # What a batch API charges, as a share of the online price (0.5: half).
+    batch_discount: Float = Field(0.5, ge=0, le=1)
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -99,6 +108,12 @@ class RunConfig(BaseModel):
     timeout: Float = Field(120.0, gt=0)  # seconds per request
     max_attempts: Int = Field(6, ge=1)  # per request, for transient faults
     retry_wait: Float = Field(1.0, ge=0)  # first backoff in seconds; doubles, with jitter, to 30 s
+    # A hosted API's limits for the key (gen/engines/pacing.py), counted over `rate_window`
+    # seconds: 60 for per minute; shorter where the provider counts per second.
+    rpm: OptInt = Field(None, ge=1)
+    tpm: OptInt = Field(None, ge=1)
+    rate_window: Float = Field(60.0, gt=0, le=3600)
+    pricing: Pricing = Field(default_factory=Pricing)
     # Requests after an invalid answer, each showing the model its error. The bundled 0.5B
     # model fixes about 1 answer in 70 this way (docs/quality.md): 0 saves those requests;
     # a larger model may earn more. Capped because each round is a full prompt again.

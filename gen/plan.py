@@ -1,9 +1,12 @@
 """`--dry-run`: what a run would generate and roughly what it would cost, without an LLM.
 
 Reads the captions and the answer store (read-only), so the plan is exact about which
-captions would be requested. Token figures come from the store's own history when it has
-answers (what this model and template really cost per request); otherwise from characters,
-at 2.2 characters per token, measured with Qwen2.5's tokenizer on the bundled template.
+captions would be requested. Token figures come from the store's history of this
+fingerprint when it has answers for this input (what this model and template really cost
+per request); otherwise the prompt's from characters, at 2.2 characters per token, measured
+with Qwen2.5's tokenizer on the bundled template (gen.cost), and the completion's from
+--max-tokens, an upper bound. With prices (--price-in, --price-out) it prints the bill,
+online and through a batch API; without, it says the cost is unknown.
 It also says whether curation would publish a new shard version, and whether the engine
 could serve the run: each server is asked for its model list (no generation is paid for).
 """
@@ -20,12 +23,12 @@ from typing import Any, Iterable, Union
 
 from gen.captions import CaptionDigest
 from gen.config import RunConfig, answer_key
+from gen.cost import CHARS_PER_TOKEN, bill, prompt_chars as chars_of
 from gen.logs import public_url
 from gen.prompts import PromptSet
 from gen.store import KEPT
 from schemas import Caption, Reject
 
-CHARS_PER_TOKEN = 2.2
 PROBE_TIMEOUT = 5.0          # seconds per server; a pre-flight check must not hang a job
 PROBE_MAX_BYTES = 1 << 20    # a model list is a few KB; the server's reply is untrusted
 
@@ -59,14 +62,14 @@ class _Stored:
                            "WHERE status IN ('intent', 'live') ORDER BY created") if self.db else []
         return [{"batch_id": b, "status": s, "requests": n, "created": c} for b, s, n, c in rows]
 
-    def history(self) -> tuple[float, float] | None:
-        """Mean prompt and completion tokens per request."""
-        rows = self._query("SELECT SUM(prompt_tokens), SUM(completion_tokens), SUM(requests) "
-                           "FROM answers WHERE requests > 0") if self.db else []
-        if not rows or not rows[0][2]:
-            return None
-        prompt, completion, requests = rows[0]
-        return prompt / requests, completion / requests
+    def usage(self, keys: list[str]) -> tuple[int, int, int]:
+        """Prompt tokens, completion tokens and requests the stored answers of `keys` cost
+        (keys are of one fingerprint: this is that fingerprint's history)."""
+        if self.db is None or not keys:
+            return 0, 0, 0
+        rows = self._query(f"SELECT SUM(prompt_tokens), SUM(completion_tokens), SUM(requests) FROM answers "
+                           f"WHERE requests > 0 AND key IN ({','.join('?' * len(keys))})", keys)
+        return tuple(int(v or 0) for v in rows[0]) if rows else (0, 0, 0)
 
     def _query(self, sql: str, args=()) -> list[tuple]:
         try:
@@ -99,6 +102,27 @@ def _chunks(items: Iterable, size: int):
             chunk = []
     if chunk:
         yield chunk
+
+
+def cost_outlook(prompt_tokens: float, completion_tokens: float, config: RunConfig,
+                 completion_from: str) -> dict[str, Any]:
+    """The bill for the estimated tokens, online and through a batch API, in the unit the
+    prices are given in; None with the reason when a price is not set."""
+    p = config.pricing
+    online = bill(prompt_tokens, completion_tokens, p.input, p.output)
+    batch = bill(prompt_tokens, completion_tokens, p.input, p.output, batch=True, batch_discount=p.batch_discount)
+    out: dict[str, Any] = {"online": None if online is None else round(online, 6),
+                           "batch": None if batch is None else round(batch, 6),
+                           "price_in_per_million": p.input, "price_out_per_million": p.output,
+                           "batch_discount": p.batch_discount}
+    if online is None:
+        missing = [flag for flag, v in (("--price-in", p.input), ("--price-out", p.output)) if v is None]
+        out["note"] = f"cost unknown: no price set ({' and '.join(missing)}, or [pricing] in the job file)"
+    elif completion_from == "max_tokens":
+        out["note"] = "an upper bound: completion tokens counted at --max-tokens until answers are stored"
+    else:
+        out["note"] = "from this fingerprint's stored usage per request (repair rounds not included)"
+    return out
 
 
 def curation_outlook(config: RunConfig, fingerprint: str, to_request: int, captions: str) -> dict[str, Any]:
@@ -203,13 +227,16 @@ def plan(records: Iterable[Union[Caption, Reject]], config: RunConfig, prompts: 
     to_request: set[str] = set()
     prompt_chars = 0
     pending: set[str] = set()
+    history = [0, 0, 0]   # prompt tokens, completion tokens, requests of this input's stored answers
     try:
         for chunk in _chunks(records, 512):
             keyed = [(answer_key(fingerprint, r.text), r) for r in chunk if not isinstance(r, Reject)]
             rejects += len(chunk) - len(keyed)
             captions += len(keyed)
-            known = stored.which(list({k for k, _ in keyed}), config.repair_rounds)
-            in_batches = stored.pending(list({k for k, _ in keyed})) if config.batch else set()
+            keys = list({k for k, _ in keyed})
+            known = stored.which(keys, config.repair_rounds)
+            history = [a + b for a, b in zip(history, stored.usage(keys))]
+            in_batches = stored.pending(keys) if config.batch else set()
             for key, record in keyed:
                 seen.add(record)
                 if key in known or key in to_request:
@@ -219,27 +246,32 @@ def plan(records: Iterable[Union[Caption, Reject]], config: RunConfig, prompts: 
                     pending.add(key)
                     continue
                 to_request.add(key)
-                prompt_chars += sum(len(m["content"]) for m in prompts.messages(record))
-        history = stored.history()
+                prompt_chars += chars_of(prompts.messages(record))
         open_batches = stored.open_batches() if config.batch else []
     finally:
         stored.close()
     n = len(to_request)
     most = (1 + config.repair_rounds) * n   # each repair round is one more request
-    if history:
-        prompt_tokens, completion_tokens = history[0] * n, history[1] * n
-        method = "mean tokens per request in the answer store"
+    if history[2]:
+        prompt_tokens, completion_tokens = history[0] / history[2] * n, history[1] / history[2] * n
+        method = f"mean tokens per request of {history[2]} stored requests with this fingerprint"
+        completion_from = "history"
     else:
-        prompt_tokens, completion_tokens = prompt_chars / CHARS_PER_TOKEN, None
-        method = f"prompt characters / {CHARS_PER_TOKEN}; completion unknown until answers exist"
+        prompt_tokens = prompt_chars / CHARS_PER_TOKEN
+        completion_tokens = n * config.sampling.max_tokens
+        method = (f"prompt characters / {CHARS_PER_TOKEN}; completion at --max-tokens, an upper bound "
+                  "(no answer with this fingerprint stored yet)")
+        completion_from = "max_tokens"
     result = {
         "captions": captions, "input_rejects": rejects, "cached": cached, "to_request": n,
         "requests_at_least": n, "requests_at_most": most,
         "prompt_chars": prompt_chars,
         "prompt_tokens_estimate": round(prompt_tokens),
-        "completion_tokens_estimate": round(completion_tokens) if completion_tokens is not None else None,
+        "completion_tokens_estimate": round(completion_tokens),
+        "completion_estimate_from": completion_from,
         "completion_tokens_at_most": most * config.sampling.max_tokens,
         "estimate_method": method,
+        "cost": cost_outlook(prompt_tokens, completion_tokens, config, completion_from),
         "fingerprint": fingerprint,
         "curation": curation_outlook(config, fingerprint, n, seen.hexdigest()),
     }

@@ -230,7 +230,9 @@ def generate_ray(records: Iterable[Union[Caption, Reject]], *, config: RunConfig
     batch_size = config.concurrency if config.engine == "vllm" else max(1, config.concurrency // BATCHES_PER_ACTOR)
     Actor = ray.remote(Replica).options(num_gpus=gpus, num_cpus=cpus, max_restarts=0, max_task_retries=0,
                                         max_concurrency=BATCHES_PER_ACTOR + 2)
-    config_json = config.model_dump_json()
+    # Each actor paces on its own: the key's limits are shared out between them.
+    share = {k: max(1, getattr(config, k) // config.ray_actors) for k in ("rpm", "tpm") if getattr(config, k)}
+    config_json = config.model_copy(update=share).model_dump_json()
     actors = [Actor.remote(config_json, model, schema, path, build or build_engine) for _ in range(config.ray_actors)]
     stats = GenStats()
     try:

@@ -100,6 +100,14 @@ def _bars(items: list[tuple[str, float]], unit: str = "") -> str:
     return f"<div class=bars>{rows}</div>"
 
 
+def _money(cost: Any) -> str:
+    """What the run spent, in the unit its prices were given in, or why it is not known."""
+    if not cost or cost.get("amount") is None:
+        return "unknown (no prices set: --price-in, --price-out)"
+    return (f"{cost['amount']:.4f} ({'batch' if cost.get('batch') else 'online'}: {cost['price_in_per_million']:g} "
+            f"per million input tokens, {cost['price_out_per_million']:g} per million output tokens)")
+
+
 def _table(rows: list[tuple[str, Any]]) -> str:
     return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                                for k, v in rows) + "</table>"
@@ -124,7 +132,8 @@ def render(manifest: dict[str, Any], summary: dict[str, Any]) -> str:
         ("Run", _table([("captions file", manifest["captions_file"]), ("model", manifest["model"]),
                         ("engine", manifest["engine"].get("engine")), ("fingerprint", manifest["fingerprint"][:16]),
                         ("total time", f"{t['total_s']} s"), ("requests", u["requests"]),
-                        ("prompt tokens", u["prompt_tokens"]), ("completion tokens", u["completion_tokens"])])),
+                        ("prompt tokens", u["prompt_tokens"]), ("completion tokens", u["completion_tokens"]),
+                        ("cost", _money(manifest.get("cost")))])),
         ("Captions", _bars([("with queries", c["captions_with_queries"]), ("from the store (cached)", c["cached"]),
                             ("rejected input lines", c["input_rejects"]), ("rejected answers", c["rejected"]),
                             ("rejected answers, valid queries kept", c["salvaged"]),

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from gen import __version__, localmodel, logs, report
+from gen import __version__, cost, localmodel, logs, report
 from gen.atomic import (STOP_SIGNALS, Terminated, all_or_none, atomic_path,  # noqa: F401 (Terminated: for callers)
                         on_stop_signal, sha256_file, stop_signals)
 from gen.captions import STDIN, CaptionDigest, CaptionError, is_stream, read_captions, spooled
@@ -240,11 +240,15 @@ def dry_run(config: RunConfig, prompts: PromptSet, source: Path) -> int:
     result = plan(records, config, prompts, fingerprint)
     result["engine"] = check_engine(config, model)
     result["refused"] = _refusal(config, result["captions"])
-    cur, engine = result["curation"], result["engine"]
-    log.info("dry run: %d captions, %d cached, %d to request (%d-%d requests), ~%s prompt tokens; "
-             "curation: %s (%s)", result["captions"], result["cached"], result["to_request"],
-             result["requests_at_least"], result["requests_at_most"], result["prompt_tokens_estimate"],
-             "a new version" if cur["new_version"] else "no new version", cur["reason"],
+    cur, engine, price = result["curation"], result["engine"], result["cost"]
+    bill = (f"cost ~{price['online']:g} online, ~{price['batch']:g} by batch ({price['note']})"
+            if price["online"] is not None else price["note"])
+    log.info("dry run: %d captions, %d cached, %d to request (%d-%d requests), ~%s prompt tokens, ~%s "
+             "completion tokens (%s); %s; curation: %s (%s)", result["captions"], result["cached"],
+             result["to_request"], result["requests_at_least"], result["requests_at_most"],
+             result["prompt_tokens_estimate"], result["completion_tokens_estimate"],
+             "from history" if result["completion_estimate_from"] == "history" else "at --max-tokens, an upper bound",
+             bill, "a new version" if cur["new_version"] else "no new version", cur["reason"],
              extra={"fields": {"event": "dry_run", "plan": result}})
     if "batch" in result:
         b = result["batch"]
@@ -469,6 +473,10 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
         "usage": {"requests": stats.requests, "prompt_tokens": stats.prompt_tokens,
                   "completion_tokens": stats.completion_tokens},
         "batch": batch_summary,
+        # Batch mode: priced as batch lines (repairs sent online with --batch-repair online are
+        # counted at the batch price too: a small share, at most one request in 70 or so).
+        "cost": cost.spent({"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens},
+                           config.pricing, batch=bool(config.batch)),
         "timings": {"started": started, "generate_s": round(generated_at - started, 3),
                     "export_s": round(exported_at - generated_at, 3),
                     "total_s": round(time.time() - started, 3)},

@@ -174,6 +174,14 @@ def _tokens(text: str) -> int:
     return len(text) // 2 + 1
 
 
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: "6m0s", "1.5s", "120ms"."""
+    if seconds < 1:
+        return f"{max(seconds, 0) * 1000:.0f}ms"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:.3g}s" if minutes else f"{rest:.3g}s"
+
+
 def _error(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -290,11 +298,19 @@ class FakeOpenAI:
       `capacity` service slots (unlimited if None) for latency + per_token_latency *
       completion_tokens seconds; the rest queue. HTTP errors (4xx/5xx), "drop" and "timeout"
       are answered without taking a slot.
+    rate_limit: (requests, tokens, window seconds), or None: a provider's limits. A request
+      costs 1 request and its usage (prompt + completion tokens), charged on arrival; one that
+      would exceed either limit within the window is answered 429 (nothing charged, no
+      Retry-After). rate_window_kind "sliding" counts the last `window` seconds, "fixed"
+      counts windows aligned to the server's start. rate_headers: every chat reply carries
+      x-ratelimit-limit/remaining/reset-requests/-tokens (reset in OpenAI's form, "1.5s",
+      "120ms": the time until the budget is whole again). extra_headers: sent on every chat
+      reply (after those, so they can override them: hostile values for tests).
     Recorded, all thread-safe appends: requests (bodies), auth_headers (Authorization value or
     None), faults_drawn (fault name or None), all three aligned by request index; timings
     (one dict per answered or dropped request, in completion order: index, fault, status
     (0 = dropped), t_arrive, t_start_service (None if it never took a slot), t_done; all
-    time.monotonic()).
+    time.monotonic(); and charged, the tokens the rate limit counted, 0 when it did not).
     """
 
     def __init__(self, *, answer: Answer | None = None, faults: FaultSpec = None, seed: int = 0,
@@ -302,7 +318,11 @@ class FakeOpenAI:
                  reject_json_schema: bool = False, reject_chat_template_kwargs: bool = False,
                  retry_after: str | None = "0", hang_seconds: float = 30.0, model: str = "fake-model",
                  oversized_bytes: int = 20_000_000, bomb_bytes: int = 200 << 20,
-                 check_model: bool = False):
+                 check_model: bool = False,
+                 rate_limit: tuple[int, int, float] | None = None, rate_window_kind: str = "sliding",
+                 rate_headers: bool = False, extra_headers: dict[str, str] | None = None):
+        if rate_window_kind not in ("sliding", "fixed"):
+            raise ValueError("rate_window_kind must be sliding or fixed")
         if isinstance(faults, dict):
             unknown = set(faults) - set(FAULTS)
             if unknown:
@@ -320,6 +340,10 @@ class FakeOpenAI:
         self.oversized_bytes, self.bomb_bytes = oversized_bytes, bomb_bytes
         self._bomb_tail: bytes | None = None
         self.check_model = check_model
+        self.rate_limit, self.rate_window_kind = rate_limit, rate_window_kind
+        self.rate_headers, self.extra_headers = rate_headers, dict(extra_headers or {})
+        self._charges: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
+        self._window_start = time.monotonic()
 
         self.requests: list[dict] = []
         self.auth_headers: list[str | None] = []
@@ -458,7 +482,7 @@ class FakeOpenAI:
             self.auth_headers.append(h.headers.get("Authorization"))
             fault = None if rejection else self._draw(index, caption)
             self.faults_drawn.append(fault)
-        record = {"index": index, "fault": fault, "t_arrive": t_arrive, "t_start_service": None}
+        record = {"index": index, "fault": fault, "t_arrive": t_arrive, "t_start_service": None, "charged": 0}
 
         def done(status: int) -> None:
             record.update(status=status, t_done=time.monotonic())
@@ -488,6 +512,17 @@ class FakeOpenAI:
             self._sleep(self.hang_seconds)  # the client should give up first
 
         valid = self.answer(caption, body)
+        prompt = "\n".join(_text_of(m.get("content")) for m in body["messages"] if isinstance(m, dict))
+        prompt_tokens = _tokens(prompt)
+        limit_headers: dict[str, str] = {}
+        if self.rate_limit is not None:
+            admitted, limit_headers = self._charge(prompt_tokens + _tokens(valid))
+            record["charged"] = (prompt_tokens + _tokens(valid)) if admitted else 0
+            if not admitted:
+                h._send(429, {"error": {"message": "Rate limit reached for requests or tokens per minute",
+                                        "type": "requests", "code": "rate_limit_exceeded"}},
+                        {**limit_headers, **self.extra_headers})
+                return done(429)
         message: dict[str, Any] = {"role": "assistant", "content": valid}
         choices_empty = False
         if fault == "truncated":
@@ -517,8 +552,6 @@ class FakeOpenAI:
 
         if fault != "timeout":  # a hung request already spent its time
             self._serve(record, self.latency + self.per_token_latency * completion_tokens)
-        prompt = "\n".join(_text_of(m.get("content")) for m in body["messages"] if isinstance(m, dict))
-        prompt_tokens = _tokens(prompt)
         reply = {
             "id": f"chatcmpl-fake-{index}",
             "object": "chat.completion",
@@ -535,11 +568,41 @@ class FakeOpenAI:
             reply["choices"] = {"0": reply["choices"][0]}
         elif fault == "usage_wrong_type":
             reply["usage"] = {"prompt_tokens": "many", "completion_tokens": [1], "total_tokens": 10 ** 30}
+        headers = {**limit_headers, **self.extra_headers}
         if fault == "gzip_bomb":
-            h._send_bytes(200, self._bomb(reply), {"Content-Encoding": "gzip"})
+            h._send_bytes(200, self._bomb(reply), {"Content-Encoding": "gzip", **headers})
         else:
-            h._send(200, reply)
+            h._send(200, reply, headers)
         done(200)
+
+    def _charge(self, tokens: int) -> tuple[bool, dict[str, str]]:
+        """Charge one request of `tokens` against the rate limit if it fits: (admitted, the
+        x-ratelimit-* headers as they stand after it, when rate_headers is on)."""
+        max_requests, max_tokens, window = self.rate_limit
+        with self._lock:
+            now = time.monotonic()
+            if self.rate_window_kind == "sliding":
+                while self._charges and self._charges[0][0] + window <= now:
+                    self._charges.popleft()
+            elif now >= self._window_start + window:
+                self._window_start += window * ((now - self._window_start) // window)
+                self._charges.clear()
+            used = sum(n for _, n in self._charges)
+            admitted = len(self._charges) < max_requests and used + tokens <= max_tokens
+            if admitted:
+                self._charges.append((now, tokens))
+                used += tokens
+            if not self.rate_headers:
+                return admitted, {}
+            if self.rate_window_kind == "sliding":   # whole again when the newest charge leaves
+                reset = self._charges[-1][0] + window - now if self._charges else 0.0
+            else:
+                reset = self._window_start + window - now
+            return admitted, {
+                "x-ratelimit-limit-requests": str(max_requests), "x-ratelimit-limit-tokens": str(max_tokens),
+                "x-ratelimit-remaining-requests": str(max_requests - len(self._charges)),
+                "x-ratelimit-remaining-tokens": str(max(max_tokens - used, 0)),
+                "x-ratelimit-reset-requests": _duration(reset), "x-ratelimit-reset-tokens": _duration(reset)}
 
     def _bomb(self, reply: dict) -> bytes:
         """The reply, a valid answer, followed by `bomb_bytes` of whitespace (still valid JSON),

@@ -69,7 +69,8 @@ def test_dry_run_counts_exactly_and_calls_nothing(tmp_path, sample_captions, cap
         first = json.loads(capsys.readouterr().out)
         assert fake.requests == [] and not out.exists()  # nothing called, nothing written
         assert (first["captions"], first["input_rejects"], first["to_request"]) == (10, 1, 10)
-        assert first["completion_tokens_estimate"] is None and first["prompt_tokens_estimate"] > 0
+        assert first["completion_estimate_from"] == "max_tokens" and first["prompt_tokens_estimate"] > 0
+        assert first["completion_tokens_estimate"] == 10 * 1024  # the upper bound
         write_jsonl(path, sample_captions[:6])
         assert main([*args, "--base-url", fake.base_url]) == EXIT_OK
         capsys.readouterr()
@@ -77,7 +78,8 @@ def test_dry_run_counts_exactly_and_calls_nothing(tmp_path, sample_captions, cap
         assert main([*args, "--base-url", fake.base_url, "--dry-run"]) == EXIT_OK
         second = json.loads(capsys.readouterr().out)
         assert (second["cached"], second["to_request"]) == (6, 4)
-        assert second["completion_tokens_estimate"] > 0  # now from the store's history
+        assert second["completion_estimate_from"] == "history"  # now from the store's history
+        assert 0 < second["completion_tokens_estimate"] < 4 * 1024
         assert len(fake.requests) == 6
 
 

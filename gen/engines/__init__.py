@@ -10,11 +10,13 @@ def build_engine(config: RunConfig, model: str, schema: dict) -> Engine:
     """`model` is the resolved name or path (the config may hold an alias)."""
     if config.engine == "openai":
         from gen.engines.openai import OpenAIEngine
+        from gen.engines.pacing import Pacer
         return OpenAIEngine(
             base_urls=list(config.base_urls), model=model, schema=schema, sampling=config.sampling,
             api_key_env=config.api_key_env, timeout=config.timeout,
             retry=RetryPolicy(max_attempts=config.max_attempts, initial=config.retry_wait),
-            disable_thinking=config.disable_thinking)
+            disable_thinking=config.disable_thinking,
+            pacer=Pacer(config.rpm, config.tpm, config.rate_window))
     from gen.engines.vllm import VLLMEngine
     return VLLMEngine(model=model, schema=schema, sampling=config.sampling,
                       max_in_flight=config.concurrency, max_model_len=config.max_model_len,

@@ -37,10 +37,12 @@ import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from gen.config import Sampling, base_url_problem
+from gen.cost import prompt_tokens
 from gen.engines.base import Completion, Engine, EngineError, printable
+from gen.engines.pacing import Pacer, Ticket
 from gen.engines.pool import Server, ServerPool
 from gen.engines.retry import (EmptyAnswer, RequestFailed, RetryPolicy, StatusError, TransportError,
-                               is_refusal, is_transient, refusal_hint)
+                               is_refusal, is_transient, refusal_hint, retry_after_seconds)
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +187,10 @@ class OpenAIEngine(Engine):
     def __init__(self, *, base_urls: list[Optional[str]], model: str, schema: dict, sampling: Sampling,
                  api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
                  retry: RetryPolicy = RetryPolicy(), disable_thinking: bool = True,
-                 cooldown: float = 30.0):
+                 cooldown: float = 30.0, pacer: Optional[Pacer] = None):
         self.model, self.schema, self.sampling, self.retry = model, schema, sampling, retry
+        # Rate limits: the user's (--rpm, --tpm) and the server's headers (gen/engines/pacing.py).
+        self.pacer = pacer or Pacer()
         # Local servers need no key; "EMPTY" is the placeholder vLLM's docs use, sent as before.
         api_key = os.environ.get(api_key_env) or "EMPTY"
         self._secret = api_key if api_key != "EMPTY" else None
@@ -241,12 +245,15 @@ class OpenAIEngine(Engine):
                 auto_decompress=False)   # _read decompresses, within the reply limit
         return server.client
 
-    async def _post(self, server: Server, body: bytes) -> Any:
+    async def _post(self, server: Server, body: bytes, reply: Optional[dict] = None) -> Any:
+        """The reply's JSON; `reply` gets its status and headers (what pacing reads)."""
         url = server.url.rstrip("/") + "/chat/completions"
         try:
             async with self._session(server).post(url, data=body,
                                                   proxy=self._proxies[server.url]) as r:
                 self.pool.replied(server)
+                if reply is not None:
+                    reply.update(status=r.status, headers=r.headers)
                 raw = await _read(r, self.reply_limit)
                 if not 200 <= r.status < 300:
                     raise StatusError(r.status, r.headers, raw.decode("utf-8", "replace"))
@@ -277,22 +284,27 @@ class OpenAIEngine(Engine):
                         "on" if self.thinking_kwargs else "off")
             return True
 
-    async def _send(self, server: Server, messages: list[dict[str, str]], schema: Optional[dict]) -> Any:
+    async def _send(self, server: Server, messages: list[dict[str, str]], schema: Optional[dict],
+                    reply: Optional[dict] = None) -> Any:
         while True:
             level, thinking = self.format_level, self.thinking_kwargs
             self.attempts += 1
             try:
-                return await self._post(server, self._body(messages, schema))
+                return await self._post(server, self._body(messages, schema), reply)
             except StatusError as exc:
                 if exc.status != 400 or not await self._step_down(exc, level, thinking):
                     raise
 
     async def _once(self, messages: list[dict[str, str]], schema: Optional[dict]) -> Completion:
+        ticket = None
+        if self.pacer.active:   # the most it may cost: its prompt, and every token it may answer
+            ticket = await self.pacer.acquire(prompt_tokens(messages) + self.sampling.max_tokens)
         while True:  # round again only after a refusal took a server out: another may serve
             server = self.pool.pick()   # EngineUnusable once every server has refused
             self.pool.started(server)
+            reply: dict[str, Any] = {}
             try:
-                done = _completion(await self._send(server, messages, schema), server.url)
+                done = _completion(await self._send(server, messages, schema, reply), server.url)
             except BaseException as exc:
                 refused = is_refusal(exc)
                 # Only the server's own trouble counts against it, not a request it rightly refused.
@@ -302,13 +314,28 @@ class OpenAIEngine(Engine):
                     continue
                 if _unreachable(exc):
                     self.pool.unreachable(server, str(exc))  # EngineUnusable past the outage limit
+                if ticket is not None:
+                    self._settle(ticket, exc, reply)
+                elif isinstance(exc, StatusError) and exc.status == 429:
+                    self.pacer.refused(exc.headers, retry_after_seconds(exc))
                 raise
             self.pool.finished(server, ok=True)
+            if ticket is not None:
+                used = done.prompt_tokens + done.completion_tokens
+                self.pacer.settle(ticket, used or None, reply.get("headers"), reply.get("status"))
             return done
 
     def _refusal(self, exc: StatusError) -> str:
         hint = refusal_hint(exc) + (f" in ${self.api_key_env}" if exc.status == 401 else "")
         return f"{self.redact(str(exc))[:300]} ({hint})"
+
+    def _settle(self, ticket: Ticket, exc: BaseException, reply: dict) -> None:
+        """A request that got no answer: one the server refused with a status cost no tokens;
+        any other may have been served, so it keeps its estimate."""
+        if isinstance(exc, StatusError):
+            self.pacer.settle(ticket, 0, exc.headers, exc.status, retry_after_seconds(exc))
+        else:
+            self.pacer.settle(ticket, None, reply.get("headers"), reply.get("status"))
 
     async def complete(self, messages: list[dict[str, str]], schema: Optional[dict] = None) -> Completion:
         unreachable = 0
@@ -355,4 +382,4 @@ class OpenAIEngine(Engine):
         return {"engine": self.name, "servers": self.pool.describe(),
                 "response_format": FORMATS[self.format_level],
                 "thinking_kwargs": self.thinking_kwargs,
-                "attempts": self.attempts, "retries": self.retries}
+                "attempts": self.attempts, "retries": self.retries, "pacing": self.pacer.describe()}
