@@ -42,10 +42,7 @@ def test_datasets_loads_the_new_rows_of_latest_after_a_rerun(tmp_path):
 def test_curate_out_into_the_run_directory_or_its_shards_is_refused(tmp_path, capsys):
     from gen.curate.__main__ import main as curate_main
     from gen.run import EXIT_LOCKED, lock_out_dir
-    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(20))
-    out = tmp_path / "out"
-    with FakeOpenAI() as fake:
-        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+    path, out = safety.a_good_run(tmp_path, 20)
     before = snapshot(out)
     capsys.readouterr()
     for dest in (out, tmp_path, latest(out), out / "shards", out / "shards" / "mine", out / "x" / ".." / "shards" / "latest"):
@@ -103,10 +100,7 @@ def test_store_prune_refuses_a_captions_file_with_no_or_far_fewer_captions(tmp_p
 # --- a rerun while the server is down -------------------------------------------------------
 
 def test_a_rerun_against_a_server_that_fails_every_caption_is_exit_3_and_publishes_nothing(tmp_path, capsys):
-    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(20))
-    out = tmp_path / "out"
-    with FakeOpenAI() as fake:
-        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+    path, out = safety.a_good_run(tmp_path, 20)
     before = snapshot(out)
     capsys.readouterr()
     with FakeOpenAI(faults={"503": 1.0}) as down:   # new settings: every caption asked again

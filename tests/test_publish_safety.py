@@ -37,6 +37,16 @@ def cli(captions: Path, out: Path, url: str, *extra: str) -> list[str]:
             "--no-progress", "--retry-wait", "0.01", *extra]
 
 
+def a_good_run(tmp_path: Path, n: int) -> tuple[Path, Path]:
+    """n synthetic captions through a fake server into tmp_path/out: the previous, complete
+    state a test then disturbs. Returns (captions file, output directory)."""
+    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(n))
+    out = tmp_path / "out"
+    with FakeOpenAI() as fake:
+        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+    return path, out
+
+
 def snapshot(out: Path) -> dict[str, bytes]:
     """Every published file's bytes, and where shards/latest points."""
     files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
@@ -208,10 +218,7 @@ def test_sigterm_while_gen_run_curates_leaves_the_previous_outputs_and_says_so(t
 
 
 def test_sigint_during_gen_curate_leaves_latest_and_no_partial_version(tmp_path):
-    path = write_jsonl(tmp_path / "caps.jsonl", synthetic(300))
-    out = tmp_path / "out"
-    with FakeOpenAI() as fake:
-        assert main(cli(path, out, fake.base_url)) == EXIT_OK
+    path, out = a_good_run(tmp_path, 300)
     before = snapshot(out)
     proc = _start(["-m", "gen.curate", "--queries", str(out), "--negatives", "3"])
     _wait_for(lambda: _curating(out, before), proc)
