@@ -180,7 +180,7 @@ _streams: dict[tuple, bytes] = {}
 def _job_bytes(path: Path) -> bytes:
     """The job file's bytes. A pipe (--config <(...)) can be read only once, and the log
     format is looked up before the settings are read: its bytes are kept for the second."""
-    from gen.captions import is_stream
+    from gen.input.captions import is_stream
     if not is_stream(path):
         return path.read_bytes()
     st = path.stat()

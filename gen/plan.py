@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Union
 
-from gen.captions import CaptionDigest
+from gen.input.captions import CaptionDigest
 from gen.config import RunConfig, answer_key
 from gen.cost import CHARS_PER_TOKEN, bill, prompt_chars as chars_of
 from gen.logs import public_url

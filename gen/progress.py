@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from gen.captions import BROKEN, input_format, open_lines
+from gen.input.captions import BROKEN, input_format, open_lines
 from gen.generate import GenStats
 
 log = logging.getLogger("gen.progress")

@@ -47,7 +47,7 @@ from typing import Callable, Optional
 from gen import __version__, cost, localmodel, logs, report
 from gen.atomic import (STOP_SIGNALS, Terminated, all_or_none, atomic_path,  # noqa: F401 (Terminated: for callers)
                         on_stop_signal, sha256_file, stop_signals)
-from gen.captions import STDIN, CaptionDigest, CaptionError, is_stream, read_captions, spooled
+from gen.input.captions import STDIN, CaptionDigest, CaptionError, is_stream, read_captions, spooled
 from gen.cli import ConfigError, load_config, log_format_hint
 from gen.config import RunConfig, generation_fingerprint, model_identity
 from gen.engines import EngineError, EngineUnusable, build_engine

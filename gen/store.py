@@ -329,7 +329,7 @@ def _prune(job: PruneJob) -> int:
     import json
     import logging
 
-    from gen.captions import read_captions
+    from gen.input.captions import read_captions
     from gen.config import answer_key
     from gen.publish import published_captions
     from gen.run import UsageError, lock_out_dir

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gen.captions import CaptionError, read_captions
+from gen.input.captions import CaptionError, read_captions
 from schemas import Caption, Reject
 
 

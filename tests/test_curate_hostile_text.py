@@ -173,7 +173,7 @@ def test_answers_stored_before_the_rule_are_stopped_by_curation(tmp_path):
 def test_caption_input_refuses_the_same_controls(tmp_path):
     # One definition: a C1 control (mojibake) is refused at input as a C0 one always was, so
     # no caption is paid for and then dropped at curation.
-    from gen.captions import read_captions
+    from gen.input.captions import read_captions
     path = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "燃气表\x85"}, {"id": "b", "text": "燃\u200b气表"}])
     got = list(read_captions(path, 4000))
     assert got[0].reason == "field 'text': text contains control character U+0085"

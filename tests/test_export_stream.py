@@ -47,7 +47,7 @@ def test_streamed_files_equal_a_pass_over_the_store(tmp_path, sample_captions):
     assert list(dict.fromkeys(streamed_ids)) == ids
 
     # The Ray path's separate pass over the store must write the very same rows.
-    from gen.captions import read_captions
+    from gen.input.captions import read_captions
     again = tmp_path / "again"
     store = AnswerStore(out / "cache.sqlite")
     try:

@@ -21,7 +21,7 @@ from typing import Iterable
 import polars as pl
 from rapidfuzz.distance import LCSseq
 
-from gen.captions import BROKEN, input_format, open_lines
+from gen.input.captions import BROKEN, input_format, open_lines
 from gen.curate.normalize import char_ngrams, normalized
 
 # An n-gram in more eval texts than this share (and at least _STOP_MIN) is not indexed.
