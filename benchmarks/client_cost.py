@@ -16,7 +16,7 @@ seconds per request (time.process_time over the timed loop; the server's CPU is 
   aiohttp        a bare aiohttp.ClientSession: json.dumps body, json.loads reply (the floor)
 
 Part 2 times capgen's per-caption work outside HTTP, in a loop: rendering the messages,
-validating an answer (gen.validate.parse_answer), the answer key, and the store write.
+validating an answer (gen.generate.validate.parse_answer), the answer key, and the store write.
 """
 from __future__ import annotations
 
@@ -156,9 +156,9 @@ async def _text(coro) -> str:
 
 def part2(rows: list[dict]) -> list[dict]:
     from gen.config import answer_key
-    from gen.prompts import PromptSet
+    from gen.generate.prompts import PromptSet
     from gen.store import AnswerStore
-    from gen.validate import parse_answer
+    from gen.generate.validate import parse_answer
     from schemas import Caption
 
     prompts = PromptSet()
@@ -197,7 +197,7 @@ def main() -> int:
     ap.add_argument("--json-out", type=Path)
     a = ap.parse_args()
 
-    from gen.prompts import PromptSet
+    from gen.generate.prompts import PromptSet
     from schemas import Caption
     rows = gen_bench.cycled(gen_bench.base_captions(gen_bench.CAPTIONS), a.n)
     prompts = PromptSet()

@@ -24,7 +24,7 @@ For reference it also reports FIFO, the makespan of an ideal client that keeps >
 in flight in file order against this FCFS server (what a perfect client actually gets).
 
 Token accounting (no server needed): the bundled model's tokenizer and chat template on the
-rendered prompts (gen.prompts.PromptSet), the shared token prefix of all prompts (what vLLM's
+rendered prompts (gen.generate.prompts.PromptSet), the shared token prefix of all prompts (what vLLM's
 prefix cache reuses), and output tokens per accepted query, measured on the fake's answers
 re-serialised as compact JSON (the format the prompt's examples show), split into query text
 and JSON syntax.
@@ -353,7 +353,7 @@ def _compact_with_spans(answer: dict) -> tuple[str, list[tuple[int, int]]]:
 def token_report(rows: list[dict]) -> dict:
     sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer
-    from gen.prompts import PromptSet
+    from gen.generate.prompts import PromptSet
     from schemas import Caption, CaptionQueries
 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))

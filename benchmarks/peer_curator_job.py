@@ -8,7 +8,7 @@ Runs in curator's own virtual environment (not capgen's), as one process, timed 
 The same job as `python -m gen.run --engine openai`:
   - the same captions (the file capgen reads: JSON lines with id and text);
   - the same messages: rendered here, inside the timed process, by capgen's own
-    gen.prompts.PromptSet (imported from the repository: jinja2 and pydantic are in curator's
+    gen.generate.prompts.PromptSet (imported from the repository: jinja2 and pydantic are in curator's
     environment too), and returned verbatim by `prompt()`;
   - the same schema: schemas.answer.CaptionQueries as curator's `response_format` (curator sends
     it as response_format json_schema, its own rendering of the schema: `$defs` not inlined,
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from bespokelabs import curator
     from bespokelabs.curator.request_processor.online import openai_online_request_processor as oorp
     from gen.config import Sampling
-    from gen.prompts import PromptSet
+    from gen.generate.prompts import PromptSet
     from schemas import Caption, CaptionQueries
     from schemas.text import normalize
     t_import = time.monotonic()

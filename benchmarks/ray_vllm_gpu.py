@@ -6,7 +6,7 @@
 
 Each measurement runs in a process of its own, so one engine's GPU memory is free before the
 next starts: raw `LLM.chat` over all N prompts at once (one engine, one GPU group), then
-capgen's generation stage (gen.ray_executor.generate_ray, the driver and answer store a run
+capgen's generation stage (gen.generate.ray_executor.generate_ray, the driver and answer store a run
 uses) with 1 actor, then with 2. Throughput is completion tokens per second from the moment
 every actor's engine is up to the last answer recorded (engine start-up excluded on both
 sides; capgen's repair rounds count as tokens, as they are work the GPU does).
@@ -58,7 +58,7 @@ def phase_raw(a) -> dict:
     from vllm.sampling_params import StructuredOutputsParams
 
     from gen.config import RunConfig
-    from gen.prompts import PromptSet
+    from gen.generate.prompts import PromptSet
     from schemas import Caption, answer_json_schema
     model = _model(a.model)
     s = RunConfig(captions=Path("x"), model=model).sampling
@@ -96,8 +96,8 @@ def phase_ray(a) -> dict:
     import ray
 
     from gen.config import RunConfig, generation_fingerprint
-    from gen.prompts import PromptSet
-    from gen.ray_executor import ExecutorUnavailable, generate_ray
+    from gen.generate.prompts import PromptSet
+    from gen.generate.ray_executor import ExecutorUnavailable, generate_ray
     from gen.store import AnswerStore
     from schemas import Caption, decoding_constraints
     model = _model(a.model)
@@ -109,8 +109,8 @@ def phase_ray(a) -> dict:
     prompts = PromptSet()
     fingerprint = generation_fingerprint(config, prompts.digest, constraints)
     up = _UpAt(a.replicas)
-    logging.getLogger("gen.ray_executor").addHandler(up)
-    logging.getLogger("gen.ray_executor").setLevel(logging.INFO)
+    logging.getLogger("gen.generate.ray_executor").addHandler(up)
+    logging.getLogger("gen.generate.ray_executor").setLevel(logging.INFO)
     with tempfile.TemporaryDirectory() as tmp:
         store = AnswerStore(Path(tmp) / "cache.sqlite")
         t = time.perf_counter()

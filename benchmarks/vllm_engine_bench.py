@@ -211,7 +211,7 @@ async def bench(a: argparse.Namespace, model: str) -> dict:
 
     from gen.config import RunConfig, generation_fingerprint
     from gen.engines.vllm import VLLMEngine, _cpu_defaults, _on_cpu, engine_kwargs, sampling_params_factory
-    from gen.prompts import PromptSet
+    from gen.generate.prompts import PromptSet
     from schemas import Caption, answer_json_schema, decoding_constraints
 
     caps = captions(a.n)

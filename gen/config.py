@@ -140,7 +140,7 @@ class RunConfig(BaseModel):
     # False: the engine's own output (vLLM, torch, Ray) goes to <out>/engine.log, not the terminal.
     verbose: bool = False
 
-    # Batch mode (gen/batch.py): the server's batch API at about half the price, or, with
+    # Batch mode (gen/generate/batch.py): the server's batch API at about half the price, or, with
     # batch_dir, request files in a directory that a site's own queue answers. A run submits
     # what is new and returns (exit 4) unless `wait`; the next run collects.
     batch: bool = False

@@ -5,7 +5,7 @@ this fingerprint's answers only, so the files always describe exactly this input
 rows from an older template, no duplicates after a resumed run) and memory stays flat.
 Every caption ends in exactly one place: its queries, or a reject with the reason. An answer
 rejected after its repair rounds keeps its valid queries when only single queries were wrong
-(gen.validate.salvage); each dropped one is a reject of its own, stage "query".
+(gen.generate.validate.salvage); each dropped one is a reject of its own, stage "query".
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from gen.config import answer_key
 from gen.engines.base import printable
 from gen.report import Tally
 from gen.store import AnswerStore, Stored
-from gen.validate import salvage
+from gen.generate.validate import salvage
 from schemas import Caption, Reject
 from schemas.answer import flatten
 
@@ -72,7 +72,7 @@ class ExportStats:
     queries: int = 0
     salvaged: int = 0     # rejected answers whose valid queries were kept
     unreadable: int = 0   # stored answers damaged on disk: rejected, and asked again next run
-    pending: int = 0      # captions in a batch not yet collected (gen.batch): in no file yet
+    pending: int = 0      # captions in a batch not yet collected (gen.generate.batch): in no file yet
     rejects: Counter = field(default_factory=Counter)   # by stage
     tally: Tally = field(default_factory=Tally)          # the report's figures
 

@@ -38,10 +38,10 @@ from gen.config import RunConfig, Sampling, model_identity
 from gen.curate.judged import CANDIDATE_JUDGEMENTS, JUDGEMENTS  # the files curation reads
 from gen.engines import Completion, EngineError, build_engine
 from gen.generate import ask_until_valid, rejection
-from gen.prompts import PROBE, Templates
+from gen.generate.prompts import PROBE, Templates
 from gen.shards import query_shards
 from gen.store import AnswerStore
-from gen.validate import AnswerError
+from gen.generate.validate import AnswerError
 from prompts import TEMPLATE_DIR
 from schemas.judge import Judgement, judge_json_schema
 

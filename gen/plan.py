@@ -4,7 +4,7 @@ Reads the captions and the answer store (read-only), so the plan is exact about 
 captions would be requested. Token figures come from the store's history of this
 fingerprint when it has answers for this input (what this model and template really cost
 per request); otherwise the prompt's from characters, at 2.2 characters per token, measured
-with Qwen2.5's tokenizer on the bundled template (gen.cost), and the completion's from
+with Qwen2.5's tokenizer on the bundled template (gen.engines.cost), and the completion's from
 --max-tokens, an upper bound. With prices (--price-in, --price-out) it prints the bill,
 online and through a batch API; without, it says the cost is unknown.
 It also says whether curation would publish a new shard version, and whether the engine
@@ -23,9 +23,9 @@ from typing import Any, Iterable, Union
 
 from gen.input.captions import CaptionDigest
 from gen.config import RunConfig, answer_key
-from gen.cost import CHARS_PER_TOKEN, bill, prompt_chars as chars_of
+from gen.engines.cost import CHARS_PER_TOKEN, bill, prompt_chars as chars_of
 from gen.logs import public_url
-from gen.prompts import PromptSet
+from gen.generate.prompts import PromptSet
 from gen.store import KEPT
 from schemas import Caption, Reject
 

@@ -44,7 +44,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from gen import __version__, cost, localmodel, logs, report
+from gen import __version__, localmodel, logs, report
+from gen.engines import cost
 from gen.atomic import (STOP_SIGNALS, Terminated, all_or_none, atomic_path,  # noqa: F401 (Terminated: for callers)
                         on_stop_signal, sha256_file, stop_signals)
 from gen.input.captions import STDIN, CaptionDigest, CaptionError, is_stream, read_captions, spooled
@@ -54,8 +55,8 @@ from gen.engines import EngineError, EngineUnusable, build_engine
 from gen.engines.lazy import LazyEngine
 from gen.export import Exporter, export
 from gen.generate import generate
-from gen.progress import Progress, count_lines
-from gen.prompts import PromptError, PromptSet
+from gen.generate.progress import Progress, count_lines
+from gen.generate.prompts import PromptError, PromptSet
 from gen.store import AnswerStore
 from schemas import decoding_constraints
 
@@ -402,8 +403,8 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
     ray_engine: dict = {}      # --executor ray: an actor's engine, as describe() says
     try:
         try:
-            if config.batch:   # gen/batch.py: collect, submit, export what is answered
-                from gen.batch import run_batches
+            if config.batch:   # gen/generate/batch.py: collect, submit, export what is answered
+                from gen.generate.batch import run_batches
                 stats, batches = await run_batches(config, prompts, store, model, schema, fingerprint, read, engine)
                 if config.batch_cancel:   # nothing to export or publish: the outputs stay
                     return EXIT_OK, None, None
@@ -414,7 +415,7 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
                 exported_at = time.time()
                 batch_summary = batches.summary()
             elif config.executor == "ray":
-                from gen.ray_executor import ExecutorUnavailable, generate_ray
+                from gen.generate.ray_executor import ExecutorUnavailable, generate_ray
                 try:  # blocks this loop; nothing else runs on it meanwhile
                     stats = generate_ray(read(), config=config, model=model, schema=schema,
                                          store=store, fingerprint=fingerprint, on_progress=progress,

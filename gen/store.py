@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS answers (
 )
 """
 
-# Batch mode (gen/batch.py). A batch is known by the digest of its request file from before
+# Batch mode (gen/generate/batch.py). A batch is known by the digest of its request file from before
 # it is uploaded (status 'intent'), so that a run killed between upload, create and this
 # row's update finds it again on the provider; then by the provider's id ('live'); then by
 # the provider's final status. Stores from before batch mode get the tables on opening.

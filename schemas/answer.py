@@ -116,7 +116,7 @@ class CaptionQueries(BaseModel):
 
 
 class Salvaged(CaptionQueries):
-    """What is left of an answer once its invalid queries are dropped (gen.validate.salvage):
+    """What is left of an answer once its invalid queries are dropped (gen.generate.validate.salvage):
     never a decoding constraint, so it may lack a summary that only repeated the caption."""
 
     summaries_optional: ClassVar[bool] = True

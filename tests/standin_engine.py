@@ -53,5 +53,5 @@ def _build(config, model, schema, **kwargs) -> StandInEngine:
 
 
 def builder(asked: Path, die_on: Optional[str] = None, die_times: int = 0):
-    """A `build(config, model, schema)` for gen.ray_executor.generate_ray."""
+    """A `build(config, model, schema)` for gen.generate.ray_executor.generate_ray."""
     return functools.partial(_build, asked=str(asked), die_on=die_on, die_times=die_times)

@@ -14,7 +14,7 @@ from conftest import ROOT, read_jsonl, read_rows, write_jsonl
 from fake_batch import FakeBatch
 from fake_openai import FakeOpenAI, default_answer
 
-import gen.batch
+import gen.generate.batch
 from gen.run import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_PENDING, main
 
 
@@ -222,10 +222,10 @@ def test_a_run_killed_at_each_step_ends_with_every_caption_answered_once_and_no_
         if name == point:
             raise Killed(name)
     with FakeBatch() as fake:
-        monkeypatch.setattr(gen.batch, "checkpoint", crash)
+        monkeypatch.setattr(gen.generate.batch, "checkpoint", crash)
         with pytest.raises(Killed):
             run(captions, out, fake, *WAIT)
-        monkeypatch.setattr(gen.batch, "checkpoint", lambda name: None)
+        monkeypatch.setattr(gen.generate.batch, "checkpoint", lambda name: None)
         assert run(captions, out, fake, *WAIT) == EXIT_OK
         assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [1] * 12
         uploads = [f for f in fake.files.values() if f["meta"]["purpose"] == "batch"]
@@ -245,10 +245,10 @@ def test_a_batch_created_but_not_recorded_is_found_pages_down_the_providers_list
         if name == "created":
             raise Killed(name)
     with FakeBatch(page_cap=2) as fake:
-        monkeypatch.setattr(gen.batch, "checkpoint", crash)
+        monkeypatch.setattr(gen.generate.batch, "checkpoint", crash)
         with pytest.raises(Killed):
             run(captions, out, fake)
-        monkeypatch.setattr(gen.batch, "checkpoint", lambda name: None)
+        monkeypatch.setattr(gen.generate.batch, "checkpoint", lambda name: None)
         client = openai.OpenAI(base_url=fake.base_url, api_key="x")
         for i in range(5):   # other jobs' batches since, listed before ours
             f = client.files.create(file=(f"other-{i}.jsonl", b'{"custom_id": "x"}\n'), purpose="batch")
@@ -259,13 +259,13 @@ def test_a_batch_created_but_not_recorded_is_found_pages_down_the_providers_list
 
 KILL = """
 import os, signal, sys
-import gen.batch
+import gen.generate.batch
 from gen.run import cli
 point = sys.argv.pop(1)
 def kill(name):
     if name == point:
         os.kill(os.getpid(), signal.SIGKILL)
-gen.batch.checkpoint = kill
+gen.generate.batch.checkpoint = kill
 sys.exit(cli())
 """
 

@@ -87,7 +87,7 @@ def _compress(kind: str, data: bytes, path):
 
 @pytest.mark.parametrize("kind", ["gzip", "zstd", "bz2", "xz"])
 def test_compressed_json_lines_read_as_the_plain_file_whatever_the_name(tmp_path, kind):
-    from gen.progress import count_lines
+    from gen.generate.progress import count_lines
     lines = [json.dumps({"id": f"c{i}", "text": f"第{i}只狗"}, ensure_ascii=False) for i in range(5000)]
     data = ("\n".join(lines[:10] + ["{broken"] + lines[10:]) + "\n").encode()
     plain = tmp_path / "caps.jsonl"

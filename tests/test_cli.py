@@ -107,7 +107,7 @@ def test_dry_run_plan_across_chunks_ignores_other_runs_keys(tmp_path):
 
     from gen.config import answer_key
     from gen.plan import plan
-    from gen.prompts import PromptSet
+    from gen.generate.prompts import PromptSet
     from gen.store import _SCHEMA
     from schemas import Caption, Reject
     config = load_config(["--captions", "x.jsonl", "--out", str(tmp_path / "out")], env={})

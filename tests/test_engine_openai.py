@@ -14,7 +14,7 @@ from gen.config import Sampling
 from gen.engines import EngineError, EngineUnusable, RetryPolicy
 from gen.engines.openai import OpenAIEngine
 from gen.engines.retry import StatusError
-from gen.validate import parse_answer
+from gen.generate.validate import parse_answer
 from schemas import answer_json_schema
 
 CAPTION = "图片中显示了一个安装在墙上的燃气表，旁边有管道和电源适配器。"

@@ -18,7 +18,7 @@ from gen.engines.openai import OpenAIEngine, _completion
 from gen.engines.pool import Server, ServerPool
 from gen.engines.retry import EmptyAnswer
 from gen.run import EXIT_INCOMPLETE, EXIT_OK, main
-from gen.validate import parse_answer
+from gen.generate.validate import parse_answer
 from schemas import answer_json_schema
 
 

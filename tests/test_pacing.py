@@ -10,7 +10,7 @@ from conftest import write_jsonl
 from fake_openai import FakeOpenAI
 
 from gen.config import Sampling
-from gen.cost import bill
+from gen.engines.cost import bill
 from gen.engines import RetryPolicy
 from gen.engines import pacing
 from gen.engines.openai import OpenAIEngine

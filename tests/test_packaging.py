@@ -18,7 +18,7 @@ def test_wheel_contains_templates_and_schemas(tmp_path):
     # and they load from the unpacked wheel, away from the source tree
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("from gen.prompts import PromptSet; from schemas import Caption; p = PromptSet(); "
+    code = ("from gen.generate.prompts import PromptSet; from schemas import Caption; p = PromptSet(); "
             "assert str(p.directory).startswith(%r); print(p.messages(Caption(id='a', text='猫'))[1]['content'])"
             % str(site))
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site)},

@@ -11,7 +11,7 @@ from conftest import ROOT, read_rows, write_jsonl
 from fake_openai import FakeOpenAI, _caption_of
 from standin_engine import builder
 
-import gen.ray_executor
+import gen.generate.ray_executor
 import gen.run
 from gen.run import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 
@@ -79,7 +79,7 @@ def test_engines_in_actors_answer_as_the_local_run_and_resume(ray_local, tmp_pat
     stand-in), answers as the local run does, and a rerun asks only for what is new."""
     asked = tmp_path / "asked.txt"
     monkeypatch.setattr(gen.run, "build_engine", builder(tmp_path / "local-asked.txt"))
-    monkeypatch.setattr(gen.ray_executor, "build_engine", builder(asked))
+    monkeypatch.setattr(gen.generate.ray_executor, "build_engine", builder(asked))
     path = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:10])
     assert _engine_run(tmp_path, path, tmp_path / "local") == EXIT_OK
     first = write_jsonl(tmp_path / "first.jsonl", sample_captions[:4])
@@ -103,7 +103,7 @@ def test_an_actor_lost_mid_batch_has_its_captions_asked_on_another(ray_local, tm
     captions = sample_captions[:8]
     victim = captions[5]["text"]
     asked = tmp_path / "asked.txt"
-    monkeypatch.setattr(gen.ray_executor, "build_engine", builder(asked, die_on=victim, die_times=1))
+    monkeypatch.setattr(gen.generate.ray_executor, "build_engine", builder(asked, die_on=victim, die_times=1))
     path = write_jsonl(tmp_path / "caps.jsonl", captions)
     assert _engine_run(tmp_path, path, tmp_path / "o", "--executor", "ray", "--ray-actors", "2") == EXIT_OK
     assert len(asked.with_suffix(".deaths").read_text().splitlines()) == 1   # an actor did die
@@ -118,7 +118,7 @@ def test_every_actor_lost_fails_the_run_and_the_rerun_asks_only_the_rest(ray_loc
     captions = sample_captions[:8]
     victim = captions[6]["text"]
     asked = tmp_path / "asked.txt"
-    monkeypatch.setattr(gen.ray_executor, "build_engine", builder(asked, die_on=victim, die_times=99))
+    monkeypatch.setattr(gen.generate.ray_executor, "build_engine", builder(asked, die_on=victim, die_times=99))
     path = write_jsonl(tmp_path / "caps.jsonl", captions)
     args = ["--executor", "ray", "--ray-actors", "2"]
     assert _engine_run(tmp_path, path, tmp_path / "o", *args) == EXIT_FAILED
@@ -128,7 +128,7 @@ def test_every_actor_lost_fails_the_run_and_the_rerun_asks_only_the_rest(ray_loc
     store.close()
     assert 0 < kept < len(captions)
     asked.unlink()
-    monkeypatch.setattr(gen.ray_executor, "build_engine", builder(asked))
+    monkeypatch.setattr(gen.generate.ray_executor, "build_engine", builder(asked))
     assert _engine_run(tmp_path, path, tmp_path / "o", *args) == EXIT_OK
     assert sum(_asked(asked).values()) == len(captions) - kept and _asked(asked)[victim] == 1
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())

@@ -3,7 +3,7 @@ resources no node has): which pools fit a cluster, and what each actor asks for.
 import pytest
 
 from gen.config import RunConfig
-from gen.ray_executor import ExecutorUnavailable, check_fit, gpus_per_actor, model_path
+from gen.generate.ray_executor import ExecutorUnavailable, check_fit, gpus_per_actor, model_path
 
 CPU_ONLY = [("10.0.0.1", {"CPU": 16.0})]
 TWO_GPU_NODES = [("10.0.0.1", {"CPU": 32.0, "GPU": 4.0}), ("10.0.0.2", {"CPU": 32.0, "GPU": 2.0})]

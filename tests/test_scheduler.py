@@ -319,7 +319,7 @@ def test_progress_and_a_server_taken_out_carry_their_figures(tmp_path, sample_ca
     import logging
 
     from gen.generate import GenStats
-    from gen.progress import Progress
+    from gen.generate.progress import Progress
     caplog.set_level(logging.INFO)
     progress = Progress(total=10, bar=False, every=0)
     progress(GenStats(captions=4, cached=1, accepted=3))

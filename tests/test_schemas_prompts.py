@@ -3,8 +3,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from gen.prompts import PromptError, PromptSet
-from gen.validate import AnswerError, parse_answer, salvage
+from gen.generate.prompts import PromptError, PromptSet
+from gen.generate.validate import AnswerError, parse_answer, salvage
 from schemas import Caption, CaptionQueries, answer_json_schema, decoding_constraints, is_short
 
 CAPTION = "公园里一位老人在下象棋"

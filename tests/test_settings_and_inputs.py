@@ -21,7 +21,7 @@ from gen.curate import CurateConfig
 from gen.curate.__main__ import main as curate_main
 from gen.judge import JudgePrompts
 from gen.judge import main as judge_main
-from gen.prompts import PromptError, PromptSet
+from gen.generate.prompts import PromptError, PromptSet
 from gen.run import EXIT_OK, EXIT_USAGE, UsageError, check_input, main
 from gen.settings import _base
 from prompts import TEMPLATE_DIR

@@ -37,7 +37,7 @@ import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from gen.config import Sampling, base_url_problem
-from gen.cost import prompt_tokens
+from gen.engines.cost import prompt_tokens
 from gen.engines.base import Completion, Engine, EngineError, printable
 from gen.engines.pacing import Pacer, Ticket
 from gen.engines.pool import Server, ServerPool
@@ -165,7 +165,7 @@ async def _read(r: aiohttp.ClientResponse, limit: int) -> bytes:
 def request_options(model: str, sampling: Sampling, schema: dict, fmt: str = "json_schema",
                     thinking_kwargs: bool = True) -> dict[str, Any]:
     """Everything in a chat-completions body but the messages. The online engine and the batch
-    request file (gen.batch) both build their bodies here, so a batch asks exactly what a
+    request file (gen.generate.batch) both build their bodies here, so a batch asks exactly what a
     request would."""
     body: dict[str, Any] = dict(model=model, temperature=sampling.temperature,
                                 top_p=sampling.top_p, max_tokens=sampling.max_tokens)

@@ -52,9 +52,9 @@ from gen.engines.openai import _completion, reply_limit, request_options
 from gen.engines.retry import EmptyAnswer
 from gen.logs import public_url
 from gen.generate import SHORT_CAPTION_SCHEMA, GenStats, ask_until_valid, rejection
-from gen.prompts import PromptSet
+from gen.generate.prompts import PromptSet
 from gen.store import AnswerStore, BatchRequest, BatchRow
-from gen.validate import AnswerError, parse_answer
+from gen.generate.validate import AnswerError, parse_answer
 from schemas import Caption, Reject, is_short
 
 log = logging.getLogger(__name__)

@@ -94,7 +94,7 @@ class Replica:
         node = _node()
         if self.path is not None and not Path(self.path).is_dir():
             return {"node": node, "error": f"the model directory {self.path} does not exist on node {node}"}
-        from gen.prompts import PromptSet
+        from gen.generate.prompts import PromptSet
         try:
             self.prompts = PromptSet(self.config.prompts)
             self.engine = await asyncio.to_thread(self.build, self.config, self.model, self.schema)

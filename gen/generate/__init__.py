@@ -1,4 +1,8 @@
-"""Captions -> engine -> validated answers in the store (the local executor).
+"""Generation, the second stage: captions -> engine -> validated answers in the store.
+
+This module is the local executor; beside it: prompts.py (templates -> messages), validate.py
+(an answer -> queries, or the error a repair round shows the model), batch.py (the same work
+through a provider's batch API), ray_executor.py (the same work in Ray actors), progress.py.
 
 One coroutine per caption, at most `concurrency` alive at once (so memory does not grow
 with the input). Each caption costs one request; an invalid answer gets up to
@@ -17,9 +21,9 @@ from typing import Callable, Container, Iterable, Iterator, Optional, Union
 
 from gen.config import answer_key
 from gen.engines import Completion, Engine, EngineError
-from gen.prompts import PromptSet
+from gen.generate.prompts import PromptSet
 from gen.store import AnswerStore
-from gen.validate import AnswerError, parse_answer
+from gen.generate.validate import AnswerError, parse_answer
 from schemas import Caption, Reject, answer_json_schema, is_short
 
 log = logging.getLogger(__name__)

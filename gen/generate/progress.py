@@ -9,7 +9,7 @@ from typing import Optional
 from gen.input.captions import BROKEN, input_format, open_lines
 from gen.generate import GenStats
 
-log = logging.getLogger("gen.progress")
+log = logging.getLogger("gen.generate.progress")
 
 
 def count_lines(path: Path) -> Optional[int]:
