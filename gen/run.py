@@ -44,8 +44,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from gen import __version__, localmodel, logs, report
+from gen import __version__, localmodel, logs
 from gen.engines import cost
+from gen.export import report
 from gen.atomic import (STOP_SIGNALS, Terminated, all_or_none, atomic_path,  # noqa: F401 (Terminated: for callers)
                         on_stop_signal, sha256_file, stop_signals)
 from gen.input.captions import STDIN, CaptionDigest, CaptionError, is_stream, read_captions, spooled

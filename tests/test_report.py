@@ -51,7 +51,7 @@ def test_the_counted_figures_equal_a_read_of_the_written_files(tmp_path, sample_
     shown = [html.escape(t) in page for t in texts]
     assert shown[:9] == [True] * 8 + [False]  # the sample: the first 8 captions
     # the quantile rule at the half-way ranks, where Python's round() and polars differ
-    from gen.report import Tally
+    from gen.export.report import Tally
     for size in (6, 16, 26, 7):
         t = Tally()
         t.rows({"query": ["字" * k for k in range(1, size + 1)], "type": ["entity"] * size,

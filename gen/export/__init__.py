@@ -1,4 +1,5 @@
-"""Outcomes -> files: queries.parquet, captions.parquet, rejects.jsonl.
+"""Export, the fourth stage: outcomes -> files: queries.parquet, captions.parquet, rejects.jsonl
+(report.py: the run's report.html).
 
 Rows are written in input order, one caption after another, from this run's captions and
 this fingerprint's answers only, so the files always describe exactly this input (no stale
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 from gen.atomic import all_or_none, atomic_path
 from gen.config import answer_key
 from gen.engines.base import printable
-from gen.report import Tally
+from gen.export.report import Tally
 from gen.store import AnswerStore, Stored
 from gen.generate.validate import salvage
 from schemas import Caption, Reject
