@@ -39,7 +39,7 @@ from gen.curate.judged import CANDIDATE_JUDGEMENTS, JUDGEMENTS  # the files cura
 from gen.engines import Completion, EngineError, build_engine
 from gen.generate import ask_until_valid, rejection
 from gen.generate.prompts import PROBE, Templates
-from gen.shards import query_shards
+from gen.curate.shards import query_shards
 from gen.store import AnswerStore
 from gen.generate.validate import AnswerError
 from prompts import TEMPLATE_DIR

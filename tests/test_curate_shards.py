@@ -7,12 +7,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-import gen.shards
+import gen.curate.shards
 from conftest import CAPRETRIEVAL_CAPTIONS
 from curate_helpers import dropped, rec, rows, run_curate, sample_captions, write_run
 from gen.curate import CurateConfig, curate
 from gen.curate.__main__ import main as cli_main
-from gen.shards import sha256_file
+from gen.curate.shards import sha256_file
 
 CAPS = sample_captions()
 
@@ -119,9 +119,9 @@ def test_a_crash_while_writing_leaves_no_half_shard_and_no_manifest(tmp_path, mo
 
 def test_atomic_writer_replaces_only_on_success(tmp_path):
     target = tmp_path / "x.parquet"
-    gen.shards.write_parquet(pl.DataFrame({"a": [1]}), target)
+    gen.curate.shards.write_parquet(pl.DataFrame({"a": [1]}), target)
     with pytest.raises(ZeroDivisionError):
-        gen.shards._atomic(target, lambda tmp: (tmp.write_bytes(b"partial"), 1 / 0))
+        gen.curate.shards._atomic(target, lambda tmp: (tmp.write_bytes(b"partial"), 1 / 0))
     assert pl.read_parquet(target)["a"].to_list() == [1]
     assert [p.name for p in tmp_path.iterdir()] == ["x.parquet"]
 

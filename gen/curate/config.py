@@ -117,7 +117,7 @@ class CurateConfig(BaseModel):
     # --- split and shards -------------------------------------------------------------
     dev_fraction: Float = Field(0.05, ge=0, le=1)
     rows_per_shard: Int = Field(100_000, ge=1)
-    # The licence the dataset card of each version states (gen/card.py), a hub identifier
+    # The licence the dataset card of each version states (gen/publish/card.py), a hub identifier
     # such as cc-by-4.0; the user's to set, as it follows from the captions' and the model's
     # terms. Part of the fingerprint: a new licence makes a new version with its card.
     dataset_license: str = Field("unknown", pattern=r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")

@@ -17,7 +17,7 @@ import polars as pl
 
 from gen.curate import views
 from gen.curate.config import CurateConfig
-from gen.shards import write_json, write_jsonl, write_parquet, write_sharded, write_tsv
+from gen.curate.shards import write_json, write_jsonl, write_parquet, write_sharded, write_tsv
 
 # Files an earlier curation may have left here; ones this run does not rewrite are removed,
 # or a reader globbing train-*.parquet would mix two curations.

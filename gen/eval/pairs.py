@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from gen.shards import query_shards
+from gen.curate.shards import query_shards
 
 PAIR_COLUMNS = ("query", "caption_id", "type")
 

@@ -1,8 +1,8 @@
-"""Versioned curation: each curation goes to shards/<version>/ beside the older ones, and
-shards/latest points at the newest good one. The pointer is a symlink swapped atomically,
-and only after a curation finished, so a trainer reading shards/latest never sees a half
-version; a failed or stopped curation leaves it where it was, and its folder (written as
-shards/.<version>.partial) is removed.
+"""Publishing, the sixth stage (card.py writes each version's dataset card): each curation goes to
+shards/<version>/ beside the older ones, and shards/latest points at the newest good one. The
+pointer is a symlink swapped atomically, and only after a curation finished, so a trainer
+reading shards/latest never sees a half version; a failed or stopped curation leaves it where
+it was, and its folder (written as shards/.<version>.partial) is removed.
 
 A rerun whose inputs (the run's queries and captions, the judge's grades it uses, and the
 curation settings) are those of the latest version makes no new version: scheduled jobs
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gen.atomic import all_or_none, atomic_path
-from gen.card import write_card
+from gen.publish.card import write_card
 from gen.config import KEEP_VERSIONS, MIN_SHARE
 from gen.curate import CurateConfig, check_run_dir, curate
 
@@ -204,7 +204,7 @@ def prepare_version(run_dir: Path, config: CurateConfig, root: Path, min_share: 
     Refused (PublishRefused) when shards/latest is not capgen's pointer, or the new version
     keeps less than min_share of the latest one's pairs (ShrunkByFailures when `failed`
     captions got no answer). generation: the run's manifest, for the dataset card
-    (gen/card.py); None reads run_dir/manifest.json. name: the run directory to name in
+    (gen/publish/card.py); None reads run_dir/manifest.json. name: the run directory to name in
     messages, when run_dir is its staging copy."""
     check_run_dir(run_dir)
     check_pointer(root)

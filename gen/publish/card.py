@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gen.curate.config import CurateConfig
-from gen.shards import write_text
+from gen.curate.shards import write_text
 
 # name, folder prefix of its parquet shards, what a row is
 VIEWS = (
