@@ -37,7 +37,7 @@ class Sampling(BaseModel):
     seed: OptInt = Field(0, ge=-2**63, le=2**63 - 1)
 
 
-# Defaults of publication (gen/publish/__init__.py); here so that importing gen.config stays light.
+# Defaults of publication (gen/publish/); here so that importing gen.config stays light.
 KEEP_VERSIONS = 5
 MIN_SHARE = 0.5
 
@@ -127,13 +127,13 @@ class RunConfig(BaseModel):
     strict: bool = False
     force: bool = False
     dry_run: bool = False
-    # After generation, curate into versioned training shards (see gen/publish/__init__.py).
+    # After generation, curate into versioned training shards (see gen/publish/).
     curate: bool = True
     curation: CurateConfig = Field(default_factory=CurateConfig)
     # Curated versions kept under <out>/shards/ (shards/latest's is never removed).
     keep_versions: Int = Field(KEEP_VERSIONS, ge=1)
     # A run whose captions (or a curation whose pairs) fall below this share of the previous
-    # publication's is refused, the previous outputs kept (gen/publish/__init__.py); 0 allows any.
+    # publication's is refused, the previous outputs kept (gen/publish/); 0 allows any.
     min_share_of_previous: Float = Field(MIN_SHARE, ge=0, le=1)
     log_format: Literal["text", "json"] = "text"
     progress: bool = True

@@ -1,6 +1,6 @@
 """Rows capgen writes: one QueryRecord per accepted query, one Reject per thing not accepted.
 
-QueryRecord documents a row of queries.parquet; gen/export/__init__.py writes the columns directly
+QueryRecord documents a row of queries.parquet; gen/export/ writes the columns directly
 (a model per row cost more than the rest of the export), and a test keeps the two in step.
 """
 from __future__ import annotations
