@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--goal", type=float, default=0.97)
     a = ap.parse_args()
-    if not vllm_engine_bench._gpu():
+    if not vllm_engine_bench.gpu_available():
         print("gpu_check: no GPU visible to torch", file=sys.stderr)
         return 2
     result = vllm_engine_bench.main(["--model", a.model, "--n", str(a.n), "--concurrency", str(a.concurrency),

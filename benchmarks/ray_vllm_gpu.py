@@ -29,27 +29,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CAPTIONS = ROOT / "tests" / "fixtures" / "capretrieval_captions.jsonl"
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def captions(n: int) -> list[dict]:
-    """N distinct texts (a copy gets a suffix), so the answer store dedupes nothing."""
-    rows = [json.loads(line) for line in CAPTIONS.read_text(encoding="utf-8").splitlines()]
-    return [{"id": f"b{i}", "text": rows[i % len(rows)]["text"] + ("" if i < len(rows) else f"（{i}）")}
-            for i in range(n)]
+from vllm_engine_bench import captions, gpu_available  # noqa: E402  (the same prompts, the same check)
 
 
 def _model(name: str) -> str:
     from gen import localmodel
     return str(localmodel.ensure()) if name == "local" else name
-
-
-def _gpu() -> bool:
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def phase_raw(a) -> dict:
@@ -62,7 +49,7 @@ def phase_raw(a) -> dict:
     from schemas import Caption, answer_json_schema
     model = _model(a.model)
     s = RunConfig(captions=Path("x"), model=model).sampling
-    gpu = _gpu()
+    gpu = gpu_available()
     llm = LLM(model=model, enable_prefix_caching=True, max_model_len=4096, enforce_eager=not gpu,
               seed=s.seed, **a.vllm_args)
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
@@ -167,7 +154,7 @@ def main() -> None:
         a.result.write_text(json.dumps(phase_raw(a) if a.phase == "raw" else phase_ray(a)))
         return
     result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": os.cpu_count(),
-              "gpu": _gpu(), "model": a.model, "n": a.n, "concurrency": a.concurrency, "vllm_args": a.vllm_args}
+              "gpu": gpu_available(), "model": a.model, "n": a.n, "concurrency": a.concurrency, "vllm_args": a.vllm_args}
     result["raw"] = raw = _child("raw", a)
     result["ray"] = {}
     for k in range(1, a.replicas + 1):

@@ -38,6 +38,7 @@ from gen.engines.base import Completion, Engine, EngineError  # noqa: E402
 
 
 def captions(n: int) -> list[dict]:
+    """N distinct texts (a copy gets a suffix), so the answer store dedupes nothing."""
     rows = [json.loads(line) for line in CAPTIONS.read_text(encoding="utf-8").splitlines()]
     return [{"id": f"b{i}", "text": rows[i % len(rows)]["text"] + ("" if i < len(rows) else f"（{i}）")}
             for i in range(n)]
@@ -165,7 +166,7 @@ def server_run(model: str, caps: list[dict]) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                              "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
                              "--max-model-len", "4096", "--enable-prefix-caching"]
-                            + (["--enforce-eager"] if not _gpu() else []),
+                            + (["--enforce-eager"] if not gpu_available() else []),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/v1"
@@ -191,7 +192,7 @@ def server_run(model: str, caps: list[dict]) -> dict:
         proc.wait(timeout=60)
 
 
-def _gpu() -> bool:
+def gpu_available() -> bool:
     try:
         import torch
         return torch.cuda.is_available()
@@ -293,7 +294,7 @@ async def bench(a: argparse.Namespace, model: str) -> dict:
         }
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "gpu": _gpu(), "model": model, "n": a.n, "concurrency": a.concurrency,
+        "gpu": gpu_available(), "model": model, "n": a.n, "concurrency": a.concurrency,
         "max_num_seqs": a.max_num_seqs or a.concurrency, "repeat": a.repeat,
         "engine_start_s": {"llm": round(sync_start, 1), "async_llm": round(async_start, 1)},
         "same_prompt_tokens": same_prompts, "variants": summary,

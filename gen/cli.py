@@ -192,8 +192,8 @@ def _job_bytes(path: Path) -> bytes:
 
 def _table(field) -> Optional[type]:
     """The model of a field that is a TOML table (dict for a free one), else None."""
-    from gen.settings import _base
-    kind = _base(field.annotation)[0]
+    from gen.settings import base_type
+    kind = base_type(field.annotation)[0]
     if isinstance(kind, type) and issubclass(kind, BaseModel):
         return kind
     return dict if kind is dict or getattr(kind, "__origin__", None) is dict else None

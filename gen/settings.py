@@ -37,7 +37,7 @@ OptInt = Annotated[Optional[Int], BeforeValidator(_none_word)]
 OptFloat = Annotated[Optional[Float], BeforeValidator(_none_word)]
 
 
-def _base(annotation: Any) -> tuple[Any, bool]:
+def base_type(annotation: Any) -> tuple[Any, bool]:
     """The type under Optional/Annotated, and whether None is allowed."""
     optional = False
     while True:
@@ -60,7 +60,7 @@ def _num(x: Any) -> str:
 
 def describe(field: FieldInfo) -> str:
     """The values a field takes, in words: 'a number from 0 to 2', 'an integer at least 1'."""
-    base, optional = _base(field.annotation)
+    base, optional = base_type(field.annotation)
     origin = typing.get_origin(base)
     if base is bool:
         text = "true or false"
@@ -75,7 +75,7 @@ def describe(field: FieldInfo) -> str:
     elif origin is Literal:
         text = "one of " + ", ".join(map(str, typing.get_args(base)))
     elif origin is tuple or origin is list:
-        item, _ = _base(typing.get_args(base)[0])
+        item, _ = base_type(typing.get_args(base)[0])
         if typing.get_origin(item) is Literal:
             text = "a list, each one of " + ", ".join(map(str, typing.get_args(item)))
         else:
@@ -111,7 +111,7 @@ def _field(model: type[BaseModel], loc: tuple) -> tuple[tuple[str, ...], Optiona
             break
         field = model.model_fields[part]
         names.append(part)
-        model, _ = _base(field.annotation)
+        model, _ = base_type(field.annotation)
     return tuple(names), field
 
 
@@ -136,15 +136,15 @@ def problems(err: ValidationError, model: type[BaseModel],
         if e["type"] == "extra_forbidden":
             parent = model
             for n in names:
-                parent, _ = _base(parent.model_fields[n].annotation)
+                parent, _ = base_type(parent.model_fields[n].annotation)
             unknown = str(e["loc"][len(names)])
             close = difflib.get_close_matches(unknown, list(parent.model_fields), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             out.append(f"{name((*names, unknown))}: no such setting{hint}")
         elif e["type"] == "setting":   # a validator's own sentence (PydanticCustomError("setting", ...))
             out.append(f"{where}: {msg}")
-        elif field is None or (isinstance(_base(field.annotation)[0], type)
-                                and issubclass(_base(field.annotation)[0], BaseModel)):
+        elif field is None or (isinstance(base_type(field.annotation)[0], type)
+                                and issubclass(base_type(field.annotation)[0], BaseModel)):
             out.append(f"{where}: {msg}")  # about a whole table: a rule across its fields
         else:
             out.append(f"{where}: expected {describe(field)}, got {_shown(e['input'])}")

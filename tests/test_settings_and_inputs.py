@@ -23,7 +23,7 @@ from gen.judge import JudgePrompts
 from gen.judge import main as judge_main
 from gen.generate.prompts import PromptError, PromptSet
 from gen.run import EXIT_OK, EXIT_USAGE, UsageError, check_input, main
-from gen.settings import _base
+from gen.settings import base_type
 from prompts import TEMPLATE_DIR
 
 PY = sys.executable
@@ -109,7 +109,7 @@ def test_an_answer_must_fit_the_vllm_context():
 
 def _numeric_fields(model: type[BaseModel]):
     for name, field in model.model_fields.items():
-        base, _ = _base(field.annotation)
+        base, _ = base_type(field.annotation)
         if base in (int, float):
             yield name, base
         elif isinstance(base, type) and issubclass(base, BaseModel):
@@ -144,7 +144,7 @@ def test_every_number_setting_has_a_range():
     """A count or a rate with no bound at all is how -1 and 1e12 got through."""
     for model in (RunConfig, Sampling, CurateConfig):
         for name, field in model.model_fields.items():
-            if _base(field.annotation)[0] in (int, float):
+            if base_type(field.annotation)[0] in (int, float):
                 assert any(type(m).__name__ in ("Ge", "Gt") for m in field.metadata), f"{model.__name__}.{name}"
 
 
