@@ -18,7 +18,9 @@ MAX_ID_CHARS = 256
 # Regexes, not a Python loop over characters: every caption is checked twice a run
 # (generation and export), and the loops were a quarter of export's CPU.
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_ID_CONTROL = re.compile("[\t\n\r]")   # beyond the shared rule: an id is one line
+# Beyond the shared rule: an id is one line, also for tools that split on Unicode line and
+# paragraph separators (str.splitlines, JavaScript, many editors).
+_ID_CONTROL = re.compile("[\t\n\r\u2028\u2029]")
 
 
 def _has_surrogate(v: str) -> bool:
@@ -44,7 +46,7 @@ class Caption(BaseModel):
         if v != v.strip():
             raise ValueError("id has leading or trailing whitespace")
         if bad := _ID_CONTROL.search(v):
-            raise ValueError(f"id contains control character U+{ord(bad.group()):04X} at {bad.start()}")
+            raise ValueError(f"id contains a tab or line break (U+{ord(bad.group()):04X}) at {bad.start()}: an id is one line")
         if why := hidden(v):   # a bidi override or a zero-width space would reach every shard
             raise ValueError(f"id contains {why}")
         if _has_surrogate(v):
