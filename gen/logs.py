@@ -12,6 +12,14 @@ from pathlib import Path
 from typing import Iterator, Optional, TextIO
 
 
+def json_line(obj: object, **kwargs) -> str:
+    """One JSON object for a JSON-lines file, text as UTF-8 but U+2028 and U+2029 escaped:
+    they are valid in JSON strings, yet str.splitlines() and many editors break lines there,
+    and a reader of the file must find one object a line whatever a caption holds."""
+    return (json.dumps(obj, ensure_ascii=False, **kwargs)
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -23,7 +31,7 @@ class JsonFormatter(logging.Formatter):
         out.update(getattr(record, "fields", {}))
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
+        return json_line(out, default=str)
 
 
 def setup(fmt: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 from conftest import write_jsonl
 from fake_openai import FakeOpenAI
 
-from gen.run import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from gen.run import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, main
 
 
 def run(captions: Path, out: Path, *urls: str, args=("--retry-wait", "0.01"), model="fake-model") -> int:
@@ -155,6 +155,32 @@ def test_no_server_answering_stops_the_run_within_seconds(tmp_path, sample_capti
     (line,) = errors(capsys.readouterr().err)
     assert "no server answers" in line and all(u in line for u in urls) and "connection failed" in line
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_server_that_accepts_and_never_replies_stops_the_run_like_one_that_is_gone(tmp_path, sample_captions, capsys):
+    captions = write_jsonl(tmp_path / "caps.jsonl", many(sample_captions, 40))
+    with FakeOpenAI(faults=lambda i, caption: "timeout") as fake:   # accepted, not a byte sent back
+        started = time.monotonic()
+        code = run(captions, tmp_path / "out", fake.base_url,
+                   args=("--retry-wait", "0.05", "--timeout", "0.5", "--no-curate"))
+        took = time.monotonic() - started
+    # Without the circuit: 40 captions x 5 attempts x 0.5 s / 4 at once, then exit 3.
+    assert code == EXIT_FAILED and took < 10
+    (line,) = errors(capsys.readouterr().err)
+    assert "no server answers" in line and fake.base_url in line and "timed out" in line
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_caption_that_always_times_out_still_ends_while_others_are_answered(tmp_path, sample_captions):
+    rows = many(sample_captions, 12)
+    slow = rows[3]["text"]
+    captions = write_jsonl(tmp_path / "caps.jsonl", rows)
+    with FakeOpenAI(faults=lambda i, caption: "timeout" if caption == slow else None) as fake:
+        code = run(captions, tmp_path / "out", fake.base_url,
+                   args=("--retry-wait", "0.05", "--timeout", "0.5", "--no-curate"))
+    assert code == EXIT_INCOMPLETE   # the slow one unanswered after its attempts, the rest done
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["captions_with_queries"] == 11
 
 
 def test_a_server_gone_for_good_mid_run_stops_it_and_the_rerun_resumes(tmp_path, sample_captions, capsys):

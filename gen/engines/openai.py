@@ -248,9 +248,11 @@ class OpenAIEngine(Engine):
     async def _post(self, server: Server, body: bytes, reply: Optional[dict] = None) -> Any:
         """The reply's JSON; `reply` gets its status and headers (what pacing reads)."""
         url = server.url.rstrip("/") + "/chat/completions"
+        status_line = False
         try:
             async with self._session(server).post(url, data=body,
                                                   proxy=self._proxies[server.url]) as r:
+                status_line = True
                 self.pool.replied(server)
                 if reply is not None:
                     reply.update(status=r.status, headers=r.headers)
@@ -258,7 +260,10 @@ class OpenAIEngine(Engine):
                 if not 200 <= r.status < 300:
                     raise StatusError(r.status, r.headers, raw.decode("utf-8", "replace"))
         except TimeoutError:
-            raise TransportError(f"timed out: no reply within {self.timeout:g} s") from None
+            # Silent when not even the status line came: the pool's outage clock runs then, as
+            # it does for a connection nobody accepts, so a server that hangs stops the run.
+            raise TransportError(f"timed out: no reply within {self.timeout:g} s",
+                                 silent=not status_line) from None
         except aiohttp.ClientConnectorError as exc:  # refused, no such host, proxy or TLS failed
             raise TransportError(f"connection failed: {type(exc).__name__}: {exc}", unreachable=True) from None
         except aiohttp.ClientError as exc:
@@ -314,6 +319,11 @@ class OpenAIEngine(Engine):
                     continue
                 if _unreachable(exc):
                     self.pool.unreachable(server, str(exc))  # EngineUnusable past the outage limit
+                elif getattr(exc, "silent", False):
+                    # The same circuit for a server that hangs; its timeouts still count as
+                    # attempts (complete's stop), so one caption that always takes too long
+                    # ends as failed while the others are answered.
+                    self.pool.unreachable(server, str(exc), silent_request=id(messages))
                 if ticket is not None:
                     self._settle(ticket, exc, reply)
                 elif isinstance(exc, StatusError) and exc.status == 429:

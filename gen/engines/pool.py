@@ -8,7 +8,8 @@ that. A caption's retry goes back through `pick`, so it lands on a healthy serve
 Two things stop the run (EngineUnusable) instead of failing caption after caption:
 - every server refused it (the key, the account, the model or the URL: see retry.is_refusal).
   A server that refuses is out for good, with an error line naming it; the others carry on.
-- no server reached for longer than the retries would wait: a circuit over the whole pool,
+- no server replying for longer than the retries would wait (no connection accepted, or
+  not a byte before the timeout: a server that hangs): a circuit over the whole pool,
   not a probe before the run, because a server can also die mid-run and a probe would need
   an endpoint some servers lack. The clock starts at the first connection no server accepted
   and stops at any reply; before any server has answered in this run (a wrong URL, a server
@@ -65,6 +66,9 @@ class ServerPool:
     outage_limit: float = 31.0
     outage_since: Optional[float] = None
     answered: bool = False   # some server has replied in this run
+    # The requests that timed out unanswered since the last reply: one alone may just be slow
+    # (a caption the model rambles on), two or more mean the servers are silent.
+    silent_requests: set = field(default_factory=set)
 
     def pick(self) -> Server:
         serving = [s for s in self.servers if s.refused is None]
@@ -155,14 +159,18 @@ class ServerPool:
         """Any HTTP reply, an error status too: the server is there."""
         server.unreachable = None
         self.outage_since, self.answered = None, True
+        self.silent_requests.clear()
 
-    def unreachable(self, server: Server, reason: str) -> None:
-        """`server` accepted no connection; raises EngineUnusable once no server has been
-        reached for longer than the limit."""
+    def unreachable(self, server: Server, reason: str, silent_request: Optional[int] = None) -> None:
+        """`server` accepted no connection, or (silent_request: that request's key) sent
+        nothing before the timeout; raises EngineUnusable once no server has replied for
+        longer than the limit, and for silence only once two requests have met it."""
         server.unreachable = reason
         if self.outage_since is None:
             self.outage_since = self.clock()
-        if self.outage_left() <= 0:
+        if silent_request is not None:
+            self.silent_requests.add(silent_request)
+        if self.outage_left() <= 0 and (silent_request is None or len(self.silent_requests) > 1):
             elapsed = self.clock() - self.outage_since
             raise EngineUnusable(f"no server answers (for {elapsed:.1f} s): " + "; ".join(
                 f"{s.url}: {s.refused or s.unreachable or 'not tried'}" for s in self.servers))

@@ -37,11 +37,13 @@ class TransportError(RequestFailed):
     """No usable HTTP reply: a timeout, a refused or dropped connection, a body that is not JSON.
 
     unreachable: no connection could be made at all (refused, no such host): the server is
-    not there, rather than slow or failing."""
+    not there, rather than slow or failing.
+    silent: the connection was made but no reply came before the timeout: a server that hangs
+    looks like this, and so does one request that takes too long."""
 
-    def __init__(self, message: str, unreachable: bool = False):
+    def __init__(self, message: str, unreachable: bool = False, silent: bool = False):
         super().__init__(message)
-        self.unreachable = unreachable
+        self.unreachable, self.silent = unreachable, silent
 
 
 class StatusError(RequestFailed):

@@ -24,6 +24,7 @@ from gen.atomic import all_or_none, atomic_path
 from gen.config import answer_key
 from gen.engines.base import printable
 from gen.export.report import Tally
+from gen.logs import json_line
 from gen.store import AnswerStore, Stored
 from gen.generate.validate import salvage
 from schemas import Caption, Reject
@@ -149,7 +150,7 @@ class Exporter:
     def reject(self, r: Reject) -> None:
         self.stats.rejects[r.stage] += 1
         self.stats.tally.reject(r.reason)
-        self.rejects.write(json.dumps(r.model_dump(), ensure_ascii=False) + "\n")
+        self.rejects.write(json_line(r.model_dump()) + "\n")
 
     def caption(self, record: Caption, key: str, status: Optional[str], answer: Optional[str],
                 raw: Optional[str], reason: Optional[str]) -> None:

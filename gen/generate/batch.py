@@ -50,7 +50,7 @@ from gen.config import RunConfig, answer_key
 from gen.engines.base import EngineError, printable
 from gen.engines.openai import _completion, reply_limit, request_options
 from gen.engines.retry import EmptyAnswer
-from gen.logs import public_url
+from gen.logs import json_line, public_url
 from gen.generate import SHORT_CAPTION_SCHEMA, GenStats, ask_until_valid, rejection
 from gen.generate.prompts import PromptSet
 from gen.store import AnswerStore, BatchRequest, BatchRow
@@ -539,8 +539,7 @@ class Batches:
         schema = SHORT_CAPTION_SCHEMA if is_short(caption.text) else self.schema
         body = {"messages": messages, **request_options(self.model, self.config.sampling, schema,
                                                         "json_schema", self.config.disable_thinking)}
-        line = json.dumps({"custom_id": key, "method": "POST", "url": ENDPOINT, "body": body},
-                          ensure_ascii=False).encode("utf-8") + b"\n"
+        line = json_line({"custom_id": key, "method": "POST", "url": ENDPOINT, "body": body}).encode("utf-8") + b"\n"
         return line, BatchRequest(key, caption.id, caption.text, round_, pt, ct)
 
     def submit(self, todo: Iterable[tuple[Caption, str]]) -> int:
