@@ -35,7 +35,7 @@ FAULTS = (
     # Hostile replies: what a broken or malicious server may send with a 200.
     "empty_content", "lone_surrogate", "oversized", "gzip_bomb", "content_not_string",
     "message_not_object", "choices_not_list", "usage_wrong_type",
-    "401", "403", "insufficient_quota",
+    "401", "403", "403_content", "insufficient_quota",
 )
 # OpenAI's wording; a 401 echoes the start of the key it refused, as OpenAI's does.
 _ERROR_STATUS = {
@@ -45,6 +45,9 @@ _ERROR_STATUS = {
     "401": (401, "Incorrect API key provided: {key}. You can find your API key at "
                  "https://platform.openai.com/account/api-keys.", "invalid_request_error", "invalid_api_key"),
     "403": (403, "You are not allowed to sample from this model", "invalid_request_error", None),
+    # DashScope's content filter: this request's text refused, not the key
+    "403_content": (403, "Input data may contain inappropriate content.", "data_inspection_failed",
+                    "DataInspectionFailed"),
     "insufficient_quota": (429, "You exceeded your current quota, please check your plan and billing "
                                 "details.", "insufficient_quota", "insufficient_quota"),
 }

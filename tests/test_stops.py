@@ -134,12 +134,31 @@ def test_when_every_server_has_refused_the_run_stops_naming_each(tmp_path, sampl
     (429, '{"error": {"message": "rate limited", "type": "rate_limit_error"}}', False, True),
     (429, "<html>too many</html>", False, True),
     (400, '{"error": {"message": "messages: too long"}}', False, False),   # this request's own fault
+    # content filters: this caption's text refused, not the key (DashScope, Azure, DeepSeek)
+    (403, '{"error": {"message": "Input data may contain inappropriate content.", "code": "DataInspectionFailed"}}', False, False),
+    (403, '{"error": {"message": "filtered", "code": "content_filter"}}', False, False),
+    (400, '{"error": "Content Exists Risk"}', False, False),
+    (403, '{"error": {"message": "content_filter", "code": ["odd"]}}', False, False),
+    (403, '[1, 2]', True, False),
     (503, "", False, True),
 ])
 def test_which_replies_no_retry_can_change(status, body, refusal, transient):
     from gen.engines.retry import StatusError, is_refusal, is_transient
     exc = StatusError(status, {}, body)
     assert (is_refusal(exc), is_transient(exc)) == (refusal, transient)
+
+
+def test_a_content_filters_403_fails_that_caption_and_the_run_goes_on(tmp_path, sample_captions, capsys):
+    rows = many(sample_captions, 10)
+    flagged = rows[4]["text"]
+    captions = write_jsonl(tmp_path / "caps.jsonl", rows)
+    with FakeOpenAI(faults=lambda i, caption: "403_content" if caption == flagged else None) as fake:
+        code = run(captions, tmp_path / "out", fake.base_url, args=("--retry-wait", "0.01", "--no-curate"))
+        refused = fake.faults_drawn.count("403_content")
+    assert code == EXIT_INCOMPLETE and refused == 1   # asked once: no retry changes it
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["captions_with_queries"] == 9 and manifest["counts"]["failed"] == 1
+    assert errors(capsys.readouterr().err) == []   # no "refused the run" line: the server stays in
 
 
 # --------------------------------------------------------------------------- no server

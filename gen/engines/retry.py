@@ -104,8 +104,33 @@ _REFUSALS = {401: "check the API key", 402: "the account's credit is spent",
 
 
 def is_refusal(exc: BaseException) -> bool:
-    """A reply no retry can change: the key, the account, the model or the URL is refused."""
-    return isinstance(exc, StatusError) and (exc.status in _REFUSALS or _quota_spent(exc))
+    """A reply no retry can change: the key, the account, the model or the URL is refused.
+    Not a content filter's 403 (one caption's text refused): that caption fails, the run goes on."""
+    return (isinstance(exc, StatusError) and (exc.status in _REFUSALS or _quota_spent(exc))
+            and not content_refused(exc))
+
+
+# How providers name a refusal of the request's content (OpenAI and Azure, DashScope, DeepSeek,
+# moderation layers in front of self-hosted servers), in the error's code, type or message.
+_CONTENT_MARKERS = ("content_filter", "content_policy", "content policy", "data_inspection",
+                    "datainspection", "inappropriate", "content exists risk", "moderation",
+                    "safety system", "sensitive content")
+
+
+def content_refused(exc: StatusError) -> bool:
+    """A 400 or 403 that refuses this request's content rather than the key or the account."""
+    if exc.status not in (400, 403):
+        return False
+    try:
+        error = json.loads(exc.text).get("error")
+    except (ValueError, RecursionError, AttributeError):
+        return False
+    if isinstance(error, str):
+        error = {"message": error}
+    if not isinstance(error, dict):
+        return False
+    said = " ".join(str(error.get(k, ""))[:500] for k in ("code", "type", "message")).lower()
+    return any(m in said for m in _CONTENT_MARKERS)
 
 
 def refusal_hint(exc: StatusError) -> str:
