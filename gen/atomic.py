@@ -98,6 +98,13 @@ def on_stop_signal(signum, frame) -> None:
     raise_unless_held(Terminated(signal.Signals(signum).name))
 
 
+def stop_signalled() -> bool:
+    """Whether a stop signal came since the handlers were installed. Terminated raised inside
+    a Python callback that native code runs (polars' readers) comes back as that library's
+    own error, a pyo3 PanicException; the caller reads this to treat it as the stop it is."""
+    return _Held.stopping
+
+
 @contextlib.contextmanager
 def stop_signals(after=None) -> Iterator[None]:
     """Inside, SIGTERM, SIGINT and SIGHUP raise Terminated (held by all_or_none); afterwards

@@ -47,7 +47,7 @@ from typing import Callable, Optional
 from gen import __version__, localmodel, logs
 from gen.engines import cost
 from gen.export import report
-from gen.atomic import (STOP_SIGNALS, Terminated, all_or_none, atomic_path,  # noqa: F401 (Terminated: for callers)
+from gen.atomic import (STOP_SIGNALS, Terminated, all_or_none, atomic_path, stop_signalled,  # noqa: F401 (Terminated: for callers)
                         on_stop_signal, sha256_file, stop_signals)
 from gen.input.captions import STDIN, CaptionDigest, CaptionError, is_stream, read_captions, spooled
 from gen.cli import ConfigError, load_config, log_format_hint
@@ -607,7 +607,14 @@ def _entry(argv: list[str], work: Callable, command: str, load: Callable, start:
     text, fields = start(config, command)
     log.info("%s", text, extra={"fields": fields})
     try:
-        return work(config)
+        try:
+            return work(config)
+        except BaseException as e:
+            # A stop signal that surfaced as another error (polars turns an exception raised
+            # in its Python callbacks into a PanicException): still the stop it is.
+            if stop_signalled() and not isinstance(e, (KeyboardInterrupt, asyncio.CancelledError)):
+                raise Terminated(f"stopped ({type(e).__name__} on the way)") from e
+            raise
     except DirectoryLocked as e:
         log.warning("%s", e, extra={"fields": {"event": "locked", "out": str(e.path)}})
         return EXIT_LOCKED

@@ -319,3 +319,30 @@ def test_no_base_url_at_all_still_means_the_default_server(monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     config = load_config(["--captions", "c.jsonl", "--engine", "openai", "--model", "gpt-4o-mini"])
     assert config.base_urls == []   # the engine then asks $OPENAI_BASE_URL or api.openai.com
+
+
+def test_a_stop_signal_that_native_code_turns_into_its_own_error_still_exits_143(tmp_path, sample_captions, capsys):
+    """polars runs some Python callbacks from Rust; a stop signal's Terminated raised in one
+    comes back as a pyo3 PanicException (seen: SIGINT during gen.curate's read_parquet)."""
+    import signal
+
+    import polars as pl
+
+    from gen.atomic import Terminated
+    from gen.run import EXIT_STOPPED, entry
+
+    def work(config):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except Terminated as e:   # what the Rust side does with it
+            raise pl.exceptions.PanicException(f"called `Result::unwrap()` on an `Err` value: {e!r}") from None
+        raise AssertionError("no signal came")
+
+    captions = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:1])
+    code = entry(["--captions", str(captions), "--out", str(tmp_path / "out"), "--base-url", "http://127.0.0.1:9/v1",
+                  "--model", "fake-model", "--log-format", "json"], work)
+    assert code == EXIT_STOPPED
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]   # no traceback
+    assert [e["event"] for e in events][-2:] == ["stopped", "finished"]
+    assert events[-1]["exit_status"] == EXIT_STOPPED
