@@ -155,6 +155,19 @@ def test_a_server_whose_answers_fail_validation_far_more_often_is_taken_out(tmp_
     assert with_queries(out) == {c["id"] for c in sample_captions[:40]}
 
 
+def test_a_repair_round_asks_another_server_than_the_one_whose_answer_failed(tmp_path, sample_captions):
+    """Before the pool has seen enough of a broken server to take it out, its invalid answer
+    must not become a caption's final rejection on its own say: the repair round goes to
+    another server (while the good one is busy, the broken one would be least loaded)."""
+    caps = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:2])
+    out = tmp_path / "out"
+    with FakeOpenAI(faults=always("wrong_shape")) as bad, FakeOpenAI(latency=0.5) as good:
+        assert run(caps, out, [bad, good], "--concurrency", "2", "--repair-rounds", "1", "--no-curate") == EXIT_OK
+        assert len(bad.requests) == 1 and len(good.requests) == 2
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["rejected"] == 0 and counts["accepted"] == 2
+
+
 def test_invalid_answers_alike_everywhere_take_no_server_out():
     now = [0.0]
     a, b = Server("a", None), Server("b", None)

@@ -25,6 +25,7 @@ stops the run with EngineUnusable: see engines/pool.py.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -213,6 +214,10 @@ class OpenAIEngine(Engine):
         self.retries = 0
         self._downgrade = asyncio.Lock()
         self._encoded: dict[Any, str] = {}   # (format state, schema) -> encoded options
+        # Which server wrote a recent answer, so that a repair round asks another one: an
+        # invalid answer is then judged by a second server before it becomes a final rejection,
+        # not by the broken server that wrote it (before the pool has seen enough to take it out).
+        self._authors: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._first: tuple[Any, str] = (None, "")     # (first message, its JSON)
 
     def _options(self, schema: Optional[dict] = None) -> dict[str, Any]:
@@ -305,7 +310,7 @@ class OpenAIEngine(Engine):
         if self.pacer.active:   # the most it may cost: its prompt, and every token it may answer
             ticket = await self.pacer.acquire(prompt_tokens(messages) + self.sampling.max_tokens)
         while True:  # round again only after a refusal took a server out: another may serve
-            server = self.pool.pick()   # EngineUnusable once every server has refused
+            server = self.pool.pick(avoid=self._author(messages))   # EngineUnusable once every server has refused
             self.pool.started(server)
             reply: dict[str, Any] = {}
             try:
@@ -330,10 +335,21 @@ class OpenAIEngine(Engine):
                     self.pacer.refused(exc.headers, retry_after_seconds(exc))
                 raise
             self.pool.finished(server, ok=True)
+            if len(self.pool.servers) > 1:
+                self._authors[done.text] = server.url
+                if len(self._authors) > 4096:   # a repair round follows its answer at once
+                    self._authors.popitem(last=False)
             if ticket is not None:
                 used = done.prompt_tokens + done.completion_tokens
                 self.pacer.settle(ticket, used or None, reply.get("headers"), reply.get("status"))
             return done
+
+    def _author(self, messages: list[dict[str, str]]) -> Optional[str]:
+        """The server that wrote the answer a repair round shows (the last assistant message)."""
+        for m in reversed(messages):
+            if m.get("role") == "assistant":
+                return self._authors.get(m.get("content"))
+        return None
 
     def _refusal(self, exc: StatusError) -> str:
         hint = refusal_hint(exc) + (f" in ${self.api_key_env}" if exc.status == 401 else "")

@@ -70,7 +70,9 @@ class ServerPool:
     # (a caption the model rambles on), two or more mean the servers are silent.
     silent_requests: set = field(default_factory=set)
 
-    def pick(self) -> Server:
+    def pick(self, avoid: Optional[str] = None) -> Server:
+        """The healthy server with the fewest requests outstanding; not `avoid` (a URL) while
+        another healthy one is there."""
         serving = [s for s in self.servers if s.refused is None]
         if not serving:
             raise EngineUnusable("every server refused the run: " + "; ".join(
@@ -80,7 +82,8 @@ class ServerPool:
         if not healthy:
             # All out: probe the one that comes back soonest rather than stall the run.
             return min(serving, key=lambda s: s.down_until)
-        return min(healthy, key=lambda s: (s.outstanding, s.requests))
+        others = [s for s in healthy if s.url != avoid]
+        return min(others or healthy, key=lambda s: (s.outstanding, s.requests))
 
     def started(self, server: Server) -> None:
         server.outstanding += 1
