@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 INPUT_COLUMNS = ("caption_id", "query", "type", "subtype", "grade", "salience", "source",
                  "model", "answer_key")
+RECORD_CASTS = {"grade": pl.Int64, "salience": pl.Int64}
 
 
 class _Timer:
@@ -65,83 +66,33 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
     t_start = time.perf_counter()
 
     with timer("load"):
-        raw = (pl.read_parquet(run_dir / "queries.parquet", columns=list(INPUT_COLUMNS))
-               .with_row_index("row")
-               .cast({"grade": pl.Int64, "salience": pl.Int64}))
-        caps = (pl.read_parquet(run_dir / "captions.parquet", columns=["id", "text"])
-                .unique("id", keep="first", maintain_order=True))
+        raw = load_queries(run_dir)
+        caps = load_captions(run_dir)
     stats["queries_in"], stats["captions_in"] = raw.height, caps.height
     stats["queries_in_by_type"] = _counts(raw, "type")
 
     with timer("normalize"):
-        # Every text a shard holds passes schemas.text.clean here, whatever wrote the run's
-        # files: queries as q_clean (`query` stays as generated, for dropped.parquet), captions
-        # in place (own and cross positives, negatives, the BEIR corpus all read caps).
-        q = cleaned(raw["query"])
-        recs = with_rank(raw.with_columns(q_clean=q["clean"], _refused=q["refused"]))
-        recs = recs.with_columns(q_norm=normalized(recs["q_clean"]))
-        c = cleaned(caps["text"])
-        stats["text_guard"] = {
-            "queries_refused": int(q["refused"].is_not_null().sum()),
-            "queries_cleaned": int((q["refused"].is_null() & (q["clean"] != raw["query"])).sum()),
-            "captions_refused": int(c["refused"].is_not_null().sum()),
-            "captions_cleaned": int((c["refused"].is_null() & (c["clean"] != caps["text"])).sum()),
-        }
-        refused_caps = caps.select(caption_id="id", _cap_refused=c["refused"]).drop_nulls("_cap_refused")
-        caps = caps.with_columns(text=c["clean"]).filter(c["refused"].is_null())
-        caps = caps.with_columns(c_norm=normalized(caps["text"]))
+        recs, q_guard = clean_queries(raw)
+        caps, refused_caps, c_guard = clean_captions(caps)
+        stats["text_guard"] = {**q_guard, **c_guard}
         # Every (caption, query) the run generated, before any drop, and every other pair the
         # judge found relevant: the false-negative guard.
         graded = judged.candidates(run_dir, config.judge_candidates)
         known = pl.concat([recs.select("caption_id", "q_norm"),
                            judged.positives(graded).select("caption_id", "q_norm")]).unique()
-        recs, d = split_off(recs, pl.col("_refused").is_not_null(), "control_characters", pl.col("_refused"))
-        drops.append(d)
-        recs = recs.drop("_refused").join(refused_caps, on="caption_id", how="left", maintain_order="left")
-        recs, d = split_off(recs, pl.col("_cap_refused").is_not_null(), "caption_control_characters",
-                            pl.format("caption: {}", pl.col("_cap_refused")))
-        drops.append(d)
-        recs = recs.drop("_cap_refused")
 
     with timer("decontaminate"):
         evals = load_eval_texts(config.decontaminate_against)
-        hits, n_scored = contaminated(caps, evals, config.decontam_threshold, config.decontam_ngram)
-        caps = caps.join(hits.select("id"), on="id", how="anti")
-        recs = recs.join(hits.rename({"id": "caption_id"}), on="caption_id", how="left")
-        recs, d = split_off(recs, pl.col("rouge_l").is_not_null(), "decontaminated",
-                            pl.format("rouge_l={} eval_text={}", pl.col("rouge_l").round(3), pl.col("eval_index")))
-        recs = recs.drop("rouge_l", "eval_index")
-        drops.append(d)
-        recs, d = split_off(recs, ~pl.col("caption_id").is_in(caps["id"].implode()), "unknown_caption")
-        drops.append(d)
+        caps, hits, n_scored = decontaminate_captions(caps, evals, config)
     stats["decontamination"] = {"eval_texts": len(evals), "pairs_scored": n_scored,
                                 "captions_dropped": hits.height}
 
-    with timer("judge"):
-        recs, d = judged.apply_own(recs, run_dir, config.judge)
-        drops.append(d)
-
-    with timer("dedup_exact"):
-        recs, d = dedup.exact(recs)
-        drops.append(d)
-
-    with timer("tokenize_queries"):
-        words = _words_table(recs["q_norm"], "q_norm", "q_words", config.workers)
-        recs = recs.join(words, on="q_norm").join(caps.select(caption_id="id", c_norm="c_norm"), on="caption_id")
-
-    with timer("filters"):
-        recs, d, stats["grounding"] = filters.apply(recs, config, caps["c_norm"])
-        drops.append(d)
-        if stats["grounding"]["warning"]:
-            log.warning("curation of %s: %s", name or run_dir, stats["grounding"]["warning"])
-
-    with timer("dedup_near"):
-        recs, d = dedup.near(recs, config.near_dup_threshold)
-        drops.append(d)
-
     with timer("tokenize_captions"):
-        caps = caps.join(_words_table(caps["c_norm"], "c_norm", "c_words", config.workers, search=True),
-                         on="c_norm")
+        caps = tokenize_captions(caps, config)
+
+    recs, stats["grounding"] = record_steps(recs, caps, refused_caps, hits, run_dir, config, timer, drops)
+    if stats["grounding"]["warning"]:
+        log.warning("curation of %s: %s", name or run_dir, stats["grounding"]["warning"])
 
     with timer("roundtrip"):
         recs, d = roundtrip.apply(recs, caps, config)
@@ -188,6 +139,96 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
                                  f"out, {dropped.height} dropped")
         manifest = write_outputs(out, rows, caps, dropped, config, stats, timer.seconds, t_start)
     return manifest
+
+
+def load_queries(run_dir: Path) -> pl.DataFrame:
+    return (pl.read_parquet(run_dir / "queries.parquet", columns=list(INPUT_COLUMNS))
+            .with_row_index("row").cast(RECORD_CASTS))
+
+
+def load_captions(run_dir: Path) -> pl.DataFrame:
+    return (pl.read_parquet(run_dir / "captions.parquet", columns=["id", "text"])
+            .unique("id", keep="first", maintain_order=True))
+
+
+def clean_queries(raw: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
+    """Every text a shard holds passes schemas.text.clean here, whatever wrote the run's
+    files: queries as q_clean (`query` stays as generated, for dropped.parquet)."""
+    q = cleaned(raw["query"])
+    recs = with_rank(raw.with_columns(q_clean=q["clean"], _refused=q["refused"]))
+    recs = recs.with_columns(q_norm=normalized(recs["q_clean"]))
+    return recs, {"queries_refused": int(q["refused"].is_not_null().sum()),
+                  "queries_cleaned": int((q["refused"].is_null() & (q["clean"] != raw["query"])).sum())}
+
+
+def clean_captions(caps: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """Captions cleaned in place (own and cross positives, negatives, the BEIR corpus all
+    read them), with c_norm; the refused ones apart as (caption_id, _cap_refused)."""
+    c = cleaned(caps["text"])
+    counts = {"captions_refused": int(c["refused"].is_not_null().sum()),
+              "captions_cleaned": int((c["refused"].is_null() & (c["clean"] != caps["text"])).sum())}
+    refused = caps.select(caption_id="id", _cap_refused=c["refused"]).drop_nulls("_cap_refused")
+    caps = caps.with_columns(text=c["clean"]).filter(c["refused"].is_null())
+    return caps.with_columns(c_norm=normalized(caps["text"])), refused, counts
+
+
+def decontaminate_captions(caps: pl.DataFrame, evals: list[str], config: CurateConfig
+                           ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    hits, n_scored = contaminated(caps, evals, config.decontam_threshold, config.decontam_ngram)
+    return caps.join(hits.select("id"), on="id", how="anti"), hits, n_scored
+
+
+def tokenize_captions(caps: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
+    return caps.join(_words_table(caps["c_norm"], "c_norm", "c_words", config.workers, search=True),
+                     on="c_norm", maintain_order="left")
+
+
+def record_steps(recs: pl.DataFrame, caps: pl.DataFrame, refused_caps: pl.DataFrame, hits: pl.DataFrame,
+                 run_dir: Path, config: CurateConfig, timer: "_Timer", drops: list,
+                 common: Optional[pl.Series] = None) -> tuple[pl.DataFrame, dict]:
+    """The steps that look at one caption's records at a time: text and caption refusals,
+    decontamination, the judge, duplicates, filters. caps: the captions left after cleaning
+    and decontamination (id, c_norm), of the run or of one partition of it; common:
+    filters.common_units of the whole run, when caps is only a part of it. Returns the
+    records left (with q_words, c_norm) and the grounding report."""
+    with timer("normalize"):
+        recs, d = split_off(recs, pl.col("_refused").is_not_null(), "control_characters", pl.col("_refused"))
+        drops.append(d)
+        recs = recs.drop("_refused").join(refused_caps, on="caption_id", how="left", maintain_order="left")
+        recs, d = split_off(recs, pl.col("_cap_refused").is_not_null(), "caption_control_characters",
+                            pl.format("caption: {}", pl.col("_cap_refused")))
+        drops.append(d)
+        recs = recs.drop("_cap_refused")
+
+    with timer("decontaminate"):
+        recs = recs.join(hits.rename({"id": "caption_id"}), on="caption_id", how="left")
+        recs, d = split_off(recs, pl.col("rouge_l").is_not_null(), "decontaminated",
+                            pl.format("rouge_l={} eval_text={}", pl.col("rouge_l").round(3), pl.col("eval_index")))
+        recs = recs.drop("rouge_l", "eval_index")
+        drops.append(d)
+        recs, d = split_off(recs, ~pl.col("caption_id").is_in(caps["id"].implode()), "unknown_caption")
+        drops.append(d)
+
+    with timer("judge"):
+        recs, d = judged.apply_own(recs, run_dir, config.judge)
+        drops.append(d)
+
+    with timer("dedup_exact"):
+        recs, d = dedup.exact(recs)
+        drops.append(d)
+
+    with timer("tokenize_queries"):
+        words = _words_table(recs["q_norm"], "q_norm", "q_words", config.workers)
+        recs = recs.join(words, on="q_norm").join(caps.select(caption_id="id", c_norm="c_norm"), on="caption_id")
+
+    with timer("filters"):
+        recs, d, grounding = filters.apply(recs, config, caps["c_norm"], common)
+        drops.append(d)
+
+    with timer("dedup_near"):
+        recs, d = dedup.near(recs, config.near_dup_threshold)
+        drops.append(d)
+    return recs, grounding
 
 
 def _words_table(texts: pl.Series, key: str, name: str, workers: int, search: bool = False) -> pl.DataFrame:
