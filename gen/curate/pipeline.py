@@ -62,6 +62,9 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
     out.mkdir(parents=True, exist_ok=True)
     # Until the new manifest is written last, the folder must not claim to be complete.
     (out / "manifest.json").unlink(missing_ok=True)
+    from gen.curate import partitioned
+    if partitioned.needed(run_dir, config):
+        return partitioned.curate_partitioned(run_dir, config, out, name)
     timer, stats, drops = _Timer(), {}, []
     t_start = time.perf_counter()
 
@@ -258,9 +261,13 @@ def _counts(df: pl.DataFrame, col: str) -> dict:
 
 def _stats(rows: pl.DataFrame, recs: pl.DataFrame, dropped: pl.DataFrame, guard: Counter,
            config: CurateConfig) -> dict:
+    return finish_stats(partial_stats(rows, recs, guard, config), _counts(dropped, "reason"))
+
+
+def partial_stats(rows: pl.DataFrame, recs: pl.DataFrame, guard: Counter, config: CurateConfig) -> dict:
+    """The counts behind the manifest's stats, of query rows and their records: these add up
+    over parts of a run (merge_stats), finish_stats turns them into the stats."""
     n_neg = rows["neg"].list.len()
-    from_bm25 = int(rows["neg_bm25"].list.eval((pl.element() > 0).sum()).explode().sum() or 0)
-    by_reason = _counts(dropped, "reason")
     per_split = {}
     for name in ("train", "dev"):
         part = rows.filter(pl.col("split") == name)
@@ -272,26 +279,66 @@ def _stats(rows: pl.DataFrame, recs: pl.DataFrame, dropped: pl.DataFrame, guard:
             "st_query_rows_short_of_negatives": part.height - full.height,
         }
     return {
+        "generated": int(rows["n_generated"].sum() or 0),
+        "positives": int(rows["pos"].list.len().sum() or 0),
+        "negatives_judged_irrelevant": int(rows["neg_judged"].list.sum().sum() or 0),
+        "query_rows_by_type": dict(Counter(rows["type"].to_list())),
+        "pairs_by_type": dict(Counter(recs["type"].to_list())),
+        "splits": per_split,
+        "rows": rows.height,
+        "negatives": int(n_neg.sum() or 0),
+        "negatives_min": int(n_neg.min()) if rows.height else None,
+        "negatives_max": int(n_neg.max()) if rows.height else None,
+        "negatives_from_bm25": int(rows["neg_bm25"].list.eval((pl.element() > 0).sum()).explode().sum() or 0),
+        "guard": dict(guard),
+    }
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """partial_stats of several parts as one."""
+    def add(a, b):
+        if isinstance(a, dict):
+            return {k: add(a.get(k), b.get(k)) if k in a and k in b else a.get(k, b.get(k))
+                    for k in {**a, **b}}
+        return a + b
+    out = parts[0] if parts else None
+    for p in parts[1:]:
+        mins = [x for x in (out["negatives_min"], p["negatives_min"]) if x is not None]
+        maxs = [x for x in (out["negatives_max"], p["negatives_max"]) if x is not None]
+        out = {**add({k: v for k, v in out.items() if k not in ("negatives_min", "negatives_max")},
+                     {k: v for k, v in p.items() if k not in ("negatives_min", "negatives_max")}),
+               "negatives_min": min(mins) if mins else None, "negatives_max": max(maxs) if maxs else None}
+    return out
+
+
+def _sorted_counts(counts: dict) -> dict:
+    return dict(sorted(counts.items(), key=lambda kv: str(kv[0])))
+
+
+def finish_stats(p: dict, by_reason: dict) -> dict:
+    guard = p["guard"]
+    by_reason = _sorted_counts(by_reason)
+    return {
         # Generated (query, caption) pairs written: the records' side of the accounting.
-        "pairs_out": int(rows["n_generated"].sum() or 0),
+        "pairs_out": p["generated"],
         # Positives added by cross.py on top of them (judged_positives, set by the caller, are
         # the part the judge added).
-        "cross_positives": int(rows["pos"].list.len().sum() or 0) - int(rows["n_generated"].sum() or 0),
-        "negatives_judged_irrelevant": int(rows["neg_judged"].list.sum().sum() or 0),
-        "query_rows_by_type": _counts(rows, "type"),
-        "pairs_by_type": _counts(recs, "type"),
+        "cross_positives": p["positives"] - p["generated"],
+        "negatives_judged_irrelevant": p["negatives_judged_irrelevant"],
+        "query_rows_by_type": _sorted_counts(p["query_rows_by_type"]),
+        "pairs_by_type": _sorted_counts(p["pairs_by_type"]),
         "dropped_by_reason": by_reason,
         "duplicates_removed": {"exact": by_reason.get("duplicate_exact", 0),
                                "near": by_reason.get("duplicate_near", 0)},
-        "splits": per_split,
+        "splits": {name: dict(p["splits"][name]) for name in ("train", "dev")},
         "negatives_per_query": {
-            "mean": round(float(n_neg.mean()), 3) if rows.height else 0.0,
-            "min": int(n_neg.min()) if rows.height else 0,
-            "max": int(n_neg.max()) if rows.height else 0,
+            "mean": round(p["negatives"] / p["rows"], 3) if p["rows"] else 0.0,
+            "min": p["negatives_min"] or 0,
+            "max": p["negatives_max"] or 0,
         },
         # Of the negatives written: found by BM25, or random fill (BM25 score 0.0).
-        "negatives_from_bm25": from_bm25,
-        "negatives_random_fill": int(n_neg.sum() or 0) - from_bm25,
+        "negatives_from_bm25": p["negatives_from_bm25"],
+        "negatives_random_fill": p["negatives"] - p["negatives_from_bm25"],
         "bm25_backend": sorted(k.removeprefix("bm25_backend_") for k in guard if k.startswith("bm25_backend_")),
         "false_negative_candidates_excluded": {
             k: v for k, v in sorted(guard.items()) if k in ("known_positive", "contains_query", "contains_all_words")},
