@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 
 import polars as pl
 
-from gen.curate import check_run_dir, cross, dedup, filters, judged, negatives, positives, roundtrip, split
+from gen.curate import InputError, check_run_dir, cross, dedup, filters, judged, negatives, positives, roundtrip, split
 from gen.curate.config import CurateConfig
 from gen.curate.decontaminate import contaminated, load_eval_texts
 from gen.curate.normalize import cleaned, normalized, tokenize
@@ -144,13 +144,20 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
     return manifest
 
 
+def _read_run_file(path: Path, columns: list[str]) -> pl.DataFrame:
+    # check_run_dir read the footer; a damaged page further in surfaces only here.
+    try:
+        return pl.read_parquet(path, columns=columns)
+    except (pl.exceptions.ComputeError, OSError, pl.exceptions.PolarsError) as e:
+        raise InputError(f"{path} is damaged (a page past its header cannot be read): {e}") from None
+
+
 def load_queries(run_dir: Path) -> pl.DataFrame:
-    return (pl.read_parquet(run_dir / "queries.parquet", columns=list(INPUT_COLUMNS))
-            .with_row_index("row").cast(RECORD_CASTS))
+    return _read_run_file(run_dir / "queries.parquet", list(INPUT_COLUMNS)).with_row_index("row").cast(RECORD_CASTS)
 
 
 def load_captions(run_dir: Path) -> pl.DataFrame:
-    return (pl.read_parquet(run_dir / "captions.parquet", columns=["id", "text"])
+    return (_read_run_file(run_dir / "captions.parquet", ["id", "text"])
             .unique("id", keep="first", maintain_order=True))
 
 
