@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +210,36 @@ def test_progress_names_the_step_and_partition_with_counts(run, tmp_path, caplog
     assert f"records 1/{n} done" in line.getMessage() and "kept=" in line.getMessage()
     as_json = json.loads(JsonFormatter().format(line))
     assert as_json["event"] == "curate_progress" and as_json["records"] == records[0]["records"]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    # Ray's workers import this worktree's gen (they inherit this environment).
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [saved])])
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = saved
+
+
+@pytest.mark.slow
+def test_the_ray_executor_writes_the_shards_the_local_one_does(ray_local, run, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gen.curate")
+    settings = _settings(run, partition_records=1000, bm25_shard_captions=100, summary_share=0.3)
+    local = curate(run, CurateConfig(**settings), out_dir=tmp_path / "local")
+    caplog.clear()
+    on_ray = curate(run, CurateConfig(executor="ray", **settings), out_dir=tmp_path / "ray")
+    assert _events(caplog, "curate_partitions")[-1]["executor"] == "ray"
+    # The input pass runs here; the other tasks ran in Ray's worker processes.
+    here = f"{socket.gethostname()}:{os.getpid()}"
+    workers = {e["step"]: e["worker"] for e in _events(caplog, "curate_progress")}
+    assert workers.pop("partition") == here
+    assert here not in workers.values() and set(workers) == {"captions", "records", "group", "negatives"}
+    a, b = _outputs(tmp_path / "local"), _outputs(tmp_path / "ray")
+    assert all(a[k].equals(b[k]) for k in a)
+    assert _stats(local) == _stats(on_ray)

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections import Counter
@@ -165,7 +166,7 @@ def task(fn: Callable[[Path, dict], dict]) -> Callable[[dict], dict]:
         tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.mkdir(parents=True)
         try:
-            info = fn(tmp, item)
+            info = {**fn(tmp, item), "worker": f"{socket.gethostname()}:{os.getpid()}"}
             (tmp / "info.json").write_text(json.dumps(info))
             os.replace(tmp, final)
         except BaseException:
@@ -454,7 +455,7 @@ class _Progress:
                  " ".join(f"{k}={v}" for k, v in counts.items()),
                  extra={"fields": {"event": "curate_progress", "step": self.step, "part": self.n,
                                    "parts": self.total, "elapsed_s": round(time.perf_counter() - self.t0, 1),
-                                   **counts}})
+                                   "worker": info.get("worker"), **counts}})
 
 
 def curate_partitioned(run_dir: Path, config: CurateConfig, out: Path, name: Optional[Path] = None) -> dict:
