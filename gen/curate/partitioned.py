@@ -216,7 +216,7 @@ def _split_file(path: Path, columns: list[str], key: str, parts: int, folder: Pa
     writers = [pq.ParquetWriter(folder / f"{stem}-{p:05d}.parquet", schema=pl.DataFrame(schema=schema).to_arrow().schema,
                                 compression="zstd") for p in range(parts)]
     buffers: list[list[pl.DataFrame]] = [[] for _ in range(parts)]
-    held = [0] * parts
+    held = 0
     n, types = 0, Counter()
     try:
         for batch in _batches(path, columns):
@@ -227,17 +227,23 @@ def _split_file(path: Path, columns: list[str], key: str, parts: int, folder: Pa
             df = df.with_columns(_p=_part_of(caption_hash(df[key]), parts))
             for (p,), piece in df.partition_by("_p", as_dict=True, maintain_order=True).items():
                 buffers[p].append(piece.drop("_p"))
-                held[p] += piece.height
-                if held[p] >= READ_ROWS:
-                    writers[p].write_table(pl.concat(buffers[p]).to_arrow())
-                    buffers[p], held[p] = [], 0
-        for p in range(parts):
-            if buffers[p]:
-                writers[p].write_table(pl.concat(buffers[p]).to_arrow())
+                held += piece.height
+            # What is held stays at a few batches however many partitions there are.
+            if held >= 2 * READ_ROWS:
+                held = _flush(writers, buffers)
+        _flush(writers, buffers)
     finally:
         for w in writers:
             w.close()
     return n, types
+
+
+def _flush(writers: list, buffers: list[list[pl.DataFrame]]) -> int:
+    for p, pieces in enumerate(buffers):
+        if pieces:
+            writers[p].write_table(pl.concat(pieces).to_arrow())
+            pieces.clear()
+    return 0
 
 
 def _input(folder: Path, item: dict) -> dict:
@@ -309,9 +315,10 @@ def _roundtrip(folder: Path, item: dict) -> dict:
     config = CurateConfig.model_validate(item["config"])
     n, s = item["roundtrip_shards"], item["shard"]
     caps = (pl.scan_parquet(item["caps"]).filter(_roundtrip_shard(pl.col("h"), n) == s)
-            .select("id", "c_words").collect())
+            .select("id", "c_words").collect(engine="streaming"))
     # Ranks are a partition's own; the row number is unique over the run.
-    recs = pl.scan_parquet(item["recs"]).filter(pl.col("_rt") == s).collect().with_columns(rank=pl.col("row"))
+    recs = (pl.scan_parquet(item["recs"]).filter(pl.col("_rt") == s).collect(engine="streaming")
+            .with_columns(rank=pl.col("row")))
     _, dropped = roundtrip.apply(recs, caps, config)
     _write(dropped.select(DROP_COLUMNS), folder / "drops.parquet")
     _write(with_query_ids(dropped).select("row", "_qid"), folder / "missed.parquet")
@@ -382,7 +389,7 @@ def _negatives(folder: Path, item: dict) -> dict:
     name, s, n, buckets = item["split"], item["shard"], item["shards"], item["parts"]
     caps = (pl.scan_parquet(item["caps"])
             .filter((pl.col("split") == name) & (_bm25_shard(pl.col("h"), n) == s))
-            .select("id", "text", "c_norm", "c_words", "split").collect())
+            .select("id", "text", "c_norm", "c_words", "split").collect(engine="streaming"))
     indexes = _ShardIndexes(caps, item["n_queries"], config)
     graded = judged.candidates(Path(item["run_dir"]), config.judge_candidates)
     graded = with_query_ids(graded).with_columns(_b=_bucket(pl.col("_qid"), buckets)).drop("_qid")
@@ -492,7 +499,7 @@ def curate_partitioned(run_dir: Path, config: CurateConfig, out: Path, name: Opt
     cap_files = [str(Path(i["dir"]) / "caps.parquet") for i in cap_items]
 
     with timer("common_units"):
-        c_norm = pl.scan_parquet(cap_files).select("c_norm").collect()["c_norm"]
+        c_norm = pl.scan_parquet(cap_files).select("c_norm").collect(engine="streaming")["c_norm"]
         common = filters.run_common_units(c_norm)
         del c_norm
     n_caps = sum(i["captions"] for i in cap_info)
@@ -602,7 +609,8 @@ def _write_shards(out: Path, config: CurateConfig, neg_items: list[dict], cap_fi
         for w in writers:
             files += w.close()
     dev = pl.concat(dev_rows)
-    dev_caps = (pl.scan_parquet(cap_files).filter(pl.col("split") == "dev").select("id", "text").collect()
+    dev_caps = (pl.scan_parquet(cap_files).filter(pl.col("split") == "dev").select("id", "text")
+                .collect(engine="streaming")
                 if cap_files else pl.DataFrame(schema={"id": pl.String, "text": pl.String}))
     corpus, queries, qrels = views.beir(dev, dev_caps)
     for df, rel, writer in ((corpus, "beir/corpus.jsonl", write_jsonl),
