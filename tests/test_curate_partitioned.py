@@ -243,3 +243,11 @@ def test_the_ray_executor_writes_the_shards_the_local_one_does(ray_local, run, t
     a, b = _outputs(tmp_path / "local"), _outputs(tmp_path / "ray")
     assert all(a[k].equals(b[k]) for k in a)
     assert _stats(local) == _stats(on_ray)
+
+
+def test_an_in_memory_curation_names_each_step_as_it_starts(run, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gen.curate")
+    curate(run, CurateConfig(**_settings(run)), out_dir=tmp_path / "o")
+    steps = [e["step"] for e in _events(caplog, "curate_step")]
+    assert steps[0] == "load" and steps[-1] == "write"
+    assert {"dedup_near", "positives", "negatives"} <= set(steps)

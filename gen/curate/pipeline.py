@@ -39,13 +39,16 @@ class _Timer:
     """Wall seconds per step, and the process's peak memory once each step is done (so the
     step that raised it shows)."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = False) -> None:
         self.seconds: dict[str, float] = {}
         self.peak_gib: dict[str, float] = {}
+        self.announce = announce
 
     @contextmanager
     def __call__(self, step: str) -> Iterator[None]:
         t0 = time.perf_counter()
+        if self.announce:   # a long curation says where it is
+            log.info("curate: %s", step, extra={"fields": {"event": "curate_step", "step": step}})
         yield
         self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - t0
         self.peak_gib[step] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
@@ -65,7 +68,7 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
     from gen.curate import partitioned
     if partitioned.needed(run_dir, config):
         return partitioned.curate_partitioned(run_dir, config, out, name)
-    timer, stats, drops = _Timer(), {}, []
+    timer, stats, drops = _Timer(announce=True), {}, []
     t_start = time.perf_counter()
 
     with timer("load"):
