@@ -296,11 +296,25 @@ def _records(folder: Path, item: dict) -> dict:
                                    common)
     recs = recs.join(caps.select(caption_id="id", pos_text="text", split="split", _h="h"), on="caption_id",
                      maintain_order="left")
-    recs = with_query_ids(recs).with_columns(_b=_bucket(pl.col("_qid"), buckets),
-                                             _rt=_roundtrip_shard(pl.col("_h"), item["roundtrip_shards"]))
-    keep = [c for c in recs.columns if c not in ("_qid", "_h", "_b") and (c != "c_norm" or config.roundtrip_k)]
+    recs = with_query_ids(recs).with_columns(_b=_bucket(pl.col("_qid"), buckets))
+    keep = [c for c in recs.columns if c not in ("_qid", "_h", "_b", "c_norm")]
     for (b,), piece in recs.partition_by("_b", as_dict=True).items():
         _write(piece.select(keep), folder / f"recs-{b:05d}.parquet")
+    # This partition's captions by BM25 shard, so that a shard's task reads its own captions
+    # only (reading every partition's whole file per shard would grow with shards x captions).
+    for name in SPLITS:
+        n = item["shards"][name]
+        mine = caps.filter(pl.col("split") == name).with_columns(_s=_bm25_shard(pl.col("h"), n))
+        for (sh,), piece in mine.partition_by("_s", as_dict=True).items():
+            _write(piece.select("id", "text", "c_norm", "c_words", "split"), folder / f"caps-{name}-{sh:05d}.parquet")
+    if config.roundtrip_k is not None:
+        n = item["roundtrip_shards"]
+        for (sh,), piece in recs.with_columns(_rt=_roundtrip_shard(pl.col("_h"), n)).partition_by(
+                "_rt", as_dict=True).items():
+            _write(piece.drop("_qid", "_h", "_b", "_rt"), folder / f"rt-recs-{sh:05d}.parquet")
+        for (sh,), piece in caps.with_columns(_rt=_roundtrip_shard(pl.col("h"), n)).partition_by(
+                "_rt", as_dict=True).items():
+            _write(piece.select("id", "c_words"), folder / f"rt-caps-{sh:05d}.parquet")
     dropped = _drops(drops)
     _write(dropped, folder / "drops.parquet")
     return {"records": raw.height, "kept": recs.height, **guard,
@@ -313,12 +327,14 @@ def _records(folder: Path, item: dict) -> dict:
 
 def _roundtrip(folder: Path, item: dict) -> dict:
     config = CurateConfig.model_validate(item["config"])
-    n, s = item["roundtrip_shards"], item["shard"]
-    caps = (pl.scan_parquet(item["caps"]).filter(_roundtrip_shard(pl.col("h"), n) == s)
-            .select("id", "c_words").collect(engine="streaming"))
+    s = item["shard"]
+    caps = _read((Path(d) / f"rt-caps-{s:05d}.parquet" for d in item["records"]),
+                 {"id": pl.String, "c_words": pl.List(pl.String)})
     # Ranks are a partition's own; the row number is unique over the run.
-    recs = (pl.scan_parquet(item["recs"]).filter(pl.col("_rt") == s).collect(engine="streaming")
-            .with_columns(rank=pl.col("row")))
+    recs = _read(Path(d) / f"rt-recs-{s:05d}.parquet" for d in item["records"])
+    if recs.height == 0:
+        recs = pl.read_parquet(item["schema"]).clear()
+    recs = recs.with_columns(rank=pl.col("row"))
     _, dropped = roundtrip.apply(recs, caps, config)
     _write(dropped.select(DROP_COLUMNS), folder / "drops.parquet")
     _write(with_query_ids(dropped).select("row", "_qid"), folder / "missed.parquet")
@@ -337,7 +353,6 @@ def _group(folder: Path, item: dict) -> dict:
         recs = recs.join(missed, on="row", how="anti")
     known = _read((Path(d) / f"known-{b:05d}.parquet" for d in item["records"]),
                   {"caption_id": pl.String, "q_norm": pl.String}).unique()
-    _write(known, folder / "known.parquet")
     drops: list[pl.DataFrame] = []
     rows = None
     if recs.height:
@@ -360,6 +375,9 @@ def _group(folder: Path, item: dict) -> dict:
                 _write(r, folder / f"rows-{name}-{s:05d}.parquet")
                 _write(mine.filter(pl.col("_s") == s).select(*DROP_COLUMNS[:-2], "query_id", "split"),
                        folder / f"recs-{name}-{s:05d}.parquet")
+                # The guard's pairs of these rows' queries alone: each shard's task reads its own.
+                _write(known.join(r.select("q_norm").unique(), on="q_norm", how="semi"),
+                       folder / f"known-{name}-{s:05d}.parquet")
                 counts[f"{name}-{s}"] = r.height
     dropped = _drops(drops) if drops else pl.DataFrame(schema={c: pl.String for c in DROP_COLUMNS})
     _write(dropped, folder / "drops.parquet")
@@ -387,9 +405,9 @@ class _ShardIndexes(negatives.SplitIndexes):
 def _negatives(folder: Path, item: dict) -> dict:
     config = CurateConfig.model_validate(item["config"])
     name, s, n, buckets = item["split"], item["shard"], item["shards"], item["parts"]
-    caps = (pl.scan_parquet(item["caps"])
-            .filter((pl.col("split") == name) & (_bm25_shard(pl.col("h"), n) == s))
-            .select("id", "text", "c_norm", "c_words", "split").collect(engine="streaming"))
+    caps = _read((Path(d) / f"caps-{name}-{s:05d}.parquet" for d in item["records"]),
+                 {"id": pl.String, "text": pl.String, "c_norm": pl.String, "c_words": pl.List(pl.String),
+                  "split": pl.String})
     indexes = _ShardIndexes(caps, item["n_queries"], config)
     graded = judged.candidates(Path(item["run_dir"]), config.judge_candidates)
     graded = with_query_ids(graded).with_columns(_b=_bucket(pl.col("_qid"), buckets)).drop("_qid")
@@ -403,7 +421,7 @@ def _negatives(folder: Path, item: dict) -> dict:
         rows = pl.read_parquet(src)
         recs = pl.read_parquet(group / f"recs-{name}-{s:05d}.parquet")
         grades = graded.filter(pl.col("_b") == b).drop("_b")
-        known = pl.concat([pl.read_parquet(group / "known.parquet"),
+        known = pl.concat([pl.read_parquet(group / f"known-{name}-{s:05d}.parquet"),
                            judged.positives(grades).select("caption_id", "q_norm")]).unique()
         rows, jp = cross.extend(rows, indexes, config, judged.positives(grades))
         n_judged += jp
@@ -511,6 +529,7 @@ def curate_partitioned(run_dir: Path, config: CurateConfig, out: Path, name: Opt
 
     rec_items = [{**base, "part": p, "input": str(input_dir), "captions": cap_items[p]["dir"],
                   "common": common.to_list() if common is not None else [], "roundtrip_shards": rt_shards,
+                  "shards": shards,
                   "dir": str(work / "records" / f"p{p:05d}")} for p in range(parts)]
     rec_info = step("records", _records, rec_items)
     rec_dirs = [i["dir"] for i in rec_items]
@@ -518,8 +537,8 @@ def curate_partitioned(run_dir: Path, config: CurateConfig, out: Path, name: Opt
 
     rt_info, missed = [], []
     if config.roundtrip_k is not None:
-        recs_files = [str(f) for d in rec_dirs for f in sorted(Path(d).glob("recs-*.parquet"))]
-        rt_items = [{**base, "shard": s, "roundtrip_shards": rt_shards, "caps": cap_files, "recs": recs_files,
+        recs_files = [f for d in rec_dirs for f in sorted(Path(d).glob("recs-*.parquet"))]
+        rt_items = [{**base, "shard": s, "records": rec_dirs, "schema": str(recs_files[0]) if recs_files else None,
                      "dir": str(work / "roundtrip" / f"s{s:05d}")} for s in range(rt_shards)]
         if recs_files:
             rt_info = step("roundtrip", _roundtrip, rt_items)
@@ -533,7 +552,7 @@ def curate_partitioned(run_dir: Path, config: CurateConfig, out: Path, name: Opt
     group_info = step("group", _group, group_items)
     group_dirs = [i["dir"] for i in group_items]
 
-    neg_items = [{**base, "split": sp, "shard": s, "shards": shards[sp], "caps": cap_files, "groups": group_dirs,
+    neg_items = [{**base, "split": sp, "shard": s, "shards": shards[sp], "records": rec_dirs, "groups": group_dirs,
                   "n_queries": sum(i["rows"].get(f"{sp}-{s}", 0) for i in group_info),
                   "dir": str(work / "negatives" / f"{sp}-{s:05d}")}
                  for sp in SPLITS for s in range(shards[sp])]
