@@ -132,7 +132,7 @@ class CurateConfig(BaseModel):
     # A run of more query records than this is curated in partitions of about this many
     # (gen/curate/partitioned.py): the memory a curation needs follows it, not the run's size.
     # The output is the same either way.
-    partition_records: Int = Field(1_000_000, ge=1)
+    partition_records: Int = Field(500_000, ge=1)
     # Where partitions run: "local" one after another in this process, "ray" as tasks on a
     # Ray cluster (RAY_ADDRESS, else a local instance), which need the run directory and its
     # output on storage every node sees (docs/ray.md).

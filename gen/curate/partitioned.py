@@ -168,7 +168,14 @@ def task(fn: Callable[[Path, dict], dict]) -> Callable[[dict], dict]:
         try:
             info = {**fn(tmp, item), "worker": f"{socket.gethostname()}:{os.getpid()}"}
             (tmp / "info.json").write_text(json.dumps(info))
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                # A retried task whose first try, thought lost, finished after all: the same
+                # parts are there already.
+                if not (final / "info.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
