@@ -34,6 +34,13 @@ def run(tmp_path_factory) -> Path:
     queries, captions = synthesise(N_CAPTIONS, N_RECORDS)
     queries.write_parquet(run / "queries.parquet", row_group_size=500)
     captions.write_parquet(run / "captions.parquet")
+    # The judge's grades of some own pairs, and of some pairs with other captions.
+    own = queries.select("caption_id", "query").gather_every(3)
+    own.with_columns(judge_grade=(pl.int_range(pl.len()) % 3).cast(pl.Int8)).write_parquet(run / "judgements.parquet")
+    other = pl.DataFrame({"caption_id": own["caption_id"].shift(1).fill_null(own["caption_id"][-1]),
+                          "query": own["query"]})
+    other.with_columns(judge_grade=(pl.int_range(pl.len()) % 3).cast(pl.Int8)).write_parquet(
+        run / "candidate_judgements.parquet")
     evals = synthesise_eval(captions, 200)
     (run / "eval.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in evals),
                                     encoding="utf-8")
@@ -64,8 +71,9 @@ def _events(caplog, event: str) -> list[dict]:
     return [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == event]
 
 
-@pytest.mark.parametrize("more", [{}, {"summary_share": 0.3, "roundtrip_k": 3, "rows_per_shard": 150}],
-                         ids=["defaults", "mix_roundtrip_small_shards"])
+@pytest.mark.parametrize("more", [{}, {"summary_share": 0.3, "roundtrip_k": 3, "rows_per_shard": 150},
+                                  {"judge": "regrade", "judge_candidates": True}],
+                         ids=["defaults", "mix_roundtrip_small_shards", "judged"])
 def test_partitioned_curation_equals_the_in_memory_one(run, tmp_path, caplog, more):
     caplog.set_level(logging.INFO, logger="gen.curate")
     whole = curate(run, CurateConfig(**_settings(run, **more)), out_dir=tmp_path / "whole")
@@ -79,8 +87,11 @@ def test_partitioned_curation_equals_the_in_memory_one(run, tmp_path, caplog, mo
     assert _stats(whole) == _stats(parts)
     reasons = whole["stats"]["dropped_by_reason"]
     assert {"decontaminated", "duplicate_exact", "duplicate_near", "generic_query"} <= set(reasons)
-    if more:
+    if "roundtrip_k" in more:
         assert {"mix_downsampled", "roundtrip_miss"} <= set(reasons)
+    if "judge" in more:
+        assert reasons["judged_irrelevant"] and whole["stats"]["judged_positives"]
+        assert whole["stats"]["negatives_judged_irrelevant"]
     # partition_records is how the job runs, not what comes out: the same fingerprint.
     assert whole["fingerprint"] == parts["fingerprint"]
     assert not (tmp_path / "parts" / partitioned.PARTS_DIR).exists()   # parts go once published

@@ -207,14 +207,17 @@ def _batches(path: Path, columns: list[str]) -> Iterable[pl.DataFrame]:
     f = pq.ParquetFile(path)
     done = 0
     for g in range(f.num_row_groups):
-        try:
-            table = f.read_row_group(g, columns=columns)
-        except Exception as e:  # pyarrow's errors for a bad page are of several types
-            raise InputError(f"{path}: row group {g + 1} of {f.num_row_groups} (after row {done}) "
-                             f"is damaged: {e}") from None
-        for batch in table.to_batches(READ_ROWS):
+        batches = f.iter_batches(READ_ROWS, row_groups=[g], columns=columns)
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as e:  # pyarrow's errors for a bad page are of several types
+                raise InputError(f"{path}: row group {g + 1} of {f.num_row_groups} (after row {done}) "
+                                 f"is damaged: {e}") from None
+            if batch is None:
+                break
+            done += batch.num_rows
             yield pl.from_arrow(batch)
-        done += table.num_rows
 
 
 def _split_file(path: Path, columns: list[str], key: str, parts: int, folder: Path, stem: str,
