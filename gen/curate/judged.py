@@ -30,16 +30,22 @@ def inputs(run_dir: Path, judge: str, candidates: bool) -> list[Path]:
            ([run_dir / CANDIDATE_JUDGEMENTS] if candidates else [])
 
 
-def _read(path: Path, setting: str) -> pl.DataFrame:
+def _read(path: Path, setting: str, captions: pl.Series | None = None) -> pl.DataFrame:
+    """captions: only the grades of these captions (a partition's, gen/curate/partitioned.py),
+    filtered as it is read, so the whole file is never held."""
     if not path.is_file():
         raise FileNotFoundError(f"{setting} needs {path}: run python -m gen.judge first")
-    return pl.read_parquet(path, columns=["caption_id", "query", "judge_grade"])
+    grades = pl.scan_parquet(path).select("caption_id", "query", "judge_grade")
+    if captions is not None:
+        grades = grades.filter(pl.col("caption_id").is_in(captions.unique().implode()))
+    return grades.collect()   # the filter is pushed into the reader; file order kept for keep="first"
 
 
 def apply_own(recs: pl.DataFrame, run_dir: Path, mode: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     if mode == "off":
         return split_off(recs, pl.lit(False), "judged_irrelevant")
-    grades = _read(run_dir / JUDGEMENTS, f"judge = {mode!r}").unique(["caption_id", "query"], keep="first")
+    grades = (_read(run_dir / JUDGEMENTS, f"judge = {mode!r}", recs["caption_id"])
+              .unique(["caption_id", "query"], keep="first"))
     recs = recs.join(grades, on=["caption_id", "query"], how="left", maintain_order="left")
     kept, dropped = split_off(recs, pl.col("judge_grade") == 0, "judged_irrelevant")
     if mode == "regrade":  # an unjudged pair keeps the generator's grade
