@@ -262,3 +262,14 @@ def test_an_in_memory_curation_names_each_step_as_it_starts(run, tmp_path, caplo
     steps = [e["step"] for e in _events(caplog, "curate_step")]
     assert steps[0] == "load" and steps[-1] == "write"
     assert {"dedup_near", "positives", "negatives"} <= set(steps)
+
+
+@pytest.mark.parametrize("setting", [{"judge": "drop"}, {"judge_candidates": True}])
+def test_a_missing_judge_file_is_named_before_any_partition_runs(run, tmp_path, setting):
+    bare = tmp_path / "run"
+    bare.mkdir()
+    for name in ("queries.parquet", "captions.parquet"):
+        (bare / name).write_bytes((run / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="run python -m gen.judge first"):
+        curate(bare, CurateConfig(partition_records=700, **setting), out_dir=tmp_path / "o")
+    assert not (tmp_path / "o" / partitioned.PARTS_DIR).exists()

@@ -51,6 +51,7 @@ from gen.curate import InputError, cross, filters, judged, negatives, positives,
 from gen.curate import split as splits
 from gen.curate.config import CurateConfig
 from gen.curate.decontaminate import load_eval_texts
+from gen.curate.normalize import normalized
 from gen.curate.pipeline import (INPUT_COLUMNS, RECORD_CASTS, _query_rows, _Timer, clean_captions, clean_queries,
                                  decontaminate_captions, finish_stats, merge_stats, partial_stats,
                                  record_steps, tokenize_captions)
@@ -221,7 +222,9 @@ def _batches(path: Path, columns: list[str]) -> Iterable[pl.DataFrame]:
 
 
 def _split_file(path: Path, columns: list[str], key: str, parts: int, folder: Path, stem: str,
-                prepare: Callable[[pl.DataFrame, int], pl.DataFrame]) -> tuple[int, Counter]:
+                prepare: Callable[[pl.DataFrame, int], pl.DataFrame], by_query: bool = False) -> tuple[int, Counter]:
+    """path in `parts` files by a hash of the caption id in `key`, or with by_query by the
+    bucket of the normalised query in `key`."""
     schema = prepare(pl.read_parquet(path, columns=columns, n_rows=0), 0).schema
     writers = [pq.ParquetWriter(folder / f"{stem}-{p:05d}.parquet", schema=pl.DataFrame(schema=schema).to_arrow().schema,
                                 compression="zstd") for p in range(parts)]
@@ -234,7 +237,11 @@ def _split_file(path: Path, columns: list[str], key: str, parts: int, folder: Pa
             n += df.height
             if "type" in df.columns:
                 types.update(df["type"].to_list())
-            df = df.with_columns(_p=_part_of(caption_hash(df[key]), parts))
+            if by_query:
+                qids = with_query_ids(df.with_columns(q_norm=normalized(df[key])))["_qid"]
+                df = df.with_columns(_p=_bucket(pl.lit(qids), parts))
+            else:
+                df = df.with_columns(_p=_part_of(caption_hash(df[key]), parts))
             for (p,), piece in df.partition_by("_p", as_dict=True, maintain_order=True).items():
                 buffers[p].append(piece.drop("_p"))
                 held += piece.height
@@ -262,6 +269,11 @@ def _input(folder: Path, item: dict) -> dict:
                              lambda df, offset: df.with_row_index("row", offset=offset).cast(RECORD_CASTS))
     n_c, _ = _split_file(run_dir / "captions.parquet", ["id", "text"], "id", parts, folder, "c",
                          lambda df, offset: df)
+    if item["config"]["judge_candidates"]:
+        # The judge's grades of candidates by the bucket of their (normalised) query: a
+        # bucket's tasks read its own, never the whole file.
+        _split_file(run_dir / judged.CANDIDATE_JUDGEMENTS, ["caption_id", "query", "judge_grade"], "query", parts,
+                    folder, "g", lambda df, offset: df, by_query=True)
     return {"queries": n_q, "captions_rows": n_c,
             "queries_in_by_type": {str(k): v for k, v in types.items()}, "none_type": types.get(None, 0)}
 
@@ -363,6 +375,10 @@ def _group(folder: Path, item: dict) -> dict:
         recs = recs.join(missed, on="row", how="anti")
     known = _read((Path(d) / f"known-{b:05d}.parquet" for d in item["records"]),
                   {"caption_id": pl.String, "q_norm": pl.String}).unique()
+    graded = judged.candidates(Path(item["run_dir"]), False)
+    if config.judge_candidates:
+        graded = judged.graded(pl.read_parquet(Path(item["input"]) / f"g-{b:05d}.parquet"))
+    _write(graded, folder / "graded.parquet")
     drops: list[pl.DataFrame] = []
     rows = None
     if recs.height:
@@ -419,8 +435,6 @@ def _negatives(folder: Path, item: dict) -> dict:
                  {"id": pl.String, "text": pl.String, "c_norm": pl.String, "c_words": pl.List(pl.String),
                   "split": pl.String})
     indexes = _ShardIndexes(caps, item["n_queries"], config)
-    graded = judged.candidates(Path(item["run_dir"]), config.judge_candidates)
-    graded = with_query_ids(graded).with_columns(_b=_bucket(pl.col("_qid"), buckets)).drop("_qid")
     least = min(config.min_negatives, config.negatives)
     parts, reasons, n_judged = [], Counter(), 0
     for b in range(buckets):
@@ -430,7 +444,7 @@ def _negatives(folder: Path, item: dict) -> dict:
             continue
         rows = pl.read_parquet(src)
         recs = pl.read_parquet(group / f"recs-{name}-{s:05d}.parquet")
-        grades = graded.filter(pl.col("_b") == b).drop("_b")
+        grades = pl.read_parquet(group / "graded.parquet")
         known = pl.concat([pl.read_parquet(group / f"known-{name}-{s:05d}.parquet"),
                            judged.positives(grades).select("caption_id", "q_norm")]).unique()
         rows, jp = cross.extend(rows, indexes, config, judged.positives(grades))
@@ -495,6 +509,7 @@ class _Progress:
 
 def curate_partitioned(run_dir: Path, config: CurateConfig, out: Path, name: Optional[Path] = None) -> dict:
     timer, t_start = _Timer(), time.perf_counter()
+    judged.require(run_dir, config.judge, config.judge_candidates)
     digest = inputs_digest(run_dir, config)
     root = parts_root(out)
     work = root / digest[:24]
@@ -556,7 +571,7 @@ def curate_partitioned(run_dir: Path, config: CurateConfig, out: Path, name: Opt
             for i in rt_info:
                 mix_counts = [mix_counts[k] - i["mix_counts"][k] for k in (0, 1)]
 
-    group_items = [{**base, "bucket": b, "records": rec_dirs, "missed": missed, "mix_counts": mix_counts,
+    group_items = [{**base, "bucket": b, "records": rec_dirs, "input": str(input_dir), "missed": missed, "mix_counts": mix_counts,
                     "n_captions": n_caps, "shards": shards, "dir": str(work / "group" / f"b{b:05d}")}
                    for b in range(parts)]
     group_info = step("group", _group, group_items)
