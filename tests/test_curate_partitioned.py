@@ -273,3 +273,42 @@ def test_a_missing_judge_file_is_named_before_any_partition_runs(run, tmp_path, 
     with pytest.raises(FileNotFoundError, match="run python -m gen.judge first"):
         curate(bare, CurateConfig(partition_records=700, **setting), out_dir=tmp_path / "o")
     assert not (tmp_path / "o" / partitioned.PARTS_DIR).exists()
+
+
+@pytest.mark.slow
+def test_gen_run_with_the_ray_executor_curates_on_ray(ray_local, tmp_path, sample_captions, capsys):
+    from conftest import write_jsonl
+    from fake_openai import FakeOpenAI
+    from gen.run import EXIT_OK, main
+    path = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:30])
+    job = tmp_path / "job.toml"
+    job.write_text("[curation]\npartition_records = 40\ndev_fraction = 0.2\n", encoding="utf-8")
+    with FakeOpenAI() as fake:
+        assert main(["--config", str(job), "--captions", str(path), "--model", "fake-model", "--no-progress",
+                     "--base-url", fake.base_url, "--out", str(tmp_path / "out"), "--executor", "ray",
+                     "--ray-actors", "1", "--log-format", "json"]) == EXIT_OK
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    progress = [e for e in events if e.get("event") == "curate_progress"]
+    here = f"{socket.gethostname()}:{os.getpid()}"
+    assert {e["step"] for e in progress} == {"partition", "captions", "records", "group", "negatives"}
+    assert all(e["worker"] != here for e in progress if e["step"] != "partition")
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["curation"]["stats"]["pairs_out"] > 0
+    assert not list((tmp_path / "out" / "shards").glob(".curate-parts"))
+
+
+def test_partitions_and_shards_left_empty_change_nothing(tmp_path):
+    from curate_helpers import rec, sample_captions, write_run
+    caps = sample_captions()[:12]
+    records = [rec(c["id"], c["text"][i:i + 3], grade=1 + i % 2) for c in caps for i in (2, 6, 10)]
+    run = write_run(tmp_path / "run", caps, records)
+    settings = dict(dev_fraction=0.3, negatives=2)
+    whole = curate(run, CurateConfig(**settings), out_dir=tmp_path / "whole")
+    # 36 records in 9 partitions of 12 captions, and BM25 shards of 2 captions: some of each empty.
+    parts = curate(run, CurateConfig(partition_records=4, **settings), out_dir=tmp_path / "parts")
+    a, b = _outputs(tmp_path / "whole"), _outputs(tmp_path / "parts")
+    assert a["train"].height and all(a[k].equals(b[k]) for k in a)
+    assert _stats(whole) == _stats(parts)
+    sharded = curate(run, CurateConfig(partition_records=4, bm25_shard_captions=2, **settings),
+                     out_dir=tmp_path / "sharded")
+    assert sharded["stats"]["pairs_out"] + pl.read_parquet(tmp_path / "sharded" / "dropped.parquet").height == 36

@@ -74,7 +74,8 @@ def caption_hash(ids: pl.Series) -> pl.Series:
     uniq = ids.unique()
     nums = [int.from_bytes(hashlib.sha256((i or "").encode("utf-8")).digest()[8:16], "big")
             for i in uniq.to_list()]
-    return ids.replace_strict(uniq, pl.Series(nums, dtype=pl.UInt64), return_dtype=pl.UInt64)
+    # .cast: replace_strict keeps the input's type for an empty column
+    return ids.replace_strict(uniq, pl.Series(nums, dtype=pl.UInt64), return_dtype=pl.UInt64).cast(pl.UInt64)
 
 
 def _part_of(h: pl.Expr, n: int) -> pl.Expr:
