@@ -396,11 +396,12 @@ def _group(folder: Path, item: dict) -> dict:
             continue
         part = rows.filter(pl.col("split") == name).with_columns(_s=_row_shard(pl.col("query_id"), n))
         mine = recs.filter(pl.col("split") == name).with_columns(_s=_row_shard(pl.col("query_id"), n))
-        for s in range(n):
-            r = part.filter(pl.col("_s") == s).drop("_s", "qrow").with_row_index("qrow")
+        by_shard = mine.partition_by("_s", as_dict=True)
+        for (s,), r in part.partition_by("_s", as_dict=True, maintain_order=True).items():
+            r = r.drop("_s", "qrow").with_row_index("qrow")
             if r.height:
                 _write(r, folder / f"rows-{name}-{s:05d}.parquet")
-                _write(mine.filter(pl.col("_s") == s).select(*DROP_COLUMNS[:-2], "query_id", "split"),
+                _write(by_shard[(s,)].select(*DROP_COLUMNS[:-2], "query_id", "split"),
                        folder / f"recs-{name}-{s:05d}.parquet")
                 # The guard's pairs of these rows' queries alone: each shard's task reads its own.
                 _write(known.join(r.select("q_norm").unique(), on="q_norm", how="semi"),
