@@ -312,3 +312,15 @@ def test_partitions_and_shards_left_empty_change_nothing(tmp_path):
     sharded = curate(run, CurateConfig(partition_records=4, bm25_shard_captions=2, **settings),
                      out_dir=tmp_path / "sharded")
     assert sharded["stats"]["pairs_out"] + pl.read_parquet(tmp_path / "sharded" / "dropped.parquet").height == 36
+
+
+def test_a_file_a_task_cannot_see_is_named_with_the_node(run, tmp_path):
+    # What a cluster node without the driver's --decontaminate-against file meets.
+    from gen.curate.partitioned import _captions
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text('{"text": "x"}\n', encoding="utf-8")
+    item = {"config": CurateConfig(decontaminate_against=(evals,)).model_dump(mode="json"), "part": 0,
+            "input": str(tmp_path)}
+    evals.unlink()
+    with pytest.raises(InputError, match=rf"on {socket.gethostname()}: .*eval.jsonl: no such file.*every node"):
+        _captions(tmp_path, item)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import polars as pl
+from pydantic import ValidationError
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -139,12 +140,18 @@ class RayExecutor:
         ray = self.ray
         pending = {self.remote.remote(fn, item): i for i, item in enumerate(items)}
         out: list[Optional[dict]] = [None] * len(items)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            for ref in ready:
-                i = pending.pop(ref)
-                out[i] = ray.get(ref)
-                done(items[i], out[i])
+        try:
+            while pending:
+                # Short waits: ray.wait blocks in C++, where a stop signal's handler cannot run.
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    i = pending.pop(ref)
+                    out[i] = ray.get(ref)
+                    done(items[i], out[i])
+        except BaseException:
+            for ref in pending:   # a failed or stopped curation hands out no more work
+                ray.cancel(ref)
+            raise
         return out  # type: ignore[return-value]
 
 
@@ -200,6 +207,17 @@ def _read(paths: Iterable[Path], schema: Optional[dict] = None) -> pl.DataFrame:
 
 def _drops(frames: list[pl.DataFrame]) -> pl.DataFrame:
     return pl.concat([d.select(DROP_COLUMNS) for d in frames], how="vertical_relaxed")
+
+
+def _config(item: dict) -> CurateConfig:
+    """The settings, checked again where the task runs: on a cluster node without the
+    driver's files the check names the node and what is missing."""
+    try:
+        return CurateConfig.model_validate(item["config"])
+    except ValidationError as e:
+        problem = "; ".join(str(err.get("msg")) for err in e.errors())
+        raise InputError(f"on {socket.gethostname()}: {problem} (the run directory, its output and every "
+                         "--decontaminate-against file must be at the same path on every node)") from None
 
 
 # --- 1. input ----------------------------------------------------------------------------
@@ -282,7 +300,7 @@ def _input(folder: Path, item: dict) -> dict:
 # --- 2. captions -------------------------------------------------------------------------
 
 def _captions(folder: Path, item: dict) -> dict:
-    config = CurateConfig.model_validate(item["config"])
+    config = _config(item)
     src = Path(item["input"]) / f"c-{item['part']:05d}.parquet"
     caps = pl.read_parquet(src).unique("id", keep="first", maintain_order=True)
     n_in = caps.height
@@ -302,7 +320,7 @@ def _captions(folder: Path, item: dict) -> dict:
 # --- 3. records --------------------------------------------------------------------------
 
 def _records(folder: Path, item: dict) -> dict:
-    config = CurateConfig.model_validate(item["config"])
+    config = _config(item)
     run_dir, buckets = Path(item["run_dir"]), item["parts"]
     cap_dir = Path(item["captions"])
     raw = pl.read_parquet(Path(item["input"]) / f"q-{item['part']:05d}.parquet")
@@ -349,7 +367,7 @@ def _records(folder: Path, item: dict) -> dict:
 # --- 4. round trip -----------------------------------------------------------------------
 
 def _roundtrip(folder: Path, item: dict) -> dict:
-    config = CurateConfig.model_validate(item["config"])
+    config = _config(item)
     s = item["shard"]
     caps = _read((Path(d) / f"rt-caps-{s:05d}.parquet" for d in item["records"]),
                  {"id": pl.String, "c_words": pl.List(pl.String)})
@@ -368,7 +386,7 @@ def _roundtrip(folder: Path, item: dict) -> dict:
 # --- 5. group ----------------------------------------------------------------------------
 
 def _group(folder: Path, item: dict) -> dict:
-    config = CurateConfig.model_validate(item["config"])
+    config = _config(item)
     b, buckets = item["bucket"], item["parts"]
     recs = _read(Path(d) / f"recs-{b:05d}.parquet" for d in item["records"])
     if item["missed"]:
@@ -431,7 +449,7 @@ class _ShardIndexes(negatives.SplitIndexes):
 
 
 def _negatives(folder: Path, item: dict) -> dict:
-    config = CurateConfig.model_validate(item["config"])
+    config = _config(item)
     name, s, n, buckets = item["split"], item["shard"], item["shards"], item["parts"]
     caps = _read((Path(d) / f"caps-{name}-{s:05d}.parquet" for d in item["records"]),
                  {"id": pl.String, "text": pl.String, "c_norm": pl.String, "c_words": pl.List(pl.String),
