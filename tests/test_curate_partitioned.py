@@ -324,3 +324,28 @@ def test_a_file_a_task_cannot_see_is_named_with_the_node(run, tmp_path):
     evals.unlink()
     with pytest.raises(InputError, match=rf"on {socket.gethostname()}: .*eval.jsonl: no such file.*every node"):
         _captions(tmp_path, item)
+
+
+def test_a_new_shard_version_resumes_the_parts_of_the_failed_one(run, tmp_path, monkeypatch):
+    from gen.publish import curate_versioned
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("queries.parquet", "captions.parquet", "eval.jsonl"):
+        (copy / name).write_bytes((run / name).read_bytes())
+    config = CurateConfig(**_settings(copy, partition_records=700))
+    real = partitioned._group
+    monkeypatch.setattr(partitioned, "_group", lambda f, i: (_ for _ in ()).throw(Boom("killed")))
+    with pytest.raises(Boom):
+        curate_versioned(copy, config)
+    assert not (copy / "shards" / "latest").exists()
+    assert [p.name for p in (copy / "shards").iterdir()] == [partitioned.PARTS_DIR]   # no partial version
+    redone: list[str] = []
+    for step in ("_captions", "_records"):
+        real_step = getattr(partitioned, step)
+        monkeypatch.setattr(partitioned, step, lambda f, i, real_step=real_step, step=step:
+                            (redone.append(step), real_step(f, i))[1])
+    monkeypatch.setattr(partitioned, "_group", real)
+    m = curate_versioned(copy, config)
+    assert redone == [] and m["stats"]["pairs_out"] > 0
+    assert (copy / "shards" / "latest" / "manifest.json").is_file()
+    assert not (copy / "shards" / partitioned.PARTS_DIR).exists()

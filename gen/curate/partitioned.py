@@ -18,8 +18,8 @@ caption shards, each part a task an executor runs (here, or on a Ray cluster).
    cross-caption positives and negatives of the rows sent to it, bucket by bucket.
 7. write: the shards stream out part by part; stats add up.
 
-A run with fewer records than partition_records and splits within bm25_shard_captions is not
-partitioned (pipeline.curate runs it in memory). With one shard per split the output equals
+A run of no more records than partition_records and no more captions than
+bm25_shard_captions is not partitioned (pipeline.curate runs it in memory). With one shard per split the output equals
 that path's, order of rows aside (tests/test_curate_partitioned.py).
 
 Each task writes into a hidden folder renamed into place once whole, under
