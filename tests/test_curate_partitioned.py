@@ -143,7 +143,8 @@ def test_a_failed_partition_leaves_no_finished_part_and_the_rerun_redoes_only_it
     assert not (out / "manifest.json").exists()
 
     calls.clear()
-    monkeypatch.setattr(partitioned, "_records", lambda folder, item: (calls.append(item["part"]), real(folder, item))[1])
+    monkeypatch.setattr(partitioned, "_records",
+                        lambda folder, item: (calls.append(item["part"]), real(folder, item))[1])
     captions_done = []
     real_caps = partitioned._captions
     monkeypatch.setattr(partitioned, "_captions", lambda f, i: (captions_done.append(i["part"]), real_caps(f, i))[1])

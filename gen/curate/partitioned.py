@@ -44,7 +44,6 @@ from typing import Any, Callable, Iterable, Optional
 
 import polars as pl
 from pydantic import ValidationError
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gen.atomic import atomic_path, sha256_file
@@ -57,7 +56,8 @@ from gen.curate.pipeline import (INPUT_COLUMNS, RECORD_CASTS, _query_rows, _Time
                                  decontaminate_captions, finish_stats, merge_stats, partial_stats,
                                  record_steps, tokenize_captions)
 from gen.curate.steps import split_off, with_rank
-from gen.curate.write import ShardedWriter, finish, views, write_jsonl, write_tsv
+from gen.curate import views
+from gen.curate.write import ShardedWriter, finish, write_jsonl, write_tsv
 
 log = logging.getLogger("gen.curate")
 
@@ -245,8 +245,9 @@ def _split_file(path: Path, columns: list[str], key: str, parts: int, folder: Pa
     """path in `parts` files by a hash of the caption id in `key`, or with by_query by the
     bucket of the normalised query in `key`."""
     schema = prepare(pl.read_parquet(path, columns=columns, n_rows=0), 0).schema
-    writers = [pq.ParquetWriter(folder / f"{stem}-{p:05d}.parquet", schema=pl.DataFrame(schema=schema).to_arrow().schema,
-                                compression="zstd") for p in range(parts)]
+    arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
+    writers = [pq.ParquetWriter(folder / f"{stem}-{p:05d}.parquet", schema=arrow_schema, compression="zstd")
+               for p in range(parts)]
     buffers: list[list[pl.DataFrame]] = [[] for _ in range(parts)]
     held = 0
     n, types = 0, Counter()
@@ -591,8 +592,9 @@ def curate_partitioned(run_dir: Path, config: CurateConfig, out: Path, name: Opt
             for i in rt_info:
                 mix_counts = [mix_counts[k] - i["mix_counts"][k] for k in (0, 1)]
 
-    group_items = [{**base, "bucket": b, "records": rec_dirs, "input": str(input_dir), "missed": missed, "mix_counts": mix_counts,
-                    "n_captions": n_caps, "shards": shards, "dir": str(work / "group" / f"b{b:05d}")}
+    group_items = [{**base, "bucket": b, "records": rec_dirs, "input": str(input_dir), "missed": missed,
+                    "mix_counts": mix_counts, "n_captions": n_caps, "shards": shards,
+                    "dir": str(work / "group" / f"b{b:05d}")}
                    for b in range(parts)]
     group_info = step("group", _group, group_items)
     group_dirs = [i["dir"] for i in group_items]
