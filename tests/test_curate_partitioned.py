@@ -222,6 +222,8 @@ def test_progress_names_the_step_and_partition_with_counts(run, tmp_path, caplog
     assert f"records 1/{n} done" in line.getMessage() and "kept=" in line.getMessage()
     as_json = json.loads(JsonFormatter().format(line))
     assert as_json["event"] == "curate_progress" and as_json["records"] == records[0]["records"]
+    inside = _events(caplog, "curate_task_progress")     # within the longest tasks, bucket by bucket
+    assert inside and {e["split"] for e in inside} == {"train", "dev"} and all(e["query_rows"] > 0 for e in inside)
 
 
 @pytest.fixture(scope="module")

@@ -482,6 +482,12 @@ def _negatives(folder: Path, item: dict) -> dict:
         _write(rows.drop("q_words", "q_norm", "qrow"), folder / f"rows-{b:05d}.parquet")
         _write(d, folder / f"drops-{b:05d}.parquet")
         parts.append(partial_stats(rows, recs, guard, config))
+        # A shard's task is the longest of a large run: it says how far it is (here; a Ray
+        # worker's log goes where Ray sends it).
+        log.info("curate: negatives %s shard %d/%d, bucket %d/%d: %d query rows", name, s + 1, n, b + 1, buckets,
+                 rows.height, extra={"fields": {"event": "curate_task_progress", "step": "negatives", "split": name,
+                                                "shard": s + 1, "shards": n, "bucket": b + 1, "buckets": buckets,
+                                                "query_rows": rows.height}})
     return {"stats": merge_stats(parts) if parts else None, "judged_positives": n_judged,
             "dropped_by_reason": dict(reasons), "captions": caps.height}
 
