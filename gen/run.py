@@ -502,7 +502,10 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
             if (out_dir / name).is_file():
                 os.symlink((out_dir / name).resolve(), staging / name)
         t = time.time()
-        prepared = publish.prepare_version(staging, config.curation, out_dir / "shards",
+        # --executor ray curates on the cluster too (partitions as Ray tasks; small runs in memory).
+        curation = (config.curation.model_copy(update={"executor": "ray"}) if config.executor == "ray"
+                    else config.curation)
+        prepared = publish.prepare_version(staging, curation, out_dir / "shards",
                                            config.min_share_of_previous, generation=manifest,
                                            failed=stats.failed, name=out_dir)
         cur = prepared.result()

@@ -3,6 +3,8 @@
 Re-curates a finished generation run with other settings, without calling the LLM. Every
 CurateConfig field is an option (--near-dup-threshold 0.7, --summary-share 0.3, ...);
 tuple fields repeat (--decontaminate-against a.jsonl --decontaminate-against b.jsonl).
+A run past --partition-records records is curated in parts; --executor ray runs them as Ray
+tasks (docs/ray.md).
 Exit codes and log events are gen.run's (--log-format json for one JSON object a line); a
 new version under RUN_DIR/shards/ takes the run directory's lock, as gen.run does (exit 75).
 A missing or damaged run file is named, exit 2, nothing created; so is an --out that is the

@@ -30,7 +30,7 @@ DEFAULT_STOPLIST = (
 
 # Settings that decide how the job runs or how the same rows are cut into files, not which
 # rows come out: a re-curation with only these changed keeps the fingerprint.
-RUNTIME_FIELDS = frozenset({"workers", "bm25_backend", "rows_per_shard"})
+RUNTIME_FIELDS = frozenset({"workers", "bm25_backend", "rows_per_shard", "partition_records", "executor"})
 
 
 class CurateConfig(BaseModel):
@@ -113,6 +113,10 @@ class CurateConfig(BaseModel):
     # Query words found in more than this share of a split's captions are left out of the
     # BM25 query (near-zero IDF, yet most of the work); only for splits of 1,000+ captions.
     bm25_prune_df: Float = Field(0.05, gt=0, le=1)
+    # BM25 (negatives, cross-caption positives, the round trip) searches a split in shards of
+    # at most this many captions, each query row in one shard (gen/curate/partitioned.py), so
+    # its cost per query stays bounded as runs grow. A split within it is searched whole.
+    bm25_shard_captions: Int = Field(100_000, ge=1)
 
     # --- split and shards -------------------------------------------------------------
     dev_fraction: Float = Field(0.05, ge=0, le=1)
@@ -125,6 +129,14 @@ class CurateConfig(BaseModel):
     # --- runtime ----------------------------------------------------------------------
     workers: Int = Field(2, ge=1)
     bm25_backend: Literal["auto", "numpy", "numba"] = "auto"
+    # A run of more query records than this is curated in partitions of about this many
+    # (gen/curate/partitioned.py): the memory a curation needs follows it, not the run's size.
+    # The output is the same either way.
+    partition_records: Int = Field(500_000, ge=1)
+    # Where partitions run: "local" one after another in this process, "ray" as tasks on a
+    # Ray cluster (RAY_ADDRESS, else a local instance), which need the run directory and its
+    # output on storage every node sees (docs/ray.md).
+    executor: Literal["local", "ray"] = "local"
 
     @field_validator("decontaminate_against")
     @classmethod

@@ -36,9 +36,11 @@ FUNCTION_WORDS = frozenset("的 了 在 和 与 及 或 是 有 着 个 一 一�
 _ONLY_FUNCTION = "^[" + "".join(sorted(set("".join(FUNCTION_WORDS)))) + "]+$"
 
 
-def apply(recs: pl.DataFrame, config: CurateConfig, captions: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+def apply(recs: pl.DataFrame, config: CurateConfig, captions: pl.Series,
+          common: pl.Series | None = None) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     """`recs` needs q_norm, q_words (jieba words of q_norm) and c_norm (its caption's);
-    `captions` is every normalised caption of the run. Returns (kept, dropped, grounding report)."""
+    `captions` is every normalised caption of the run, or `common` (run_common_units) is
+    given when they are only a part of it. Returns (kept, dropped, grounding report)."""
     q_len = pl.col("q_norm").str.len_chars()
     n_words = pl.col("q_words").list.len()
     stop = sorted({normalize(s) for s in config.stoplist})
@@ -55,7 +57,7 @@ def apply(recs: pl.DataFrame, config: CurateConfig, captions: pl.Series) -> tupl
                              & (pl.col("grade") == 2),
     }
     marked = _with_copies(recs, config.copy_ratio)
-    marked = with_ungrounded(marked, captions)
+    marked = with_ungrounded(marked, captions if common is None else None, common)
     report = grounding_report(marked)
     reason = pl.coalesce([pl.when(failing[r]).then(pl.lit(r)) for r in FILTER_ORDER])
     kept, dropped = split_off(marked, reason.is_not_null(), reason)
@@ -75,11 +77,18 @@ def _with_copies(recs: pl.DataFrame, ratio: float) -> pl.DataFrame:
     return recs.with_columns(_copies=pl.col("rank").is_in(pl.Series(copies, dtype=pl.UInt32).implode()))
 
 
-def with_ungrounded(recs: pl.DataFrame, captions: pl.Series) -> pl.DataFrame:
+def run_common_units(captions: pl.Series) -> pl.Series | None:
+    """common_units of a run's normalised captions, None for too few to tell."""
+    return common_units(captions, COMMON_SHARE) if captions.n_unique() >= COMMON_MIN_CAPTIONS else None
+
+
+def with_ungrounded(recs: pl.DataFrame, captions: pl.Series | None, common: pl.Series | None = None) -> pl.DataFrame:
     """recs with `_ungrounded`: the query names nothing in its caption (ungrounded_ranks). A
     hypernym rightly uses words its caption does not, so it stands or falls with the entity
-    it generalises (`source`), as salvage drops an entity's hypernyms with it."""
-    common = common_units(captions, COMMON_SHARE) if captions.n_unique() >= COMMON_MIN_CAPTIONS else None
+    it generalises (`source`), as salvage drops an entity's hypernyms with it. captions: the
+    run's, for common_units; or common already found from them."""
+    if captions is not None:
+        common = run_common_units(captions)
     cols = ("rank", "q_norm", "q_words", "c_norm")
     own = recs.filter(pl.col("type") != BY_SOURCE).select(cols)
     hyper = recs.filter((pl.col("type") == BY_SOURCE) & pl.col("source").is_not_null())
@@ -96,17 +105,28 @@ def grounding_report(marked: pl.DataFrame) -> dict:
     caption: a server that mixes up requests)."""
     checked = marked.filter((pl.col("type") != BY_SOURCE) & (pl.col("q_norm").str.len_chars() > 0))
     per_caption = caption_grounding(checked.rename({"_ungrounded": "ungrounded"}))
-    mostly = int((per_caption["share"] > MOSTLY_UNGROUNDED).sum())
-    share = mostly / per_caption.height if per_caption.height else 0.0
-    warn = per_caption.height >= WARN_MIN_CAPTIONS and share > WARN_SHARE
-    return {
+    return grounding_summary({
         "queries_checked": checked.height,
         "queries_ungrounded": int(checked["_ungrounded"].sum()),
         "captions_checked": per_caption.height,
-        "captions_mostly_ungrounded": mostly,
+        "captions_mostly_ungrounded": int((per_caption["share"] > MOSTLY_UNGROUNDED).sum()),
+    })
+
+
+GROUNDING_COUNTS = ("queries_checked", "queries_ungrounded", "captions_checked", "captions_mostly_ungrounded")
+
+
+def grounding_summary(counts: dict) -> dict:
+    """The grounding report from its counts (which add up over parts of a run, each caption
+    whole in one part)."""
+    mostly, checked = counts["captions_mostly_ungrounded"], counts["captions_checked"]
+    share = mostly / checked if checked else 0.0
+    warn = checked >= WARN_MIN_CAPTIONS and share > WARN_SHARE
+    return {
+        **{k: counts[k] for k in GROUNDING_COUNTS},
         "share_mostly_ungrounded": round(share, 4),
         "warn_above": WARN_SHARE,
-        "warning": (f"{mostly} of {per_caption.height} captions ({share:.0%}) got answers most of "
+        "warning": (f"{mostly} of {checked} captions ({share:.0%}) got answers most of "
                     f"whose queries name nothing in the caption (warns above {WARN_SHARE:.0%}; "
                     f"a healthy run has next to none): the server may be answering about other captions"
                     if warn else None),

@@ -30,16 +30,31 @@ def inputs(run_dir: Path, judge: str, candidates: bool) -> list[Path]:
            ([run_dir / CANDIDATE_JUDGEMENTS] if candidates else [])
 
 
-def _read(path: Path, setting: str) -> pl.DataFrame:
+def require(run_dir: Path, judge: str, candidates: bool) -> None:
+    """The judge files these settings read, checked before any work (a partitioned curation
+    reads them in its tasks, where a missing file would surface late and wrapped)."""
+    for path, setting in ((run_dir / JUDGEMENTS, f"judge = {judge!r}"),
+                          (run_dir / CANDIDATE_JUDGEMENTS, "judge_candidates = true")):
+        if path in inputs(run_dir, judge, candidates) and not path.is_file():
+            raise FileNotFoundError(f"{setting} needs {path}: run python -m gen.judge first")
+
+
+def _read(path: Path, setting: str, captions: pl.Series | None = None) -> pl.DataFrame:
+    """captions: only the grades of these captions (a partition's, gen/curate/partitioned.py),
+    filtered as it is read, so the whole file is never held."""
     if not path.is_file():
         raise FileNotFoundError(f"{setting} needs {path}: run python -m gen.judge first")
-    return pl.read_parquet(path, columns=["caption_id", "query", "judge_grade"])
+    grades = pl.scan_parquet(path).select("caption_id", "query", "judge_grade")
+    if captions is not None:
+        grades = grades.filter(pl.col("caption_id").is_in(captions.unique().implode()))
+    return grades.collect()   # the filter is pushed into the reader; file order kept for keep="first"
 
 
 def apply_own(recs: pl.DataFrame, run_dir: Path, mode: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     if mode == "off":
         return split_off(recs, pl.lit(False), "judged_irrelevant")
-    grades = _read(run_dir / JUDGEMENTS, f"judge = {mode!r}").unique(["caption_id", "query"], keep="first")
+    grades = (_read(run_dir / JUDGEMENTS, f"judge = {mode!r}", recs["caption_id"])
+              .unique(["caption_id", "query"], keep="first"))
     recs = recs.join(grades, on=["caption_id", "query"], how="left", maintain_order="left")
     kept, dropped = split_off(recs, pl.col("judge_grade") == 0, "judged_irrelevant")
     if mode == "regrade":  # an unjudged pair keeps the generator's grade
@@ -53,7 +68,12 @@ def candidates(run_dir: Path, on: bool) -> pl.DataFrame:
     where two surface forms of one query got different grades, the higher stands."""
     if not on:
         return pl.DataFrame(schema=_EMPTY)
-    got = _read(run_dir / CANDIDATE_JUDGEMENTS, "judge_candidates = true").drop_nulls("judge_grade")
+    return graded(_read(run_dir / CANDIDATE_JUDGEMENTS, "judge_candidates = true"))
+
+
+def graded(got: pl.DataFrame) -> pl.DataFrame:
+    """candidates() from rows of candidate_judgements.parquet (all of a query's, or none)."""
+    got = got.drop_nulls("judge_grade")
     return (got.with_columns(q_norm=normalized(got["query"]))
             .group_by("caption_id", "q_norm").agg(pl.col("judge_grade").max())
             .select(*_EMPTY).cast(_EMPTY).sort("q_norm", "caption_id"))

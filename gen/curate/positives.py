@@ -36,17 +36,24 @@ def query_id(q_norm: str) -> str:
     return "q" + hashlib.sha256(q_norm.encode("utf-8")).hexdigest()[:16]
 
 
-def mix(recs: pl.DataFrame, summary_share: float | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+def mix_counts(recs: pl.DataFrame) -> tuple[int, int]:
+    """(summaries, other records): what mix() balances."""
+    n_sm = recs.filter(pl.col("type") == "summary").height
+    return n_sm, recs.height - n_sm
+
+
+def mix(recs: pl.DataFrame, summary_share: float | None,
+        counts: tuple[int, int] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Down-sample summaries or keyword-like records so summaries make `summary_share` of the
-    records; None keeps the generated mix. Which records go is a hash of (caption, query)."""
+    records; None keeps the generated mix. Which records go is a hash of (caption, query).
+    counts: mix_counts of the whole run, when recs is only a part of it."""
+    n_sm, n_kw = counts if counts is not None else mix_counts(recs)
     if summary_share is None or recs.height == 0:
         return split_off(recs, pl.lit(False), "mix_downsampled")
     is_sm = pl.col("type") == "summary"
-    n_sm = recs.filter(is_sm).height
-    n_kw = recs.height - n_sm
     if n_sm == 0 or n_kw == 0:
         return split_off(recs, pl.lit(False), "mix_downsampled")
-    share = n_sm / recs.height
+    share = n_sm / (n_sm + n_kw)
     if share > summary_share:   # too many summaries: keep p of them
         p, over = summary_share * n_kw / ((1 - summary_share) * n_sm), is_sm
     else:                       # too many keywords
