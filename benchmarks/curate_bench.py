@@ -198,6 +198,7 @@ def child(run: Path, out: Path, result: Path, workers: int, config_json: str) ->
     if eval_file.is_file():
         extra.setdefault("decontaminate_against", [str(eval_file)])
     config = CurateConfig(workers=workers, **extra)
+    _note_steps(result.with_suffix(".step"))
     t1, c1 = time.perf_counter(), time.process_time()
     manifest = curate(run, config, out_dir=out)
     wall, cpu = time.perf_counter() - t1, time.process_time() - c1
@@ -208,6 +209,21 @@ def child(run: Path, out: Path, result: Path, workers: int, config_json: str) ->
         "maxrss_self_gib": ru_self.ru_maxrss / 2**20, "maxrss_largest_child_gib": ru_kids.ru_maxrss / 2**20,
         "stats": manifest.get("stats", {}), "timings_s": manifest.get("timings_s", {}),
         "config": json.loads(config.model_dump_json())}, ensure_ascii=False))
+
+
+def _note_steps(path: Path) -> None:
+    """Name the step under way in path, so a run the watchdog stops says where it was."""
+    from gen.curate import pipeline
+
+    timer = getattr(pipeline, "_Timer", None)
+    if timer is None:
+        return
+    inner = timer.__call__
+
+    def call(self, step, *a, **kw):
+        path.write_text(step)
+        return inner(self, step, *a, **kw)
+    timer.__call__ = call
 
 
 # --- the parent: start the child, watch its tree -------------------------------------------
@@ -224,14 +240,16 @@ def _pss_kib(pid: int) -> int:
 
 
 def measure(cmd: list[str], env: dict, cwd: Path, max_rss_gib: float, max_wall_s: float | None,
-            interval: float = 0.2) -> dict:
+            step: Path | None = None, interval: float = 0.2) -> dict:
+    """Run cmd; the peak RSS of its process tree and its wall time. step: the file where the
+    child names the step under way."""
     import psutil
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
     top = psutil.Process(proc.pid)
     peak = peak_pss = peak_main = peak_other = 0
-    max_procs, last_pss, stopped = 1, 0.0, None
+    max_procs, last_pss, stopped, timeline = 1, 0.0, None, []
     while proc.poll() is None:
         try:
             tree = [top, *top.children(recursive=True)]
@@ -253,19 +271,23 @@ def measure(cmd: list[str], env: dict, cwd: Path, max_rss_gib: float, max_wall_s
         if now - last_pss >= 1.0:
             last_pss = now
             peak_pss = max(peak_pss, sum(_pss_kib(p.pid) for p in tree) * 1024)
+        if not timeline or now - t0 >= timeline[-1][0] + 10:
+            timeline.append((round(now - t0, 1), round(total / 2**30, 2)))
         over_rss = total > max_rss_gib * 2**30
         over_wall = max_wall_s is not None and now - t0 > max_wall_s
         if over_rss or over_wall:
-            what = f"{total / 2**30:.1f} GiB" if over_rss else f"the {max_wall_s:.0f} s limit"
-            stopped = f"stopped at {what} ({total / 2**30:.1f} GiB tree RSS) after {now - t0:.0f} s"
+            what = "" if over_rss else f"the {max_wall_s:.0f} s limit, "
+            stopped = f"stopped at {what}{total / 2**30:.1f} GiB tree RSS after {now - t0:.0f} s"
             _kill_tree(proc.pid, tree)
             break
         time.sleep(interval)
     rc = proc.wait()
+    if stopped and step and step.is_file():
+        stopped += f", in step {step.read_text()}"
     return {"rc": rc, "stopped": stopped, "process_wall_s": time.perf_counter() - t0,
             "peak_tree_rss_gib": peak / 2**30, "peak_tree_pss_gib": peak_pss / 2**30,
             "peak_main_rss_gib": peak_main / 2**30, "peak_worker_rss_gib": peak_other / 2**30,
-            "max_processes": max_procs}
+            "max_processes": max_procs, "rss_every_10s": timeline}
 
 
 def _kill_tree(pid: int, tree) -> None:
@@ -372,7 +394,7 @@ def main() -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(run), str(out), str(result),
                "--workers", str(args.workers), "--config-json", args.config_json]
         load_before = os.getloadavg()
-        res = measure(cmd, env, code, args.max_rss_gib, args.max_wall_s)
+        res = measure(cmd, env, code, args.max_rss_gib, args.max_wall_s, result.with_suffix(".step"))
         res.update(load_before=load_before[0], load_after=os.getloadavg()[0], code=str(code),
                    commit=_commit(code), config_json=args.config_json, label=args.label,
                    date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), synth=meta,
