@@ -388,7 +388,11 @@ def main() -> None:
     code = args.code.resolve()
     if args.config_json:
         json.loads(args.config_json)  # a typo fails here, not after the synthesis
-    scratch = Path(tempfile.mkdtemp(prefix="curate-bench-", dir=(args.keep or args.run_dir).resolve().parent if (args.keep or args.run_dir) else None))
+    # Scratch (the shards, the parts) beside the kept run: same disk, and /tmp may be small.
+    near = (args.keep or args.run_dir).resolve().parent if (args.keep or args.run_dir) else None
+    if near:
+        near.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="curate-bench-", dir=near))
     try:
         run, meta = prepare(args, n_caps, n_recs, n_eval, scratch)
         if args.synth_only:
