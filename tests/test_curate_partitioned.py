@@ -20,7 +20,7 @@ from gen.curate import CurateConfig, InputError, curate
 from gen.curate import partitioned
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from curate_bench import synthesise, synthesise_eval  # noqa: E402
+from curate_bench import synthesise  # noqa: E402
 
 N_CAPTIONS, N_RECORDS = 300, 3000
 
@@ -30,10 +30,10 @@ def run(tmp_path_factory) -> Path:
     """A run with every curation step at work: duplicates, generic queries, mixed types,
     captions close to an evaluation set (the benchmark's synthesis, small)."""
     run = tmp_path_factory.mktemp("part") / "run"
-    run.mkdir()
-    queries, captions = synthesise(N_CAPTIONS, N_RECORDS)
+    synthesise(run, N_CAPTIONS, N_RECORDS, 200)
+    # Row groups of 500: a damaged one can be mid-file.
+    queries, captions = pl.read_parquet(run / "queries.parquet"), pl.read_parquet(run / "captions.parquet")
     queries.write_parquet(run / "queries.parquet", row_group_size=500)
-    captions.write_parquet(run / "captions.parquet")
     # The judge's grades of some own pairs, and of some pairs with other captions.
     own = queries.select("caption_id", "query").gather_every(3)
     own.with_columns(judge_grade=(pl.int_range(pl.len()) % 3).cast(pl.Int8)).write_parquet(run / "judgements.parquet")
@@ -41,9 +41,6 @@ def run(tmp_path_factory) -> Path:
                           "query": own["query"]})
     other.with_columns(judge_grade=(pl.int_range(pl.len()) % 3).cast(pl.Int8)).write_parquet(
         run / "candidate_judgements.parquet")
-    evals = synthesise_eval(captions, 200)
-    (run / "eval.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in evals),
-                                    encoding="utf-8")
     return run
 
 
