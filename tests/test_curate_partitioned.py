@@ -349,3 +349,17 @@ def test_a_new_shard_version_resumes_the_parts_of_the_failed_one(run, tmp_path, 
     assert redone == [] and m["stats"]["pairs_out"] > 0
     assert (copy / "shards" / "latest" / "manifest.json").is_file()
     assert not (copy / "shards" / partitioned.PARTS_DIR).exists()
+
+
+def test_an_in_memory_curation_after_a_failed_partitioned_one_leaves_no_parts(run, tmp_path, monkeypatch):
+    """Settings that take the run back into memory (a larger partition_records) never
+    reuse the parts; a success must not leave them on disk for good."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(partitioned, "_group", lambda f, i: (_ for _ in ()).throw(Boom("killed")))
+    with pytest.raises(Boom):
+        curate(run, CurateConfig(**_settings(run, partition_records=700)), out_dir=out)
+    assert (out / partitioned.PARTS_DIR).is_dir()
+    monkeypatch.undo()
+    m = curate(run, CurateConfig(**_settings(run)), out_dir=out)
+    assert m["stats"]["pairs_out"] > 0
+    assert not (out / partitioned.PARTS_DIR).exists()

@@ -517,6 +517,10 @@ def parts_root(out: Path) -> Path:
     return (out.parent if out.name.startswith(".") else out) / PARTS_DIR
 
 
+def remove_parts(out: Path) -> None:
+    shutil.rmtree(parts_root(out), ignore_errors=True)
+
+
 class _Progress:
     def __init__(self, step: str, total: int):
         self.step, self.total, self.n, self.t0 = step, total, 0, time.perf_counter()

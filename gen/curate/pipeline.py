@@ -144,6 +144,9 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
             raise AssertionError(f"curation lost records: {raw.height} in, {stats['pairs_out']} "
                                  f"out, {dropped.height} dropped")
         manifest = write_outputs(out, rows, caps, dropped, config, stats, timer.seconds, t_start)
+    # A partitioned curation's parts that failed before (other settings or inputs, as this
+    # one ran in memory): never reused, and nothing else would ever remove them.
+    partitioned.remove_parts(out)
     return manifest
 
 
