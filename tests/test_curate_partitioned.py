@@ -363,3 +363,19 @@ def test_an_in_memory_curation_after_a_failed_partitioned_one_leaves_no_parts(ru
     m = curate(run, CurateConfig(**_settings(run)), out_dir=out)
     assert m["stats"]["pairs_out"] > 0
     assert not (out / partitioned.PARTS_DIR).exists()
+
+
+@pytest.mark.parametrize("partition_records", [700, 1_000_000], ids=["partitioned", "in_memory"])
+@pytest.mark.parametrize("file,column", [("queries.parquet", "caption_id"), ("queries.parquet", "query"),
+                                         ("captions.parquet", "id"), ("captions.parquet", "text")])
+def test_a_missing_id_or_text_is_named_with_its_file_row_and_column(run, tmp_path, file, column, partition_records):
+    bad = tmp_path / "run"
+    bad.mkdir()
+    for name in ("queries.parquet", "captions.parquet", "eval.jsonl"):
+        (bad / name).write_bytes((run / name).read_bytes())
+    df = pl.read_parquet(bad / file)
+    df.with_columns(pl.when(pl.int_range(pl.len()) == 41).then(None).otherwise(pl.col(column)).alias(column)
+                    ).write_parquet(bad / file)
+    config = CurateConfig(**_settings(bad, partition_records=partition_records))
+    with pytest.raises(InputError, match=rf"{file}: row 42: {column} is missing"):
+        curate(bad, config, out_dir=tmp_path / "out")

@@ -54,7 +54,7 @@ from gen.curate.decontaminate import load_eval_texts
 from gen.curate.normalize import normalized
 from gen.curate.pipeline import (INPUT_COLUMNS, RECORD_CASTS, _query_rows, _Timer, clean_captions, clean_queries,
                                  decontaminate_captions, finish_stats, merge_stats, partial_stats,
-                                 record_steps, tokenize_captions)
+                                 record_steps, require_values, tokenize_captions)
 from gen.curate.steps import split_off, with_rank
 from gen.curate import views
 from gen.curate.write import ShardedWriter, finish, write_jsonl, write_tsv
@@ -285,10 +285,12 @@ def _flush(writers: list, buffers: list[list[pl.DataFrame]]) -> int:
 
 def _input(folder: Path, item: dict) -> dict:
     run_dir, parts = Path(item["run_dir"]), item["parts"]
-    n_q, types = _split_file(run_dir / "queries.parquet", list(INPUT_COLUMNS), "caption_id", parts, folder, "q",
-                             lambda df, offset: df.with_row_index("row", offset=offset).cast(RECORD_CASTS))
-    n_c, _ = _split_file(run_dir / "captions.parquet", ["id", "text"], "id", parts, folder, "c",
-                         lambda df, offset: df)
+    queries, captions = run_dir / "queries.parquet", run_dir / "captions.parquet"
+    n_q, types = _split_file(queries, list(INPUT_COLUMNS), "caption_id", parts, folder, "q",
+                             lambda df, offset: require_values(df, queries, offset)
+                             .with_row_index("row", offset=offset).cast(RECORD_CASTS))
+    n_c, _ = _split_file(captions, ["id", "text"], "id", parts, folder, "c",
+                         lambda df, offset: require_values(df, captions, offset))
     if item["config"]["judge_candidates"]:
         # The judge's grades of candidates by the bucket of their (normalised) query: a
         # bucket's tasks read its own, never the whole file.
