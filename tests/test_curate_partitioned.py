@@ -379,3 +379,24 @@ def test_a_missing_id_or_text_is_named_with_its_file_row_and_column(run, tmp_pat
     config = CurateConfig(**_settings(bad, partition_records=partition_records))
     with pytest.raises(InputError, match=rf"{file}: row 42: {column} is missing"):
         curate(bad, config, out_dir=tmp_path / "out")
+
+
+def test_parts_of_a_failed_curation_are_not_reused_by_changed_curation_code(run, tmp_path, monkeypatch):
+    """A failed curation, capgen upgraded, the rerun: parts the old code wrote would mix
+    its rows into the new code's output."""
+    code = tmp_path / "step.py"
+    code.write_text("OLD = 1\n")
+    monkeypatch.setattr(partitioned, "code_files", lambda real=partitioned.code_files: [*real(), code])
+    config = CurateConfig(**_settings(run, partition_records=700))
+    out = tmp_path / "out"
+    real_group = partitioned._group
+    monkeypatch.setattr(partitioned, "_group", lambda f, i: (_ for _ in ()).throw(Boom("killed")))
+    with pytest.raises(Boom):
+        curate(run, config, out_dir=out)
+    monkeypatch.setattr(partitioned, "_group", real_group)
+    code.write_text("NEW = 1\n")
+    captions_done: list[int] = []
+    real_caps = partitioned._captions
+    monkeypatch.setattr(partitioned, "_captions", lambda f, i: (captions_done.append(i["part"]), real_caps(f, i))[1])
+    curate(run, config, out_dir=out)
+    assert captions_done == [0, 1, 2, 3, 4]

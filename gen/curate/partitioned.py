@@ -503,11 +503,21 @@ def needed(run_dir: Path, config: CurateConfig) -> bool:
     return rows("queries.parquet") > config.partition_records or rows("captions.parquet") > config.bm25_shard_captions
 
 
+def code_files() -> list[Path]:
+    """The code that writes and reads parts: the curation's own and the text rules it applies."""
+    import schemas
+    here = Path(__file__).parent
+    return sorted(here.glob("*.py")) + sorted(Path(schemas.__file__).parent.glob("*.py"))
+
+
 def inputs_digest(run_dir: Path, config: CurateConfig) -> str:
-    """What names a curation's parts: its inputs' contents and the settings that shape the
-    parts, so a changed input never meets parts of the old one."""
+    """What names a curation's parts: its inputs' contents, the settings that shape the
+    parts and the code, so a changed input, or an upgrade between a failed curation and its
+    rerun, never meets parts of the old one."""
     h = hashlib.sha256(config.fingerprint().encode())
     h.update(f"partition_records={config.partition_records}".encode())
+    for path in code_files():
+        h.update(hashlib.sha256(path.read_bytes()).digest())
     for path in [run_dir / "queries.parquet", run_dir / "captions.parquet",
                  *judged.inputs(run_dir, config.judge, config.judge_candidates)]:
         h.update(sha256_file(path).encode() if path.is_file() else b"-")
