@@ -23,7 +23,7 @@ bm25_shard_captions is not partitioned (pipeline.curate runs it in memory). With
 that path's, order of rows aside (tests/test_curate_partitioned.py).
 
 Each task writes into a hidden folder renamed into place once whole, under
-<out's folder>/.curate-parts/<digest of the inputs and settings>: a task that failed or was
+<out's folder>/.curate-parts/<digest of the inputs, settings and code>: a task that failed or was
 killed leaves nothing that looks done, and a rerun of the same curation redoes only the tasks
 without a folder; any other digest's folder is stale and removed.
 """
