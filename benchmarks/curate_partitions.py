@@ -33,14 +33,8 @@ from gen.curate import CurateConfig, curate  # noqa: E402
 
 
 def make_run(run: Path, n_captions: int, n_records: int) -> None:
-    from curate_bench import synthesise, synthesise_eval
-    run.mkdir(parents=True, exist_ok=True)
-    queries, captions = synthesise(n_captions, n_records)
-    queries.write_parquet(run / "queries.parquet")
-    captions.write_parquet(run / "captions.parquet")
-    evals = synthesise_eval(captions, 10_000)
-    (run / "eval.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in evals),
-                                    encoding="utf-8")
+    from curate_bench import synthesise
+    synthesise(run, n_captions, n_records, 10_000)
 
 
 def negatives(shards: Path) -> dict:

@@ -20,7 +20,7 @@ from gen.curate import CurateConfig, InputError, curate
 from gen.curate import partitioned
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from curate_bench import synthesise, synthesise_eval  # noqa: E402
+from curate_bench import synthesise  # noqa: E402
 
 N_CAPTIONS, N_RECORDS = 300, 3000
 
@@ -30,10 +30,10 @@ def run(tmp_path_factory) -> Path:
     """A run with every curation step at work: duplicates, generic queries, mixed types,
     captions close to an evaluation set (the benchmark's synthesis, small)."""
     run = tmp_path_factory.mktemp("part") / "run"
-    run.mkdir()
-    queries, captions = synthesise(N_CAPTIONS, N_RECORDS)
+    synthesise(run, N_CAPTIONS, N_RECORDS, 200)
+    # Row groups of 500: a damaged one can be mid-file.
+    queries, captions = pl.read_parquet(run / "queries.parquet"), pl.read_parquet(run / "captions.parquet")
     queries.write_parquet(run / "queries.parquet", row_group_size=500)
-    captions.write_parquet(run / "captions.parquet")
     # The judge's grades of some own pairs, and of some pairs with other captions.
     own = queries.select("caption_id", "query").gather_every(3)
     own.with_columns(judge_grade=(pl.int_range(pl.len()) % 3).cast(pl.Int8)).write_parquet(run / "judgements.parquet")
@@ -41,9 +41,6 @@ def run(tmp_path_factory) -> Path:
                           "query": own["query"]})
     other.with_columns(judge_grade=(pl.int_range(pl.len()) % 3).cast(pl.Int8)).write_parquet(
         run / "candidate_judgements.parquet")
-    evals = synthesise_eval(captions, 200)
-    (run / "eval.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in evals),
-                                    encoding="utf-8")
     return run
 
 
@@ -352,3 +349,54 @@ def test_a_new_shard_version_resumes_the_parts_of_the_failed_one(run, tmp_path, 
     assert redone == [] and m["stats"]["pairs_out"] > 0
     assert (copy / "shards" / "latest" / "manifest.json").is_file()
     assert not (copy / "shards" / partitioned.PARTS_DIR).exists()
+
+
+def test_an_in_memory_curation_after_a_failed_partitioned_one_leaves_no_parts(run, tmp_path, monkeypatch):
+    """Settings that take the run back into memory (a larger partition_records) never
+    reuse the parts; a success must not leave them on disk for good."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(partitioned, "_group", lambda f, i: (_ for _ in ()).throw(Boom("killed")))
+    with pytest.raises(Boom):
+        curate(run, CurateConfig(**_settings(run, partition_records=700)), out_dir=out)
+    assert (out / partitioned.PARTS_DIR).is_dir()
+    monkeypatch.undo()
+    m = curate(run, CurateConfig(**_settings(run)), out_dir=out)
+    assert m["stats"]["pairs_out"] > 0
+    assert not (out / partitioned.PARTS_DIR).exists()
+
+
+@pytest.mark.parametrize("partition_records", [700, 1_000_000], ids=["partitioned", "in_memory"])
+@pytest.mark.parametrize("file,column", [("queries.parquet", "caption_id"), ("queries.parquet", "query"),
+                                         ("captions.parquet", "id"), ("captions.parquet", "text")])
+def test_a_missing_id_or_text_is_named_with_its_file_row_and_column(run, tmp_path, file, column, partition_records):
+    bad = tmp_path / "run"
+    bad.mkdir()
+    for name in ("queries.parquet", "captions.parquet", "eval.jsonl"):
+        (bad / name).write_bytes((run / name).read_bytes())
+    df = pl.read_parquet(bad / file)
+    df.with_columns(pl.when(pl.int_range(pl.len()) == 41).then(None).otherwise(pl.col(column)).alias(column)
+                    ).write_parquet(bad / file)
+    config = CurateConfig(**_settings(bad, partition_records=partition_records))
+    with pytest.raises(InputError, match=rf"{file}: row 42: {column} is missing"):
+        curate(bad, config, out_dir=tmp_path / "out")
+
+
+def test_parts_of_a_failed_curation_are_not_reused_by_changed_curation_code(run, tmp_path, monkeypatch):
+    """A failed curation, capgen upgraded, the rerun: parts the old code wrote would mix
+    its rows into the new code's output."""
+    code = tmp_path / "step.py"
+    code.write_text("OLD = 1\n")
+    monkeypatch.setattr(partitioned, "code_files", lambda real=partitioned.code_files: [*real(), code])
+    config = CurateConfig(**_settings(run, partition_records=700))
+    out = tmp_path / "out"
+    real_group = partitioned._group
+    monkeypatch.setattr(partitioned, "_group", lambda f, i: (_ for _ in ()).throw(Boom("killed")))
+    with pytest.raises(Boom):
+        curate(run, config, out_dir=out)
+    monkeypatch.setattr(partitioned, "_group", real_group)
+    code.write_text("NEW = 1\n")
+    captions_done: list[int] = []
+    real_caps = partitioned._captions
+    monkeypatch.setattr(partitioned, "_captions", lambda f, i: (captions_done.append(i["part"]), real_caps(f, i))[1])
+    curate(run, config, out_dir=out)
+    assert captions_done == [0, 1, 2, 3, 4]

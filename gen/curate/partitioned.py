@@ -23,7 +23,7 @@ bm25_shard_captions is not partitioned (pipeline.curate runs it in memory). With
 that path's, order of rows aside (tests/test_curate_partitioned.py).
 
 Each task writes into a hidden folder renamed into place once whole, under
-<out's folder>/.curate-parts/<digest of the inputs and settings>: a task that failed or was
+<out's folder>/.curate-parts/<digest of the inputs, settings and code>: a task that failed or was
 killed leaves nothing that looks done, and a rerun of the same curation redoes only the tasks
 without a folder; any other digest's folder is stale and removed.
 """
@@ -54,7 +54,7 @@ from gen.curate.decontaminate import load_eval_texts
 from gen.curate.normalize import normalized
 from gen.curate.pipeline import (INPUT_COLUMNS, RECORD_CASTS, _query_rows, _Timer, clean_captions, clean_queries,
                                  decontaminate_captions, finish_stats, merge_stats, partial_stats,
-                                 record_steps, tokenize_captions)
+                                 record_steps, require_values, tokenize_captions)
 from gen.curate.steps import split_off, with_rank
 from gen.curate import views
 from gen.curate.write import ShardedWriter, finish, write_jsonl, write_tsv
@@ -285,10 +285,12 @@ def _flush(writers: list, buffers: list[list[pl.DataFrame]]) -> int:
 
 def _input(folder: Path, item: dict) -> dict:
     run_dir, parts = Path(item["run_dir"]), item["parts"]
-    n_q, types = _split_file(run_dir / "queries.parquet", list(INPUT_COLUMNS), "caption_id", parts, folder, "q",
-                             lambda df, offset: df.with_row_index("row", offset=offset).cast(RECORD_CASTS))
-    n_c, _ = _split_file(run_dir / "captions.parquet", ["id", "text"], "id", parts, folder, "c",
-                         lambda df, offset: df)
+    queries, captions = run_dir / "queries.parquet", run_dir / "captions.parquet"
+    n_q, types = _split_file(queries, list(INPUT_COLUMNS), "caption_id", parts, folder, "q",
+                             lambda df, offset: require_values(df, queries, offset)
+                             .with_row_index("row", offset=offset).cast(RECORD_CASTS))
+    n_c, _ = _split_file(captions, ["id", "text"], "id", parts, folder, "c",
+                         lambda df, offset: require_values(df, captions, offset))
     if item["config"]["judge_candidates"]:
         # The judge's grades of candidates by the bucket of their (normalised) query: a
         # bucket's tasks read its own, never the whole file.
@@ -501,11 +503,21 @@ def needed(run_dir: Path, config: CurateConfig) -> bool:
     return rows("queries.parquet") > config.partition_records or rows("captions.parquet") > config.bm25_shard_captions
 
 
+def code_files() -> list[Path]:
+    """The code that writes and reads parts: the curation's own and the text rules it applies."""
+    import schemas
+    here = Path(__file__).parent
+    return sorted(here.glob("*.py")) + sorted(Path(schemas.__file__).parent.glob("*.py"))
+
+
 def inputs_digest(run_dir: Path, config: CurateConfig) -> str:
-    """What names a curation's parts: its inputs' contents and the settings that shape the
-    parts, so a changed input never meets parts of the old one."""
+    """What names a curation's parts: its inputs' contents, the settings that shape the
+    parts and the code, so a changed input, or an upgrade between a failed curation and its
+    rerun, never meets parts of the old one."""
     h = hashlib.sha256(config.fingerprint().encode())
     h.update(f"partition_records={config.partition_records}".encode())
+    for path in code_files():
+        h.update(hashlib.sha256(path.read_bytes()).digest())
     for path in [run_dir / "queries.parquet", run_dir / "captions.parquet",
                  *judged.inputs(run_dir, config.judge, config.judge_candidates)]:
         h.update(sha256_file(path).encode() if path.is_file() else b"-")
@@ -515,6 +527,10 @@ def inputs_digest(run_dir: Path, config: CurateConfig) -> str:
 def parts_root(out: Path) -> Path:
     # Beside a hidden staging folder (removed when a curation fails), so a rerun finds them.
     return (out.parent if out.name.startswith(".") else out) / PARTS_DIR
+
+
+def remove_parts(out: Path) -> None:
+    shutil.rmtree(parts_root(out), ignore_errors=True)
 
 
 class _Progress:

@@ -144,6 +144,9 @@ def curate(run_dir: Path, config: Optional[CurateConfig] = None, out_dir: Option
             raise AssertionError(f"curation lost records: {raw.height} in, {stats['pairs_out']} "
                                  f"out, {dropped.height} dropped")
         manifest = write_outputs(out, rows, caps, dropped, config, stats, timer.seconds, t_start)
+    # A partitioned curation's parts that failed before (other settings or inputs, as this
+    # one ran in memory): never reused, and nothing else would ever remove them.
+    partitioned.remove_parts(out)
     return manifest
 
 
@@ -155,13 +158,30 @@ def _read_run_file(path: Path, columns: list[str]) -> pl.DataFrame:
         raise InputError(f"{path} is damaged (a page past its header cannot be read): {e}") from None
 
 
+# Columns no row of a run file may leave empty: every later step keys or reads them.
+REQUIRED = {"queries.parquet": ("caption_id", "query"), "captions.parquet": ("id", "text")}
+
+
+def require_values(df: pl.DataFrame, path: Path, offset: int = 0) -> pl.DataFrame:
+    """df (rows offset.. of path) if it has every REQUIRED value, else an InputError naming
+    the first row without one."""
+    for col in REQUIRED[path.name]:
+        nulls = df[col].is_null()
+        if nulls.any():
+            raise InputError(f"{path}: row {offset + int(nulls.arg_true()[0]) + 1}: {col} is missing (null; "
+                             f"{int(nulls.sum())} such row(s) in rows {offset + 1}-{offset + df.height}): "
+                             "not a gen.run output, or damaged")
+    return df
+
+
 def load_queries(run_dir: Path) -> pl.DataFrame:
-    return _read_run_file(run_dir / "queries.parquet", list(INPUT_COLUMNS)).with_row_index("row").cast(RECORD_CASTS)
+    path = run_dir / "queries.parquet"
+    return require_values(_read_run_file(path, list(INPUT_COLUMNS)), path).with_row_index("row").cast(RECORD_CASTS)
 
 
 def load_captions(run_dir: Path) -> pl.DataFrame:
-    return (_read_run_file(run_dir / "captions.parquet", ["id", "text"])
-            .unique("id", keep="first", maintain_order=True))
+    path = run_dir / "captions.parquet"
+    return require_values(_read_run_file(path, ["id", "text"]), path).unique("id", keep="first", maintain_order=True)
 
 
 def clean_queries(raw: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
