@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -95,7 +98,23 @@ def on_stop_signal(signum, frame) -> None:
     if _Held.stopping:
         return
     _Held.stopping = True
+    _quiet_finalizers()
     raise_unless_held(Terminated(signal.Signals(signum).name))
+
+
+def _quiet_finalizers() -> None:
+    """Terminated is raised wherever the main thread is, inside a library's constructor too;
+    an object left half-built then fails in its __del__ when collected ("Exception ignored
+    in ...", "coroutine ... was never awaited"), after the stop line. That is noise of the
+    stop, not news: logged at debug, never printed, so a JSON log stays JSON to its end."""
+    log = logging.getLogger("gen.stop")
+
+    def hook(unraisable) -> None:
+        log.debug("after the stop: %s in %s", unraisable.exc_type.__name__,
+                  getattr(type(unraisable.object), "__qualname__", "?"))
+
+    sys.unraisablehook = hook
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def stop_signalled() -> bool:

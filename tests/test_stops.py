@@ -5,11 +5,13 @@ import re
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import ROOT, write_jsonl
 from fake_openai import FakeOpenAI
 
 from gen.run import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, main
@@ -346,3 +348,36 @@ def test_a_stop_signal_that_native_code_turns_into_its_own_error_still_exits_143
     events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]   # no traceback
     assert [e["event"] for e in events][-2:] == ["stopped", "finished"]
     assert events[-1]["exit_status"] == EXIT_STOPPED
+
+
+def test_after_a_stop_a_half_built_objects_finalizer_prints_nothing():
+    """A stop signal can land inside a library's constructor (seen: aiohttp's Connection, whose
+    __del__ then fails at exit); what that object's finalizer says must not follow the stop
+    line, least of all in a JSON log."""
+    script = r'''
+import asyncio, gc, os, signal, time
+from gen.atomic import Terminated, stop_signals
+
+class HalfBuilt:
+    def __init__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        self.protocol = None
+    def __del__(self):
+        self.protocol   # AttributeError: __init__ never got this far
+
+async def never():
+    pass
+
+with stop_signals():
+    try:
+        HalfBuilt()
+    except Terminated:
+        pass
+    never()            # a coroutine the stop left unawaited
+    gc.collect()
+print("clean")
+'''
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "clean\n"
+    assert proc.stderr == "", proc.stderr
