@@ -223,21 +223,6 @@ def test_progress_names_the_step_and_partition_with_counts(run, tmp_path, caplog
     assert inside and {e["split"] for e in inside} == {"train", "dev"} and all(e["query_rows"] > 0 for e in inside)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    # Ray's workers import this worktree's gen (they inherit this environment).
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [saved])])
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-    if saved is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = saved
-
-
 @pytest.mark.slow
 def test_the_ray_executor_writes_the_shards_the_local_one_does(ray_local, run, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="gen.curate")

@@ -18,22 +18,6 @@ from gen.run import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    # The actors must import this worktree's gen and the tests' modules (the stand-in engine),
-    # not whatever capgen the interpreter has installed; Ray's workers inherit this environment.
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), *filter(None, [saved])])
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-    if saved is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = saved
-
-
 def test_ray_run_equals_local_run_and_resumes(ray_local, tmp_path, sample_captions):
     path = write_jsonl(tmp_path / "caps.jsonl", sample_captions[:30])
     common = ["--captions", str(path), "--model", "fake-model", "--no-progress", "--retry-wait", "0.01",
