@@ -119,15 +119,8 @@ _CONTENT_MARKERS = ("content_filter", "content_policy", "content policy", "data_
 
 def content_refused(exc: StatusError) -> bool:
     """A 400 or 403 that refuses this request's content rather than the key or the account."""
-    if exc.status not in (400, 403):
-        return False
-    try:
-        error = json.loads(exc.text).get("error")
-    except (ValueError, RecursionError, AttributeError):
-        return False
-    if isinstance(error, str):
-        error = {"message": error}
-    if not isinstance(error, dict):
+    error = _error_object(exc) if exc.status in (400, 403) else None
+    if error is None:
         return False
     said = " ".join(str(error.get(k, ""))[:500] for k in ("code", "type", "message")).lower()
     return any(m in said for m in _CONTENT_MARKERS)
@@ -141,11 +134,19 @@ def _quota_spent(exc: StatusError) -> bool:
     """OpenAI answers a spent quota with 429, as it does a rate limit; the error's code tells."""
     if exc.status != 429:
         return False
+    error = _error_object(exc)
+    return error is not None and "insufficient_quota" in (error.get("code"), error.get("type"))
+
+
+def _error_object(exc: StatusError) -> Optional[dict]:
+    """The reply's {"error": {...}} object (a bare string as its message), or None."""
     try:
-        error = json.loads(exc.text)["error"]
-        return "insufficient_quota" in (error.get("code"), error.get("type"))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return False
+        error = json.loads(exc.text).get("error")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    if isinstance(error, str):
+        return {"message": error}
+    return error if isinstance(error, dict) else None
 
 
 def retry_after_seconds(exc: Optional[BaseException]) -> Optional[float]:
