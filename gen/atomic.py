@@ -1,6 +1,7 @@
 """File helpers: write-then-rename, so a crash never leaves a file that looks complete but is
-not; groups of renames that a stop signal cannot split, and the stop signals themselves;
-and the sha256 of a file's content, read in blocks."""
+not; groups of renames that a stop signal cannot split, and the stop signals themselves (kept
+through Ray's start-up, which replaces their handlers); and the sha256 of a file's content,
+read in blocks."""
 from __future__ import annotations
 
 import contextlib
@@ -59,6 +60,23 @@ class _Held:
 
 # What schedulers, terminals and a closed SSH session send.
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+def init_ray_keeping_stop_handlers(ray) -> None:
+    """ray.init replaces the stop-signal handlers (gen.run's: stop cleanly, exit 143) with its
+    own, and its core's handler aborts the process on SIGTERM (exit -6, actors left to Ray):
+    put back the ones in place before."""
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        # The workers' output (actors' vLLM included) comes to this process, whose output goes to
+        # <out>/engine.log as a local run's engine output does (-v: the terminal).
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for s, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(s, handler)
 
 
 class Terminated(KeyboardInterrupt):

@@ -46,7 +46,7 @@ import polars as pl
 from pydantic import ValidationError
 import pyarrow.parquet as pq
 
-from gen.atomic import atomic_path, sha256_file
+from gen.atomic import atomic_path, init_ray_keeping_stop_handlers, sha256_file
 from gen.curate import InputError, cross, filters, judged, negatives, positives, roundtrip
 from gen.curate import split as splits
 from gen.curate.config import CurateConfig
@@ -132,8 +132,7 @@ class RayExecutor:
             raise InputError("--executor ray needs Ray: pip install 'capgen[ray]'") from e
         self.ray = ray
         if not ray.is_initialized():
-            from gen.generate.ray_executor import _init_keeping_signal_handlers
-            _init_keeping_signal_handlers(ray)
+            init_ray_keeping_stop_handlers(ray)
         self.remote = ray.remote(_run_task)
 
     def map(self, fn: Callable[[dict], dict], items: list[dict], done: Callable[[dict, dict], None]) -> list[dict]:

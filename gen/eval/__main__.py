@@ -18,6 +18,7 @@ from gen.eval import coverage as cov
 from gen.eval import pairs as pairs_mod
 from gen.eval.finetune import EncoderMissing
 from gen.eval.labels import LabelError, load_corpus, load_labels
+from gen.logs import json_line
 
 
 def _record(args, result: dict) -> None:
@@ -26,7 +27,7 @@ def _record(args, result: dict) -> None:
     print(json.dumps(result, ensure_ascii=False, indent=1))
     if args.results:
         with open(args.results, "a", encoding="utf-8") as f:
-            f.write(json.dumps(result, ensure_ascii=False) + "\n")
+            f.write(json_line(result) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import socket
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
-from gen.atomic import STOP_SIGNALS
+from gen.atomic import init_ray_keeping_stop_handlers
 from gen.config import RunConfig
 from gen.engines import EngineUnusable, build_engine
 from gen.engines.base import EngineError
@@ -182,23 +179,6 @@ def _dead(ray, exc: BaseException) -> bool:
     return isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
 
 
-def _init_keeping_signal_handlers(ray) -> None:
-    """ray.init replaces the stop-signal handlers (gen.run's: stop cleanly, exit 143) with its
-    own, and its core's handler aborts the process on SIGTERM (exit -6, actors left to Ray):
-    put back the ones in place before."""
-    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    try:
-        # The actors' output (vLLM's included) comes to this process, whose output goes to
-        # <out>/engine.log as a local run's engine output does (-v: the terminal).
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            for s, handler in handlers.items():
-                if handler is not None:
-                    signal.signal(s, handler)
-
-
 def generate_ray(records: Iterable[Union[Caption, Reject]], *, config: RunConfig, model: str,
                  schema: dict, store: AnswerStore, fingerprint: str,
                  on_progress: Callable[[GenStats], None] = lambda s: None,
@@ -212,7 +192,7 @@ def generate_ray(records: Iterable[Union[Caption, Reject]], *, config: RunConfig
     except ImportError as e:
         raise ExecutorUnavailable("--executor ray needs Ray: pip install 'capgen[ray]'") from e
     if not ray.is_initialized():
-        _init_keeping_signal_handlers(ray)
+        init_ray_keeping_stop_handlers(ray)
     nodes = [(n.get("NodeManagerAddress", n["NodeID"]), n.get("Resources", {}))
              for n in ray.nodes() if n.get("Alive")]
     gpus = gpus_per_actor(config, sum(r.get("GPU", 0) for _, r in nodes))
