@@ -385,3 +385,47 @@ def test_parts_of_a_failed_curation_are_not_reused_by_changed_curation_code(run,
     monkeypatch.setattr(partitioned, "_captions", lambda f, i: (captions_done.append(i["part"]), real_caps(f, i))[1])
     curate(run, config, out_dir=out)
     assert captions_done == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_stop_signal_during_ray_curation_publishes_nothing_and_the_rerun_reuses_its_parts(run, tmp_path, caplog):
+    """The driver waits on Ray tasks in short waits (ray.wait blocks where a signal handler
+    cannot run): SIGTERM while tasks run must cancel them, exit 143 without a traceback and
+    leave no version; the parts finished before it are what a rerun starts from."""
+    import signal
+    from gen.publish import curate_versioned
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("queries.parquet", "captions.parquet", "eval.jsonl"):
+        (copy / name).write_bytes((run / name).read_bytes())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gen.curate", "--queries", str(copy), "--executor", "ray", "--partition-records", "700",
+         "--decontaminate-against", str(copy / "eval.jsonl"), "--dev-fraction", "0.2", "--negatives", "5",
+         "--log-format", "json"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        for line in proc.stderr:    # until a task has finished in a Ray worker
+            seen.append(line)
+            event = json.loads(line) if line.startswith("{") else {}
+            if event.get("event") == "curate_progress" and event["step"] != "partition":
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, rest = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    err = "".join(seen) + rest
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events][-2:] == ["stopped", "finished"]
+    assert [p.name for p in (copy / "shards").iterdir()] == [partitioned.PARTS_DIR]   # no version, parts kept
+
+    caplog.set_level(logging.INFO, logger="gen.curate")
+    m = curate_versioned(copy, CurateConfig(**_settings(copy, partition_records=700)))
+    progress = _events(caplog, "curate_progress")
+    assert any(e["reused"] for e in progress) and not all(e["reused"] for e in progress)
+    whole = curate(run, CurateConfig(**_settings(run)), out_dir=tmp_path / "whole")
+    a, b = _outputs(tmp_path / "whole"), _outputs(copy / "shards" / "latest")
+    assert all(a[k].equals(b[k]) for k in a)
+    assert _stats(whole) == _stats(m)
