@@ -78,6 +78,29 @@ def test_retry_after_header_is_honoured_and_capped():
     assert policy.wait(state({})) <= 0.01  # no header: jittered backoff
 
 
+@pytest.mark.parametrize("headers", [{"retry-after-ms": "nan"}, {"retry-after": "NaN"},
+                                     {"retry-after": "1 Jan 99999999999 00:00 GMT"},
+                                     {"retry-after": "Mon, 01 Jan 2024 99999999999:00:00 GMT"}])
+def test_a_retry_after_that_is_no_number_of_seconds_leaves_the_wait_to_the_backoff(headers):
+    # NaN passes min() caps (min(nan, 60) is nan); a date past datetime's range overflows.
+    policy = RetryPolicy(initial=0.01, retry_after_cap=60)
+    exc = StatusError(429, headers, '{"error": {"message": "slow down"}}')
+    state = SimpleNamespace(outcome=SimpleNamespace(exception=lambda: exc), attempt_number=1)
+    assert 0 <= policy.wait(state) <= 0.01
+
+
+def test_a_negative_retry_after_is_no_wait_at_all():
+    policy = RetryPolicy(initial=5, retry_after_cap=60)
+    for headers in ({"retry-after-ms": "-5000000"}, {"retry-after": "-3"}):
+        exc = StatusError(503, headers, "")
+        assert policy.wait(SimpleNamespace(outcome=SimpleNamespace(exception=lambda: exc), attempt_number=1)) == 0
+
+
+def test_an_error_body_nested_past_the_stack_is_its_own_message():
+    body = "[" * 100_000
+    assert str(StatusError(500, {}, body)).endswith(body)
+
+
 def test_json_schema_refused_falls_back_to_json_object_for_the_whole_run():
     with FakeOpenAI(reject_json_schema=True) as fake:
         results, info = complete(fake, n=5)

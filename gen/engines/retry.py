@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ def _server_message(text: str) -> str:
     try:
         error = json.loads(text)["error"]
         return str(error["message"] if isinstance(error, dict) else error)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return text.strip()
 
 
@@ -150,22 +151,29 @@ def _error_object(exc: StatusError) -> Optional[dict]:
 
 
 def retry_after_seconds(exc: Optional[BaseException]) -> Optional[float]:
+    """The server's requested wait: at least 0, None where absent or not a number (NaN, a
+    date past what datetime holds) so that the backoff decides; callers cap it."""
     if not isinstance(exc, StatusError):
         return None
     value = exc.headers.get("retry-after-ms")
     if value:
         try:
-            return float(value) / 1000
+            return _seconds(float(value) / 1000)
         except ValueError:
             pass
     value = exc.headers.get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        return _seconds(float(value))
     except ValueError:
         pass
     try:  # the HTTP-date form
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+        return _seconds(email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
         return None
+
+
+def _seconds(value: float) -> Optional[float]:
+    # NaN would pass every min() cap and sleep an unbounded, heap-corrupting while.
+    return None if math.isnan(value) else max(0.0, value)
