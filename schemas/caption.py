@@ -1,6 +1,7 @@
 """One input caption. Extra fields on the input line ride along untouched."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -57,7 +58,9 @@ class Caption(BaseModel):
     @classmethod
     def _extra_is_encodable(cls, v: dict[str, Any]) -> dict[str, Any]:
         # Extra fields ride along into captions.parquet: a lone surrogate anywhere in them,
-        # nested or in a key, would stop the export after every request was paid for.
+        # nested or in a key, would stop the export after every request was paid for. NaN and
+        # infinity (Python's json and parquet hold them, pandas' "missing") have no JSON
+        # spelling: null, so the extra column stays JSON every reader parses.
         stack: list[tuple[tuple, Any]] = [((), v)]
         while stack:   # a loop, not recursion: json.loads allows nesting near the stack limit
             path, node = stack.pop()
@@ -68,6 +71,10 @@ class Caption(BaseModel):
                 if isinstance(value, str):
                     if _has_surrogate(value):
                         raise ValueError(f"{_where(at)} holds a lone surrogate (not encodable as UTF-8)")
+                elif isinstance(value, float) and not math.isfinite(value):
+                    if isinstance(node, tuple):
+                        raise ValueError(f"{_where(at)} is {value}, which JSON cannot hold")
+                    node[key] = None
                 elif isinstance(value, (dict, list, tuple)):
                     stack.append((at, value))
         return v

@@ -163,6 +163,7 @@ HOSTILE = {
     "lone surrogate": (b'{"id": "a", "text": "\\ud800x"}', "unpaired surrogate"),
     "1 MB caption": (b'{"id": "a", "text": "' + b"x" * 1_000_000 + b'"}', "over the limit of 4000"),
     "deeply nested": (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
+    "5,000-digit number": (b'{"id": "a", "text": "b", "n": ' + b"9" * 5000 + b'}', "not readable JSON: Exceeds the limit"),
     "duplicate id": (OK, "duplicate id 'ok' (first seen on line 1)"),
     "id equal after NFKC": ('{"id": "ｏｋ", "text": "猫"}'.encode(), "as 'ok' after Unicode normalisation"),
     # accepted: odd but real captions
@@ -187,6 +188,17 @@ def test_hostile_input_corpus(tmp_path, kind):
     else:
         assert isinstance(out[1], Reject) and out[1].line == 2, out[1]
         assert expected in out[1].reason
+
+
+def test_nan_and_infinity_in_extra_fields_ride_along_as_null(tmp_path):
+    """Python's json writes them and parquet holds them (pandas' "missing"), JSON has no
+    spelling for them: captions.parquet's extra column must stay JSON every reader parses."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"id": "a", "text": "b", "score": NaN, "m": {"x": [1, -Infinity]}}\n')
+    pq.write_table(pa.table({"id": ["p"], "text": ["q"], "score": [float("nan")]}), tmp_path / "in.parquet")
+    (a,), (p,) = _read(path), _read(tmp_path / "in.parquet")
+    assert a.extra == {"score": None, "m": {"x": [1, None]}} and p.extra == {"score": None}
+    json.dumps(a.extra, allow_nan=False)
 
 
 def test_corpus_is_at_least_25_kinds_of_bad_line():

@@ -59,6 +59,8 @@ def _load(text: str) -> object:
         raise AnswerError(f"the answer is not valid JSON: {e.msg} at position {e.pos}") from None
     except RecursionError:   # valid JSON, perhaps, but nested past Python's stack
         raise AnswerError("the answer is nested too deeply to be an answer") from None
+    except ValueError as e:  # an integer past Python's 4,300-digit conversion limit
+        raise AnswerError(f"the answer is not readable JSON: {str(e)[:200]}") from None
 
 
 def parse_answer(text: str, caption: str, refusal: str | None = None) -> CaptionQueries:

@@ -145,6 +145,8 @@ def _line(lineno: int, data: bytes, checker: _Checker) -> Union[Caption, Reject,
         return checker.reject(lineno, f"not valid JSON: {e.msg} at column {e.colno}", text)
     except RecursionError:
         return checker.reject(lineno, "not valid JSON: nested too deeply", text[:10_000])
+    except ValueError as e:   # an integer past Python's 4,300-digit conversion limit
+        return checker.reject(lineno, f"not readable JSON: {str(e)[:200]}", text[:10_000])
     return checker.check(lineno, record, text)
 
 
