@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 import urllib.parse
@@ -12,12 +13,17 @@ from pathlib import Path
 from typing import Iterator, Optional, TextIO
 
 
+# Written as JSON escapes: U+2028 and U+2029 are valid in JSON strings, yet str.splitlines()
+# and many editors break lines there; a lone surrogate (a server's "\udc00", kept in a
+# reject's raw answer) has no UTF-8 form and would stop the write.
+_ESCAPED = re.compile("[\u2028\u2029\ud800-\udfff]")
+
+
 def json_line(obj: object, **kwargs) -> str:
-    """One JSON object for a JSON-lines file, text as UTF-8 but U+2028 and U+2029 escaped:
-    they are valid in JSON strings, yet str.splitlines() and many editors break lines there,
-    and a reader of the file must find one object a line whatever a caption holds."""
-    return (json.dumps(obj, ensure_ascii=False, **kwargs)
-            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+    """One JSON object for a file capgen writes: text as UTF-8 except what _ESCAPED names, so
+    a reader finds one object a line and the same strings back, whatever a caption or a
+    server's answer holds."""
+    return _ESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(obj, ensure_ascii=False, **kwargs))
 
 
 class JsonFormatter(logging.Formatter):

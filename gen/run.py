@@ -528,7 +528,7 @@ async def _generate(config: RunConfig, prompts: PromptSet, source: Path, staging
         with atomic_path(staging / "report.html") as tmp:
             tmp.write_text(report.render(manifest, summary), encoding="utf-8")
         with atomic_path(staging / "manifest.json") as tmp:
-            tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            tmp.write_text(logs.json_line(manifest, indent=2) + "\n", encoding="utf-8")
     except BaseException:
         if prepared is not None:
             prepared.discard()

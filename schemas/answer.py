@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, model_validator
 
 from schemas.text import clean, normalize
 
@@ -69,8 +69,16 @@ def _check_query(value: str, info: ValidationInfo) -> str:
 
 Keyword = Annotated[str, Field(min_length=1, max_length=KEYWORD_MAX_CHARS), AfterValidator(_check_query)]
 Summary = Annotated[str, Field(min_length=1, max_length=SUMMARY_MAX_CHARS), AfterValidator(_check_query)]
+def not_a_bool(value: Any) -> Any:
+    # pydantic takes true for the literal 1 (True == 1), yet a model that answers true most
+    # likely means "shown", the top grade: neither reading is safe for a training row.
+    if isinstance(value, bool):
+        raise ValueError("a grade is a number, not true or false")
+    return value
+
+
 # 2: certainly or almost certainly shown; 1: likely shown, or closely related by search intent.
-Grade = Literal[1, 2]
+Grade = Annotated[Literal[1, 2], BeforeValidator(not_a_bool)]
 
 
 class Entity(BaseModel):

@@ -8,14 +8,16 @@ without it; gen/judge.py checks the count anyway, for servers that ignore schema
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+from schemas.answer import not_a_bool
 
 
 class Judgement(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    grades: list[Literal[0, 1, 2]]
+    grades: list[Annotated[Literal[0, 1, 2], BeforeValidator(not_a_bool)]]
 
 
 def judge_json_schema(n: Optional[int] = None) -> dict[str, Any]:

@@ -35,7 +35,7 @@ FAULTS = (
     # Hostile replies: what a broken or malicious server may send with a 200.
     "empty_content", "lone_surrogate", "oversized", "gzip_bomb", "content_not_string",
     "message_not_object", "choices_not_list", "usage_wrong_type",
-    "401", "403", "403_content", "insufficient_quota",
+    "401", "403", "403_surrogate", "403_content", "insufficient_quota",
 )
 # OpenAI's wording; a 401 echoes the start of the key it refused, as OpenAI's does.
 _ERROR_STATUS = {
@@ -45,6 +45,8 @@ _ERROR_STATUS = {
     "401": (401, "Incorrect API key provided: {key}. You can find your API key at "
                  "https://platform.openai.com/account/api-keys.", "invalid_request_error", "invalid_api_key"),
     "403": (403, "You are not allowed to sample from this model", "invalid_request_error", None),
+    # the same, with a lone surrogate (its \ud800 escape on the wire) in the message
+    "403_surrogate": (403, "You are not allowed to sample from this model \ud800", "invalid_request_error", None),
     # DashScope's content filter: this request's text refused, not the key
     "403_content": (403, "Input data may contain inappropriate content.", "data_inspection_failed",
                     "DataInspectionFailed"),

@@ -18,7 +18,7 @@ from gen.engines.openai import OpenAIEngine, _completion
 from gen.engines.pool import Server, ServerPool
 from gen.engines.retry import EmptyAnswer
 from gen.run import EXIT_INCOMPLETE, EXIT_OK, main
-from gen.generate.validate import parse_answer
+from gen.generate.validate import AnswerError, parse_answer
 from schemas import answer_json_schema
 
 
@@ -309,3 +309,69 @@ def test_every_reply_shape_is_an_answer_or_a_retried_failure_never_a_traceback()
     for data, text in GOOD:
         done = _completion(data, "http://a")
         assert done == Completion(text=text, server="http://a")
+
+
+def _edited(caption: str, edit) -> str:
+    data = json.loads(default_answer(caption))
+    edit(data)
+    return json.dumps(data)
+
+
+def test_an_integer_too_long_to_read_is_an_invalid_answer(tmp_path, captions, sample_captions):
+    # Python refuses int("9" * 5000) (the 4,300-digit limit) with a ValueError that is no
+    # JSONDecodeError: 5 kB, well inside the reply limit.
+    target = sample_captions[0]
+    huge = _edited(target["text"], lambda d: d["entities"][0].update(grade="HUGE")).replace('"HUGE"', "9" * 5000)
+    out = tmp_path / "out"
+    with FakeOpenAI(answer=lambda caption, body: huge if caption == target["text"] else default_answer(caption)) as fake:
+        assert run(captions, out, fake) == EXIT_OK
+        assert fake.count_for(target["text"]) == 2   # the repair round saw the error, not a traceback
+    (rej,) = read_jsonl(out / "rejects.jsonl")
+    assert rej["caption_id"] == target["id"] and "not readable JSON" in rej["reason"]
+
+
+def test_a_lone_surrogate_in_a_dropped_query_is_kept_in_the_rejects_and_a_rerun_reads_it(
+        tmp_path, captions, sample_captions):
+    """One entity's text is the \\udc00 escape: the item is dropped, the rest of the answer
+    kept; rejects.jsonl keeps the item as the server sent it (escaped), and the stored answer
+    goes through the same export on every rerun."""
+    target = sample_captions[0]
+    bad = _edited(target["text"], lambda d: d["entities"].append({"text": "\udc00x", "kind": "object", "grade": 1}))
+    assert "\\udc00" in bad
+    out = tmp_path / "out"
+    with FakeOpenAI(answer=lambda caption, body: bad if caption == target["text"] else default_answer(caption)) as fake:
+        assert run(captions, out, fake, "--repair-rounds", "0") == EXIT_OK
+    dropped = [r for r in read_jsonl(out / "rejects.jsonl") if r["stage"] == "query"]
+    assert [(r["caption_id"], r["raw"]["text"]) for r in dropped] == [(target["id"], "\udc00x")]
+    assert target["id"] in with_queries(out)
+    with FakeOpenAI() as fake:
+        assert run(captions, out, fake, "--repair-rounds", "0") == EXIT_OK
+        assert fake.requests == []
+    assert [r["raw"] for r in read_jsonl(out / "rejects.jsonl") if r["stage"] == "query"] == [d["raw"] for d in dropped]
+
+
+def test_a_refusal_whose_message_holds_a_lone_surrogate_is_written_escaped_to_the_manifest(tmp_path, captions):
+    out = tmp_path / "out"
+    with FakeOpenAI() as good, FakeOpenAI(faults=always("403_surrogate")) as bad:
+        assert run(captions, out, [bad, good]) == EXIT_OK
+        assert len(good.requests) == 12
+    (refused,) = [s["refused"] for s in servers(out) if "refused" in s]
+    assert "HTTP 403" in refused and "model \\ud800" in refused
+
+
+@pytest.mark.parametrize("answer_grade", [True, 1.0])
+def test_a_grade_of_true_is_no_grade(answer_grade, sample_captions):
+    caption = sample_captions[0]["text"]
+    text = _edited(caption, lambda d: d["entities"][0].update(grade=answer_grade))
+    if answer_grade is True:   # true might mean the top grade, or 1: neither is safe to keep
+        with pytest.raises(AnswerError, match="a grade is a number, not true or false"):
+            parse_answer(text, caption)
+    else:                      # 1.0 is the number 1
+        assert parse_answer(text, caption).entities[0].grade == 1
+
+
+def test_a_judges_true_or_false_is_no_grade():
+    from schemas.judge import Judgement
+    with pytest.raises(ValueError, match="not true or false"):
+        Judgement.model_validate_json('{"grades": [true, false, 2]}')
+    assert Judgement.model_validate_json('{"grades": [1, 0, 2.0]}').grades == [1, 0, 2]

@@ -4,13 +4,13 @@ whole; callers write the manifest last, so a shard set without a manifest is unf
 query_shards() is how readers find the query shards of a version."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 import polars as pl
 
 from gen.atomic import atomic_path, sha256_file
+from gen.logs import json_line
 
 
 def query_shards(directory: Path) -> list[Path]:
@@ -38,7 +38,7 @@ def write_text(text: str, path: Path) -> dict[str, Any]:
 
 
 def write_json(obj: Any, path: Path) -> dict[str, Any]:
-    return write_text(json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=False) + "\n", path)
+    return write_text(json_line(obj, indent=2) + "\n", path)
 
 
 def write_tsv(df: pl.DataFrame, path: Path) -> dict[str, Any]:

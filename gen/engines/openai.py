@@ -353,7 +353,7 @@ class OpenAIEngine(Engine):
 
     def _refusal(self, exc: StatusError) -> str:
         hint = refusal_hint(exc) + (f" in ${self.api_key_env}" if exc.status == 401 else "")
-        return f"{self.redact(str(exc))[:300]} ({hint})"
+        return f"{printable(self.redact(str(exc)), 300)} ({hint})"
 
     def _settle(self, ticket: Ticket, exc: BaseException, reply: dict) -> None:
         """A request that got no answer: one the server refused with a status cost no tokens;
