@@ -106,7 +106,9 @@ class RunConfig(BaseModel):
     # GPUs, 0 on one without (the CPU build) or for --engine openai. See docs/ray.md.
     ray_gpus_per_actor: OptFloat = Field(None, ge=0)
     timeout: Float = Field(120.0, gt=0)  # seconds per request
-    max_attempts: Int = Field(6, ge=1)  # per request, for transient faults
+    # Per request, for transient faults; capped where the backoffs' sum (2 ** attempt) would
+    # no longer be a number.
+    max_attempts: Int = Field(6, ge=1, le=100)
     retry_wait: Float = Field(1.0, ge=0)  # first backoff in seconds; doubles, with jitter, to 30 s
     # A hosted API's limits for the key (gen/engines/pacing.py), counted over `rate_window`
     # seconds: 60 for per minute; shorter where the provider counts per second.
@@ -164,6 +166,15 @@ class RunConfig(BaseModel):
             raise ValueError("batch mode needs an OpenAI-compatible server (--base-url) or --batch-dir")
         if self.batch and self.executor != "local":
             raise ValueError("batch mode runs on the local executor; drop --executor ray")
+        return self
+
+    @model_validator(mode="after")
+    def _a_window_holds_a_request(self) -> "RunConfig":
+        # The pacer admits rpm * rate_window / 60 requests a window: below one, none ever goes.
+        if self.rpm is not None and self.rpm * self.rate_window < 60:
+            raise ValueError(f"rpm ({self.rpm}) over a rate_window of {self.rate_window:g} s allows "
+                             f"{self.rpm * self.rate_window / 60:.2g} requests a window, and none can go: "
+                             f"raise rate_window to at least {60 / self.rpm:.3g} s, or leave it at 60")
         return self
 
     @model_validator(mode="after")

@@ -44,6 +44,10 @@ PY = sys.executable
     (["--retry-wait=-inf"], "--retry-wait: expected a finite number at least 0, got -inf"),
     (["--max-model-len", "0"], "--max-model-len: expected an integer at least 1, got 0"),
     (["--seed", str(2**64)], "--seed: expected an integer from -9223372036854775808 to 9223372036854775807"),
+    # 2 ** 1100 is no float: the backoffs' sum would overflow as the engine is built
+    (["--max-attempts", "1100"], "--max-attempts: expected an integer from 1 to 100, got 1100"),
+    # 0.5 requests a one-second window: the pacer would admit none, silently, for ever
+    (["--rpm", "30", "--rate-window", "1"], "rpm (30) over a rate_window of 1 s allows 0.5 requests a window"),
 ])
 def test_a_bad_flag_is_named_with_its_range_and_exits_2(argv, expected, tmp_path, capsys):
     caps = write_jsonl(tmp_path / "caps.jsonl", [{"id": "a", "text": "一只猫"}])

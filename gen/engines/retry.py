@@ -79,7 +79,7 @@ class RetryPolicy:
     def patience(self, retries: Optional[int] = None) -> float:
         """The longest the first `retries` backoffs (default: all of them) may wait in all."""
         n = self.max_attempts - 1 if retries is None else min(retries, self.max_attempts - 1)
-        return sum(min(self.maximum, self.initial * 2 ** k) for k in range(max(n, 0)))
+        return sum(min(self.maximum, self.initial * 2 ** min(k, 60)) for k in range(max(n, 0)))
 
     def wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -87,7 +87,8 @@ class RetryPolicy:
         if hinted is not None:
             return min(hinted, self.retry_after_cap)
         # Full jitter: uniform in [0, capped exponential], so a fleet of clients spreads out.
-        ceiling = min(self.maximum, self.initial * 2 ** (state.attempt_number - 1))
+        # The exponent capped: attempts lost to an outage do not count, so their number has no bound.
+        ceiling = min(self.maximum, self.initial * 2 ** min(state.attempt_number - 1, 60))
         return random.uniform(0, ceiling)
 
 
