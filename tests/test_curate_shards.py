@@ -77,12 +77,26 @@ def test_beir_dev_set(curated):
     qrels = (beir / "qrels" / "dev.tsv").read_text("utf-8").splitlines()
     assert qrels[0] == "query-id\tcorpus-id\tscore"
     corpus_ids, query_ids = {c["_id"] for c in corpus}, {q["_id"] for q in queries}
-    assert set(corpus[0]) == {"_id", "text"} and set(queries[0]) == {"_id", "text"}
+    # BEIR's loader reads a missing title as None, which its encoder then adds to the text.
+    assert set(corpus[0]) == {"_id", "title", "text"} and corpus[0]["title"] == ""
+    assert set(queries[0]) == {"_id", "text"}
     for line in qrels[1:]:
         qid, cid, score = line.split("\t")
         assert qid in query_ids and cid in corpus_ids and score in ("1", "2")
     dev_rows = rows(shards, "dev")
     assert {r["query_id"] for r in dev_rows} == query_ids
+
+
+def test_json_lines_shards_escape_line_separators(tmp_path):
+    """U+2028 and U+2029 are valid in JSON strings, yet str.splitlines() and JavaScript
+    readers break lines there: one object a line, whatever a caption holds."""
+    df = pl.DataFrame({"query": ["街头\u2028艺人", "x"], "pos": [["一\u2029二"], ["y"]]})
+    path = tmp_path / "t.jsonl"
+    gen.curate.shards.write_jsonl(df, path)
+    text = path.read_text("utf-8")
+    assert "\u2028" not in text and "\u2029" not in text
+    assert [json.loads(line) for line in text.splitlines()] == df.to_dicts()
+    assert [p.name for p in tmp_path.iterdir()] == ["t.jsonl"]
 
 
 def test_shards_are_bounded_and_the_manifest_describes_them(curated):

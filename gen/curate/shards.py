@@ -4,6 +4,8 @@ whole; callers write the manifest last, so a shard set without a manifest is unf
 query_shards() is how readers find the query shards of a version."""
 from __future__ import annotations
 
+import mmap
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +32,31 @@ def write_parquet(df: pl.DataFrame, path: Path) -> dict[str, Any]:
 
 def write_jsonl(df: pl.DataFrame, path: Path) -> dict[str, Any]:
     # polars writes lists as JSON arrays and text as UTF-8, which is what trainers read.
-    return _atomic(path, lambda tmp: df.write_ndjson(tmp))
+    def write(tmp: Path) -> None:
+        df.write_ndjson(tmp)
+        _escape_line_separators(tmp)
+    return _atomic(path, write)
+
+
+_SEPARATORS = {"\u2028".encode(): b"\\u2028", "\u2029".encode(): b"\\u2029"}
+
+
+def _escape_line_separators(path: Path) -> None:
+    """polars writes U+2028 and U+2029 raw, valid JSON that str.splitlines(), JavaScript
+    readers and many editors split in two: escaped, as in every JSON-lines file capgen
+    writes (logs.json_line). They can only stand inside strings, so bytes are replaced."""
+    if path.stat().st_size == 0:
+        return
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if all(m.find(raw) < 0 for raw in _SEPARATORS):
+            return
+    escaped = path.with_name(path.name + ".escaped")
+    with path.open("rb") as src, escaped.open("wb") as dst:
+        for line in src:
+            for raw, esc in _SEPARATORS.items():
+                line = line.replace(raw, esc)
+            dst.write(line)
+    os.replace(escaped, path)
 
 
 def write_text(text: str, path: Path) -> dict[str, Any]:

@@ -42,9 +42,10 @@ def sentence_transformers(rows: pl.DataFrame, k: int) -> pl.DataFrame:
 
 
 def beir(rows: pl.DataFrame, captions: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """MTEB/BEIR retrieval set: corpus (_id, text) = every caption of the split, queries
-    (_id, text), qrels (query-id, corpus-id, score = grade 2/1)."""
-    corpus = captions.select(_id="id", text="text").sort("_id")
+    """MTEB/BEIR retrieval set: corpus (_id, title, text) = every caption of the split,
+    queries (_id, text), qrels (query-id, corpus-id, score = grade 2/1). The title is empty
+    but present: BEIR's loader reads a missing one as None, and its encoder adds it to the text."""
+    corpus = captions.select(_id="id", title=pl.lit(""), text="text").sort("_id")
     queries = rows.select(_id="query_id", text="query").sort("_id")
     qrels = (
         rows.select("query_id", "pos_ids", "pos_scores").explode("pos_ids", "pos_scores")
