@@ -143,3 +143,14 @@ def test_licence_flag_and_a_new_licence_makes_a_new_version(tmp_path):
         with pytest.raises(ConfigError, match="dataset-license: expected a string matching"):
             load_config(["--captions", "x.jsonl", "--dataset-license", bad], env={})
     assert main(["--captions", str(tmp_path / "none.jsonl"), "--dataset-license", "a b"]) == EXIT_USAGE
+
+
+def test_no_value_breaks_the_header():
+    """A captions file's name is the card's pretty_name: whatever bytes it holds, the header
+    is YAML that reads back as written."""
+    from gen.publish.card import _yaml
+    names = ["caps\x9f.jsonl", "a\x85b", "a\u2028b\u2029", "\ufffe\uffff", "bytes\udc80.jsonl", 'q"uo:te\n- x',
+             "猫🐱", "\x7f"]
+    header = _yaml({"pretty_name": names[0], "names": names, "nested": {"k": names[4]}})
+    header.encode("utf-8")
+    assert yaml.safe_load(header) == {"pretty_name": names[0], "names": names, "nested": {"k": names[4]}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
@@ -282,4 +283,10 @@ def _scalar(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, (dict, list)):
         return "{}" if isinstance(v, dict) else "[]"
-    return json.dumps(str(v), ensure_ascii=False)
+    return _UNREADABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(str(v), ensure_ascii=False))
+
+
+# What JSON leaves raw and a YAML reader refuses (C1 controls, U+FFFE/FFFF: "unacceptable
+# character"), reads as a line break (U+0085, U+2028, U+2029), or UTF-8 cannot hold (a lone
+# surrogate: a file name of bytes that are not UTF-8). Escaped, the header reads back as written.
+_UNREADABLE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe\uffff]")
