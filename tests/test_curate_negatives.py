@@ -67,3 +67,20 @@ def test_mining_is_deterministic(tmp_path):
     b, sb = run_curate(tmp_path / "b", CAPS, RECORDS)
     assert rows(sa) == rows(sb)
     assert [f["sha256"] for f in a["files"]] == [f["sha256"] for f in b["files"]]
+
+
+def test_a_caption_whose_text_equals_a_positive_is_never_its_negative(tmp_path):
+    # The twin differs only by punctuation, so it has its own answer key and never generated
+    # the query, nor contains it or all its words: only its text says it is the positive.
+    twins = [{"id": "park.pos", "text": "红色汽车停在路边。"}, {"id": "park.twin", "text": "红色汽车停在路边"},
+             {"id": "park.wide", "text": "红色汽车, 停在路边!"}]
+    caps = FILLER + twins + [{"id": "park.other", "text": "蓝色汽车停在路边。"}]
+    recs = [rec("park.pos", "路边的车辆", type="simple_condition"),
+            rec("park.other", "蓝色汽车", type="simple_condition")]
+    for more in ({}, {"partition_records": 1}):   # in memory, then in partitions
+        m, shards = run_curate(tmp_path / str(len(more)), caps, recs, negatives=len(caps) - 2, **more)
+        row = _row(shards, "路边的车辆")
+        assert row["pos_ids"] == ["park.pos"]
+        assert "park.twin" not in row["neg_ids"] and "park.wide" not in row["neg_ids"]
+        assert "park.other" in row["neg_ids"]
+        assert m["stats"]["false_negative_candidates_excluded"]["same_text_as_positive"] >= 2

@@ -39,8 +39,12 @@ def run(tmp_path_factory) -> Path:
     own.with_columns(judge_grade=(pl.int_range(pl.len()) % 3).cast(pl.Int8)).write_parquet(run / "judgements.parquet")
     other = pl.DataFrame({"caption_id": own["caption_id"].shift(1).fill_null(own["caption_id"][-1]),
                           "query": own["query"]})
-    other.with_columns(judge_grade=(pl.int_range(pl.len()) % 3).cast(pl.Int8)).write_parquet(
-        run / "candidate_judgements.parquet")
+    # And 0 for pairs with a few more captions each: without enough of them, whether any
+    # lands among the mined negatives (negatives_judged_irrelevant) is up to chance.
+    far = pl.concat([pl.DataFrame({"caption_id": own["caption_id"].shift(k).fill_null(own["caption_id"][-1]),
+                                   "query": own["query"]}) for k in range(2, 8)])
+    pl.concat([other.with_columns(judge_grade=(pl.int_range(pl.len()) % 3).cast(pl.Int8)),
+               far.with_columns(judge_grade=pl.lit(0, pl.Int8))]).write_parquet(run / "candidate_judgements.parquet")
     return run
 
 

@@ -6,7 +6,10 @@ A candidate caption is not a negative of a query when
   filters, the cap or the split): `known` holds every (caption, normalised query) of the run;
 - it contains the normalised query as a substring; or
 - it contains every jieba word of the query (each as a substring, which also catches a
-  caption jieba happened to cut differently).
+  caption jieba happened to cut differently); or
+- its normalised text equals one of the row's positives' ("红色汽车停在路边。" and
+  "红色汽车停在路边"): another id or punctuation gives it another answer key, so it need not
+  have generated the query, yet it is the positive itself.
 Candidates need a BM25 score above zero. A one-word query ("管道") has none that pass the
 guard: every caption sharing a term with it contains it. So rows BM25 leaves short are
 filled (random_fill) with captions of the split drawn by a fixed hash of the query id,
@@ -24,7 +27,7 @@ import numpy as np
 import polars as pl
 
 from gen.curate.config import CurateConfig
-from gen.curate.normalize import search_terms
+from gen.curate.normalize import normalized, search_terms
 
 logging.getLogger("bm25s").setLevel(logging.ERROR)
 
@@ -119,10 +122,22 @@ def candidates(index: SplitIndex, rows: pl.DataFrame, depth: int) -> pl.DataFram
     return owners.join(found, on="slot").select("qrow", "pos", "doc", "score")
 
 
+def positive_twins(rows: pl.DataFrame, caps: pl.DataFrame) -> pl.DataFrame:
+    """(qrow, doc): the captions of `caps` whose normalised text equals one of the row's
+    positives'. From the positives' texts, not their ids: where the split is in BM25 shards,
+    a positive's caption may sit in another shard than its twin."""
+    if "pos" not in rows.columns or rows.height == 0:
+        return pl.DataFrame(schema={"qrow": rows.schema["qrow"], "doc": caps.schema["doc"]})
+    pos = rows.select("qrow", text="pos").explode("text").drop_nulls("text")
+    pos = pos.with_columns(c_norm=normalized(pos["text"]))
+    return pos.join(caps.select("doc", "c_norm"), on="c_norm").select("qrow", "doc").unique()
+
+
 def _guard(cand: pl.DataFrame, rows: pl.DataFrame, caps: pl.DataFrame, known: pl.DataFrame,
-           stats: Counter) -> pl.DataFrame:
+           stats: Counter, twins: pl.DataFrame) -> pl.DataFrame:
     """cand (qrow, doc, score) minus false negatives. known: (qrow, doc) pairs where the
-    caption generated the query itself. Integer joins first; strings only for what is left."""
+    caption generated the query itself; twins: positive_twins. Integer joins first; strings
+    only for what is left."""
     n0 = cand.height
     cand = cand.join(known, on=["qrow", "doc"], how="anti")
     stats["known_positive"] += n0 - cand.height
@@ -139,6 +154,9 @@ def _guard(cand: pl.DataFrame, rows: pl.DataFrame, caps: pl.DataFrame, known: pl
     n2 = cand.height
     cand = cand.join(all_in.select("qrow", "doc"), on=["qrow", "doc"], how="anti")
     stats["contains_all_words"] += n2 - cand.height
+    n3 = cand.height
+    cand = cand.join(twins, on=["qrow", "doc"], how="anti")
+    stats["same_text_as_positive"] += n3 - cand.height
     return cand.select("qrow", "doc", "score")
 
 
@@ -151,7 +169,7 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def _fill(found: pl.DataFrame, rows: pl.DataFrame, caps: pl.DataFrame, known: pl.DataFrame,
-          k: int, stats: Counter) -> pl.DataFrame:
+          k: int, stats: Counter, twins: pl.DataFrame) -> pl.DataFrame:
     """Random negatives for rows with fewer than k, (qrow, doc, score=0.0), guard applied."""
     have = found.group_by("qrow").agg(n=pl.len())
     short = (rows.select("qrow", "query_id").join(have, on="qrow", how="left")
@@ -168,7 +186,7 @@ def _fill(found: pl.DataFrame, rows: pl.DataFrame, caps: pl.DataFrame, known: pl
         "draw": np.tile(np.arange(draws), short.height),
         "doc": docs.reshape(-1).astype(np.int64),
     }).unique(["qrow", "doc"], keep="first").join(found.select("qrow", "doc"), on=["qrow", "doc"], how="anti")
-    guarded = _guard(cand.with_columns(score=pl.lit(0.0)), rows, caps, known, stats)
+    guarded = _guard(cand.with_columns(score=pl.lit(0.0)), rows, caps, known, stats, twins)
     picked = (cand.join(guarded.select("qrow", "doc"), on=["qrow", "doc"])
               .join(short.select("qrow", "need"), on="qrow")
               .sort("qrow", "draw")
@@ -177,7 +195,7 @@ def _fill(found: pl.DataFrame, rows: pl.DataFrame, caps: pl.DataFrame, known: pl
 
 
 def _mine_batch(index: SplitIndex, rows: pl.DataFrame, caps: pl.DataFrame, known: pl.DataFrame,
-                config: CurateConfig, stats: Counter) -> pl.DataFrame:
+                config: CurateConfig, stats: Counter, twins: pl.DataFrame) -> pl.DataFrame:
     k = config.negatives
     # One search, deep enough for the hard cases; the guard (string work) then looks at the
     # first k + mine_depth candidates of every row, and further down only for rows still short.
@@ -186,7 +204,7 @@ def _mine_batch(index: SplitIndex, rows: pl.DataFrame, caps: pl.DataFrame, known
     found, todo = [], rows.select("qrow")
     for lo, hi in ((0, first), (first, 4 * first)):
         window = cand.filter((pl.col("pos") >= lo) & (pl.col("pos") < hi)).join(todo, on="qrow")
-        found.append(_guard(window, rows, caps, known, stats))
+        found.append(_guard(window, rows, caps, known, stats, twins))
         have = pl.concat(found).group_by("qrow").agg(n=pl.len()).filter(pl.col("n") >= k)
         todo = todo.join(have, on="qrow", how="anti")
         if todo.height == 0:
@@ -194,7 +212,7 @@ def _mine_batch(index: SplitIndex, rows: pl.DataFrame, caps: pl.DataFrame, known
     found = (pl.concat(found).sort(["qrow", "score", "doc"], descending=[False, True, False])
              .group_by("qrow", maintain_order=True).head(k))
     if config.random_fill:
-        found = pl.concat([found, _fill(found, rows, caps, known, k, stats)])
+        found = pl.concat([found, _fill(found, rows, caps, known, k, stats, twins)])
     return found
 
 
@@ -202,7 +220,8 @@ def mine(rows: pl.DataFrame, indexes: SplitIndexes, name: str, known: pl.DataFra
          config: CurateConfig, stats: Counter) -> pl.DataFrame:
     """Negatives of each query row of one split.
 
-    rows: qrow, q_norm, q_words of split `name`; indexes: its captions (doc = 0.., id, c_norm,
+    rows: qrow, q_norm, q_words (and pos, the positives' texts, where it has them) of split
+    `name`; indexes: its captions (doc = 0.., id, c_norm,
     c_words) and BM25 index.
     known: every (caption_id, q_norm) the run generated, dropped or not. Returns qrow, neg_ids, neg_bm25 (lists,
     best first; ties broken by caption order so the result is deterministic)."""
@@ -217,7 +236,8 @@ def mine(rows: pl.DataFrame, indexes: SplitIndexes, name: str, known: pl.DataFra
              .join(rows.select("q_norm", "qrow"), on="q_norm").select("qrow", "doc"))
     # Rows in batches: the candidate frames grow with them, memory must not.
     found = pl.concat([
-        _mine_batch(index, batch, caps, known.join(batch.select("qrow"), on="qrow"), config, stats)
+        _mine_batch(index, batch, caps, known.join(batch.select("qrow"), on="qrow"), config, stats,
+                    positive_twins(batch, caps))
         for batch in rows.iter_slices(_BATCH)
     ])
     return (

@@ -371,5 +371,6 @@ def finish_stats(p: dict, by_reason: dict) -> dict:
         "negatives_random_fill": p["negatives"] - p["negatives_from_bm25"],
         "bm25_backend": sorted(k.removeprefix("bm25_backend_") for k in guard if k.startswith("bm25_backend_")),
         "false_negative_candidates_excluded": {
-            k: v for k, v in sorted(guard.items()) if k in ("known_positive", "contains_query", "contains_all_words")},
+            k: v for k, v in sorted(guard.items()) if k in ("known_positive", "contains_query", "contains_all_words",
+                                                    "same_text_as_positive")},
     }
