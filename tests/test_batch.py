@@ -452,3 +452,27 @@ def test_a_caption_is_never_reserved_for_two_live_batches(tmp_path):
     store.reserve_batch("d2", [req])                       # free again once its batch is closed
     assert store.batch_requests("d2").keys() == {"k1"}
     store.close()
+
+
+def once(method: str, path: str, fault: str):
+    """A route_fault: `fault` on the first call of `method` to `path` (a prefix), then none."""
+    done = []
+
+    def fault_at(m, p, query):
+        if m == method and p.startswith(path) and not done:
+            done.append(p)
+            return fault
+        return None
+    return fault_at
+
+
+@pytest.mark.parametrize("fault", ["lost", "502"])
+def test_a_create_whose_reply_is_lost_is_not_sent_again_and_its_batch_is_collected(
+        tmp_path, captions, sample_captions, capsys, fault):
+    out = tmp_path / "out"
+    with FakeBatch(route_fault=once("POST", "/v1/batches", fault)) as fake:
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+        assert fake.calls.count(("POST", "/v1/batches")) == 1 and len(fake.batches) == 1
+        assert "created although POST /batches failed" in capsys.readouterr().err
+        assert sorted(sent(fake).values()) == [1] * 12
+    answered_once(out, sample_captions[:12])

@@ -190,12 +190,27 @@ class ApiProvider(Provider):
         return uploaded.id
 
     def create(self, file_id, digest, requests):
-        made = self._call("POST /batches", self.client.batches.create, input_file_id=file_id, endpoint=ENDPOINT,
-                          completion_window=self.window,
-                          metadata={"capgen_digest": digest, "capgen_requests": str(requests)})
-        if not _str(getattr(made, "id", None)):
-            raise BatchError("POST /batches answered without a batch id")
-        return made.id
+        # Sent once: a create whose reply is lost may have made the batch, and a retry would
+        # make (and bill) a second one from the same file. The batch is looked up by its
+        # digest instead; found nowhere, the intent stays, and the next run's reconcile finds
+        # the batch or creates it from the uploaded file.
+        try:
+            made = self._call("POST /batches", self.client.with_options(max_retries=0).batches.create,
+                              input_file_id=file_id, endpoint=ENDPOINT, completion_window=self.window,
+                              metadata={"capgen_digest": digest, "capgen_requests": str(requests)})
+            if not _str(getattr(made, "id", None)):
+                raise BatchError("POST /batches answered without a batch id")
+            return made.id
+        except BatchError as e:
+            try:
+                found = self.find_batch(digest, time.time())
+            except BatchError:
+                found = None
+            if not found:
+                raise
+            log.warning("batch %s: created although POST /batches failed (%s)", found[0], printable(e, 200),
+                        extra={"fields": {"event": "batch_recovered", "batch_id": found[0]}})
+            return found[0]
 
     def state(self, batch_id):
         def retrieve():
