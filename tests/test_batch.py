@@ -476,3 +476,33 @@ def test_a_create_whose_reply_is_lost_is_not_sent_again_and_its_batch_is_collect
         assert "created although POST /batches failed" in capsys.readouterr().err
         assert sorted(sent(fake).values()) == [1] * 12
     answered_once(out, sample_captions[:12])
+
+
+def test_a_batch_404_from_a_server_without_the_batch_api_leaves_the_batch_open(
+        tmp_path, captions, sample_captions, capsys):
+    out = tmp_path / "out"
+    with FakeBatch(steps=2) as fake:
+        assert run(captions, out, fake) == EXIT_PENDING
+        # the wrong --base-url for a while: every batches route 404s, the batch's included
+        fake.route_fault = lambda method, path, query: "404" if path.startswith("/v1/batches") else None
+        assert run(captions, out, fake) == EXIT_FAILED
+        store = sqlite3.connect(out / "cache.sqlite")
+        assert store.execute("SELECT batch_id, status FROM batches").fetchall() == [("batch-000002", "live")]
+        store.close()
+        assert "has no batch API (HTTP 404 on GET /batches)" in capsys.readouterr().err
+        fake.route_fault = lambda method, path, query: None
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+        assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [1] * 12
+    answered_once(out, sample_captions[:12])
+
+
+def test_a_batch_the_provider_no_longer_knows_is_closed_and_its_captions_submitted_again(
+        tmp_path, captions, sample_captions, capsys):
+    out = tmp_path / "out"
+    with FakeBatch(steps=2) as fake:
+        assert run(captions, out, fake) == EXIT_PENDING
+        del fake.batches["batch-000002"]    # the batches API answers; this batch is gone
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+        assert "the provider no longer knows this batch" in capsys.readouterr().err
+        assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [2] * 12
+    answered_once(out, sample_captions[:12])

@@ -220,6 +220,9 @@ class ApiProvider(Provider):
                 return None
         b = self._call(f"GET /batches/{batch_id}", retrieve)
         if b is None:
+            # Gone only if this server lists batches at all: a wrong --base-url or a route
+            # that 404s must not close live batches, whose captions would be paid for twice.
+            self._call("GET /batches", self.client.batches.list, limit=1)
             return State("failed", reason="the provider no longer knows this batch")
         status = getattr(b, "status", None)
         reason = None
