@@ -506,3 +506,46 @@ def test_a_batch_the_provider_no_longer_knows_is_closed_and_its_captions_submitt
         assert "the provider no longer knows this batch" in capsys.readouterr().err
         assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [2] * 12
     answered_once(out, sample_captions[:12])
+
+
+def test_a_listing_that_fails_pages_down_is_a_clear_error_and_the_rerun_finds_the_batch(
+        tmp_path, captions, capsys, monkeypatch):
+    import openai
+    out = tmp_path / "out"
+
+    def crash(name):
+        if name == "created":
+            raise Killed(name)
+    with FakeBatch(page_cap=2) as fake:
+        monkeypatch.setattr(gen.generate.batch, "checkpoint", crash)
+        with pytest.raises(Killed):
+            run(captions, out, fake)
+        monkeypatch.setattr(gen.generate.batch, "checkpoint", lambda name: None)
+        client = openai.OpenAI(base_url=fake.base_url, api_key="x")
+        for i in range(5):   # other jobs' batches since: ours is on the third page
+            f = client.files.create(file=(f"other-{i}.jsonl", b'{"custom_id": "x"}\n'), purpose="batch")
+            client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        fake.route_fault = lambda method, path, query: "500" if path == "/v1/batches" and "after" in query else None
+        capsys.readouterr()
+        assert run(captions, out, fake, *WAIT) == EXIT_FAILED
+        log = capsys.readouterr().err
+        assert "GET /batches (next page) failed: HTTP 500" in log and "unexpected failure" not in log
+        fake.route_fault = lambda method, path, query: None
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+        assert len(fake.batches) == 6 and sorted(n for k, n in sent(fake).items() if k != "x") == [1] * 12
+
+
+def test_a_file_cut_off_mid_download_is_a_warning_and_the_next_run_downloads_it_whole(
+        tmp_path, captions, sample_captions, capsys):
+    out = tmp_path / "out"
+    with FakeBatch() as fake:
+        assert run(captions, out, fake) == EXIT_PENDING
+        fake.route_fault = lambda method, path, query: "cut" if path.endswith("/content") else None
+        assert run(captions, out, fake, *WAIT) == EXIT_PENDING
+        log = capsys.readouterr().err
+        assert "/content failed: RemoteProtocolError" in log and "unexpected failure" not in log
+        assert manifest(out)["counts"]["captions_with_queries"] == 0
+        fake.route_fault = lambda method, path, query: None
+        assert run(captions, out, fake) == EXIT_OK
+        assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [1] * 12
+    answered_once(out, sample_captions[:12])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -122,6 +123,13 @@ class Provider(ABC):
     def cancel(self, batch_id: str) -> None: ...
 
 
+def _module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
 def _file_name(digest: str) -> str:
     return f"capgen-{digest}.jsonl"
 
@@ -139,6 +147,9 @@ class ApiProvider(Provider):
                                     max_retries=max(attempts - 1, 0))
         self.window = window
         self._secret = api_key if api_key != "EMPTY" else None
+        # A connection lost while a file streams raises the transport's own error, not the
+        # SDK's: httpx's, or httpx2's in later SDK releases.
+        self._transport_errors = tuple(m.HTTPError for m in map(_module, ("httpx", "httpx2")) if m is not None)
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):
         o = self.openai
@@ -161,9 +172,20 @@ class ApiProvider(Provider):
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
 
+    def _listed(self, what: str, fn: Callable, **kwargs) -> Iterator[Any]:
+        """The items of a paginated list, every page fetched through _call: the SDK's own
+        iteration fetches the pages after the first outside it, where a failure is a raw
+        SDK error."""
+        page = self._call(what, fn, **kwargs)
+        while True:
+            yield from page.data or ()
+            if not page.has_next_page():
+                return
+            page = self._call(f"{what} (next page)", page.get_next_page)
+
     def find_batch(self, digest, since):
         # Newest first: a batch made after the intent is among the first listed.
-        for n, b in enumerate(self._call("GET /batches", self.client.batches.list, limit=100)):
+        for n, b in enumerate(self._listed("GET /batches", self.client.batches.list, limit=100)):
             meta = getattr(b, "metadata", None)
             if isinstance(meta, dict) and meta.get("capgen_digest") == digest and isinstance(b.id, str):
                 return b.id, _str(getattr(b, "input_file_id", None))
@@ -174,7 +196,7 @@ class ApiProvider(Provider):
 
     def find_file(self, digest, since):
         name = _file_name(digest)
-        for n, f in enumerate(self._call("GET /files", self.client.files.list, purpose="batch")):
+        for n, f in enumerate(self._listed("GET /files", self.client.files.list, purpose="batch")):
             if getattr(f, "filename", None) == name and isinstance(f.id, str):
                 return f.id
             if n >= MAX_LISTED:
@@ -249,8 +271,9 @@ class ApiProvider(Provider):
                                        "can hold at --max-tokens; not read")
                     out.write(chunk)
                     checkpoint("downloading")
-        except self.openai.APIError as e:   # the batch stays open: the next run downloads again
-            raise BatchError(f"GET /files/{file_id}/content failed: {self._redact(printable(e, 300))}") from None
+        except (self.openai.APIError, *self._transport_errors) as e:   # the batch stays open: downloaded again
+            raise BatchError(f"GET /files/{file_id}/content failed: {type(e).__name__}: "
+                             f"{self._redact(printable(e, 300))}") from None
 
     def cancel(self, batch_id):
         self._call(f"POST /batches/{batch_id}/cancel", self.client.batches.cancel, batch_id)
