@@ -433,7 +433,7 @@ def test_an_output_file_that_cannot_be_downloaded_leaves_the_batch_to_the_next_r
         for _ in range(3):
             fake._advance(b)                            # completed, with an output file
         hidden = fake.files.pop(b["output_file_id"])    # gone from the provider for a while
-        assert run(captions, out, fake) == EXIT_FAILED  # no answer lost: the batch stays open
+        assert run(captions, out, fake) == EXIT_PENDING  # no answer lost: the batch stays open
         fake.files[b["output_file_id"]] = hidden
         assert run(captions, out, fake) == EXIT_OK
         assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [1] * 12
@@ -549,3 +549,36 @@ def test_a_file_cut_off_mid_download_is_a_warning_and_the_next_run_downloads_it_
         assert run(captions, out, fake) == EXIT_OK
         assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [1] * 12
     answered_once(out, sample_captions[:12])
+
+
+def test_a_file_that_fails_to_download_leaves_its_batch_open_and_the_others_are_collected(
+        tmp_path, captions, sample_captions, capsys):
+    out = tmp_path / "out"
+    with FakeBatch(steps=100) as fake:
+        assert run(captions, out, fake, "--batch-max-requests", "6") == EXIT_PENDING
+        first, second = fake.batches.values()
+        for b in (first, second):
+            while b["status"] != "completed":
+                fake._advance(b)
+        broken = f"/v1/files/{first['output_file_id']}/content"
+        fake.route_fault = lambda method, path, query: "404" if path == broken else None
+        assert run(captions, out, fake) == EXIT_PENDING
+        log = capsys.readouterr().err
+        assert f"batch {first['id']} (completed): GET /files/{first['output_file_id']}/content failed" in log
+        assert "it stays open" in log
+        m = manifest(out)
+        assert [c["batch_id"] for c in m["batch"]["collected"]] == [second["id"]]
+        assert m["counts"]["captions_with_queries"] == 6 and m["counts"]["pending"] == 6
+        # --wait tries the download --max-attempts (2) times, then leaves the batch open
+        fake.calls.clear()
+        assert run(captions, out, fake, *WAIT) == EXIT_PENDING
+        assert fake.calls.count(("GET", broken)) == 2
+        # --batch-cancel cancels the batch still running, and leaves the finished one open
+        assert run(write_jsonl(tmp_path / "more.jsonl", sample_captions[:14]), out, fake) == EXIT_PENDING
+        assert run(captions, out, fake, "--batch-cancel") == EXIT_OK
+        assert [b["status"] for b in fake.batches.values()] == ["completed", "completed", "cancelling"]
+        fake.route_fault, fake.steps = (lambda method, path, query: None), 1
+        assert run(tmp_path / "more.jsonl", out, fake, *WAIT) == EXIT_OK
+        # the cancelled batch answered one of its two captions; the other went into a fourth
+        assert len(fake.batches) == 4 and sorted(sent(fake).values()) == [1] * 13 + [2]
+    answered_once(out, sample_captions[:14])

@@ -375,6 +375,10 @@ class Batches:
         self.failed_here: Counter[str] = Counter()
         self.answered: set[str] = set()      # keys answered by the batches collected in this run
         self.to_repair: list[tuple[str, BatchRequest, str, str]] = []   # --batch-repair online
+        # Finished batches whose files failed to download in this run, and how often: tried
+        # again up to --max-attempts times, so that --wait cannot loop on a file the provider
+        # never serves; they stay open for the next run.
+        self.unfetched: Counter[str] = Counter()
         self._since = time.time() if config.force else 0.0   # with --force, only this run's answers count
         self.fingerprint = ""
 
@@ -406,10 +410,11 @@ class Batches:
             self.store.close_batch(row.digest, "dropped", None)
 
     def collect(self) -> int:
-        """Every finished batch into the store; the number still running."""
+        """Every finished batch into the store; the number still running (a finished batch
+        whose files could not be downloaded counts as running while this run tries again)."""
         running = 0
         for row in self.store.open_batches():
-            if row.status != "live":
+            if row.status != "live" or self.unfetched[row.batch_id] >= self.config.max_attempts:
                 continue
             state = self.provider.state(row.batch_id)
             if state.status not in FINAL:
@@ -418,27 +423,52 @@ class Batches:
                                 printable(state.status, 60))
                 running += 1
                 continue
-            self._collect(row, state)
+            expected = self.store.batch_requests(row.digest)
+            # Every file before any answer is stored: a batch left open stores nothing twice
+            # when it is collected later, and one batch's files do not stop the others'.
+            try:
+                files = self._download(row, state, len(expected))
+            except BatchError as e:
+                self.unfetched[row.batch_id] += 1
+                log.warning("batch %s (%s): %s; it stays open and a later run downloads it again", row.batch_id,
+                            state.status, printable(e, 300),
+                            extra={"fields": {"event": "batch_download_failed", "batch_id": row.batch_id,
+                                              "error": printable(e, 300)}})
+                running += self.unfetched[row.batch_id] < self.config.max_attempts
+                continue
+            self._collect(row, state, expected, files)
         return running
 
-    def _collect(self, row: BatchRow, state: State) -> None:
-        expected = self.store.batch_requests(row.digest)
+    def _download(self, row: BatchRow, state: State, n: int) -> list[tuple[str, Path]]:
+        """(kind, local path) of the batch's output and error files, downloaded."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        files: list[tuple[str, Path]] = []
+        try:
+            for kind, file_id, limit in (("output", state.output, n * self.line_limit + (1 << 20)),
+                                         ("errors", state.errors, n * ERROR_LINE_BYTES + (1 << 20))):
+                if not file_id:
+                    continue
+                local = self.work / f"{row.batch_id.replace(':', '-')}.{kind}.jsonl"
+                try:
+                    self.provider.download(file_id, local, limit)
+                except TooLarge as e:
+                    self._odd(row.batch_id, f"{kind} file: {e}")
+                    continue
+                files.append((kind, local))
+        except BatchError:
+            for _, local in files:
+                local.unlink(missing_ok=True)
+            raise
+        return files
+
+    def _collect(self, row: BatchRow, state: State, expected: dict[str, BatchRequest],
+                 files: list[tuple[str, Path]]) -> None:
         bid = row.batch_id
         self._opened = row.created
         seen: set[str] = set()
         tally = {"answered": 0, "prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
-        self.work.mkdir(parents=True, exist_ok=True)
         n = len(expected)
-        for kind, file_id, limit in (("output", state.output, n * self.line_limit + (1 << 20)),
-                                     ("errors", state.errors, n * ERROR_LINE_BYTES + (1 << 20))):
-            if not file_id:
-                continue
-            local = self.work / f"{bid.replace(':', '-')}.{kind}.jsonl"
-            try:
-                self.provider.download(file_id, local, limit)
-            except TooLarge as e:
-                self._odd(bid, f"{kind} file: {e}")
-                continue
+        for kind, local in files:
             with local.open("rb") as f:
                 for number, line in enumerate(_lines(f, self.line_limit if kind == "output" else ERROR_LINE_BYTES),
                                               1):
@@ -657,7 +687,8 @@ class Batches:
 
     def cancel_all(self) -> None:
         for row in self.store.open_batches():
-            if row.status == "live":
+            # A batch whose files failed to download has finished: nothing to cancel.
+            if row.status == "live" and row.batch_id not in self.unfetched:
                 self.provider.cancel(row.batch_id)
                 self.batch.cancelled.append(row.batch_id)
                 log.info("batch %s: cancel asked; the next run collects what it answered and submits the rest "
