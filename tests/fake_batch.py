@@ -14,6 +14,13 @@ last line), "invalid" (an answer of the wrong shape) or "oversized" (an answer p
 `oversized_bytes`); `shuffle` writes the output in
 another order, `unknown_line` adds a line for a custom_id never sent. An expired or
 cancelled batch answers its first half; a failed one none.
+
+`route_fault(method, path, query)` (path as sent, e.g. "/v1/batches") may fault one call
+to the files or batches API: "lost" (handled, then the connection closed without a reply),
+"502" (handled, then answered 502, as a gateway whose upstream reply was lost), "404" or
+"500" (answered so, not handled), "cut" (handled, then the reply's first half sent under the
+whole reply's Content-Length, and the connection closed). `calls` records (method, path) of
+every call to those APIs.
 """
 from __future__ import annotations
 
@@ -38,11 +45,15 @@ class FakeBatch(FakeOpenAI):
     def __init__(self, *, outcome: Callable[[int], str] = lambda n: "completed",
                  line_fault: LineFault = lambda custom_id, caption: None, shuffle: bool = False,
                  unknown_line: bool = False, steps: int = 1, max_file_bytes: int = 200_000_000,
-                 page_cap: int = 100, **kwargs):
+                 page_cap: int = 100,
+                 route_fault: Callable[[str, str, dict], Optional[str]] = lambda method, path, query: None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.outcome, self.line_fault, self.shuffle = outcome, line_fault, shuffle
         self.unknown_line, self.steps, self.max_file_bytes = unknown_line, steps, max_file_bytes
         self.page_cap = page_cap   # list pages hold at most this many, whatever `limit` asks
+        self.route_fault = route_fault
+        self.calls: list[tuple[str, str]] = []
         self.files: dict[str, dict] = {}
         self.batches: dict[str, dict] = {}      # in creation order
         self.batch_lines: list[dict] = []       # every request line of every batch, as read
@@ -58,10 +69,29 @@ class FakeBatch(FakeOpenAI):
         if parts[:2] not in (["v1", "files"], ["v1", "batches"]):
             return False
         with self._batch_lock:
+            self.calls.append((method, url.path))
+            fault = self.route_fault(method, url.path, query)
+            if fault in ("404", "500"):
+                h._send(int(fault), _error(f"fake: {fault} on {method} {url.path}", "server_error"))
+                return True
             status, payload = self._handle(method, parts[1], parts[2:], query, raw, h.headers)
+        if fault == "lost":
+            h._drop()
+            return True
+        if fault == "502":
+            h._send(502, _error("fake: bad gateway", "server_error"))
+            return True
         if isinstance(payload, dict):   # the fake's own bookkeeping stays here
             payload = {k: ([_public(x) for x in v] if k == "data" else v) for k, v in _public(payload).items()}
-        if isinstance(payload, bytes):
+        if fault == "cut":
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            h.send_response(status)
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data[: len(data) // 2])
+            h.wfile.flush()
+            h._drop()
+        elif isinstance(payload, bytes):
             h._send_bytes(status, payload, {"Content-Type": "application/octet-stream"})
         else:
             h._send(status, payload)

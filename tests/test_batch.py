@@ -433,7 +433,7 @@ def test_an_output_file_that_cannot_be_downloaded_leaves_the_batch_to_the_next_r
         for _ in range(3):
             fake._advance(b)                            # completed, with an output file
         hidden = fake.files.pop(b["output_file_id"])    # gone from the provider for a while
-        assert run(captions, out, fake) == EXIT_FAILED  # no answer lost: the batch stays open
+        assert run(captions, out, fake) == EXIT_PENDING  # no answer lost: the batch stays open
         fake.files[b["output_file_id"]] = hidden
         assert run(captions, out, fake) == EXIT_OK
         assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [1] * 12
@@ -452,3 +452,133 @@ def test_a_caption_is_never_reserved_for_two_live_batches(tmp_path):
     store.reserve_batch("d2", [req])                       # free again once its batch is closed
     assert store.batch_requests("d2").keys() == {"k1"}
     store.close()
+
+
+def once(method: str, path: str, fault: str):
+    """A route_fault: `fault` on the first call of `method` to `path` (a prefix), then none."""
+    done = []
+
+    def fault_at(m, p, query):
+        if m == method and p.startswith(path) and not done:
+            done.append(p)
+            return fault
+        return None
+    return fault_at
+
+
+@pytest.mark.parametrize("fault", ["lost", "502"])
+def test_a_create_whose_reply_is_lost_is_not_sent_again_and_its_batch_is_collected(
+        tmp_path, captions, sample_captions, capsys, fault):
+    out = tmp_path / "out"
+    with FakeBatch(route_fault=once("POST", "/v1/batches", fault)) as fake:
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+        assert fake.calls.count(("POST", "/v1/batches")) == 1 and len(fake.batches) == 1
+        assert "created although POST /batches failed" in capsys.readouterr().err
+        assert sorted(sent(fake).values()) == [1] * 12
+    answered_once(out, sample_captions[:12])
+
+
+def test_a_batch_404_from_a_server_without_the_batch_api_leaves_the_batch_open(
+        tmp_path, captions, sample_captions, capsys):
+    out = tmp_path / "out"
+    with FakeBatch(steps=2) as fake:
+        assert run(captions, out, fake) == EXIT_PENDING
+        # the wrong --base-url for a while: every batches route 404s, the batch's included
+        fake.route_fault = lambda method, path, query: "404" if path.startswith("/v1/batches") else None
+        assert run(captions, out, fake) == EXIT_FAILED
+        store = sqlite3.connect(out / "cache.sqlite")
+        assert store.execute("SELECT batch_id, status FROM batches").fetchall() == [("batch-000002", "live")]
+        store.close()
+        assert "has no batch API (HTTP 404 on GET /batches)" in capsys.readouterr().err
+        fake.route_fault = lambda method, path, query: None
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+        assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [1] * 12
+    answered_once(out, sample_captions[:12])
+
+
+def test_a_batch_the_provider_no_longer_knows_is_closed_and_its_captions_submitted_again(
+        tmp_path, captions, sample_captions, capsys):
+    out = tmp_path / "out"
+    with FakeBatch(steps=2) as fake:
+        assert run(captions, out, fake) == EXIT_PENDING
+        del fake.batches["batch-000002"]    # the batches API answers; this batch is gone
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+        assert "the provider no longer knows this batch" in capsys.readouterr().err
+        assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [2] * 12
+    answered_once(out, sample_captions[:12])
+
+
+def test_a_listing_that_fails_pages_down_is_a_clear_error_and_the_rerun_finds_the_batch(
+        tmp_path, captions, capsys, monkeypatch):
+    import openai
+    out = tmp_path / "out"
+
+    def crash(name):
+        if name == "created":
+            raise Killed(name)
+    with FakeBatch(page_cap=2) as fake:
+        monkeypatch.setattr(gen.generate.batch, "checkpoint", crash)
+        with pytest.raises(Killed):
+            run(captions, out, fake)
+        monkeypatch.setattr(gen.generate.batch, "checkpoint", lambda name: None)
+        client = openai.OpenAI(base_url=fake.base_url, api_key="x")
+        for i in range(5):   # other jobs' batches since: ours is on the third page
+            f = client.files.create(file=(f"other-{i}.jsonl", b'{"custom_id": "x"}\n'), purpose="batch")
+            client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        fake.route_fault = lambda method, path, query: "500" if path == "/v1/batches" and "after" in query else None
+        capsys.readouterr()
+        assert run(captions, out, fake, *WAIT) == EXIT_FAILED
+        log = capsys.readouterr().err
+        assert "GET /batches (next page) failed: HTTP 500" in log and "unexpected failure" not in log
+        fake.route_fault = lambda method, path, query: None
+        assert run(captions, out, fake, *WAIT) == EXIT_OK
+        assert len(fake.batches) == 6 and sorted(n for k, n in sent(fake).items() if k != "x") == [1] * 12
+
+
+def test_a_file_cut_off_mid_download_is_a_warning_and_the_next_run_downloads_it_whole(
+        tmp_path, captions, sample_captions, capsys):
+    out = tmp_path / "out"
+    with FakeBatch() as fake:
+        assert run(captions, out, fake) == EXIT_PENDING
+        fake.route_fault = lambda method, path, query: "cut" if path.endswith("/content") else None
+        assert run(captions, out, fake, *WAIT) == EXIT_PENDING
+        log = capsys.readouterr().err
+        assert "/content failed: RemoteProtocolError" in log and "unexpected failure" not in log
+        assert manifest(out)["counts"]["captions_with_queries"] == 0
+        fake.route_fault = lambda method, path, query: None
+        assert run(captions, out, fake) == EXIT_OK
+        assert len(fake.batches) == 1 and sorted(sent(fake).values()) == [1] * 12
+    answered_once(out, sample_captions[:12])
+
+
+def test_a_file_that_fails_to_download_leaves_its_batch_open_and_the_others_are_collected(
+        tmp_path, captions, sample_captions, capsys):
+    out = tmp_path / "out"
+    with FakeBatch(steps=100) as fake:
+        assert run(captions, out, fake, "--batch-max-requests", "6") == EXIT_PENDING
+        first, second = fake.batches.values()
+        for b in (first, second):
+            while b["status"] != "completed":
+                fake._advance(b)
+        broken = f"/v1/files/{first['output_file_id']}/content"
+        fake.route_fault = lambda method, path, query: "404" if path == broken else None
+        assert run(captions, out, fake) == EXIT_PENDING
+        log = capsys.readouterr().err
+        assert f"batch {first['id']} (completed): GET /files/{first['output_file_id']}/content failed" in log
+        assert "it stays open" in log
+        m = manifest(out)
+        assert [c["batch_id"] for c in m["batch"]["collected"]] == [second["id"]]
+        assert m["counts"]["captions_with_queries"] == 6 and m["counts"]["pending"] == 6
+        # --wait tries the download --max-attempts (2) times, then leaves the batch open
+        fake.calls.clear()
+        assert run(captions, out, fake, *WAIT) == EXIT_PENDING
+        assert fake.calls.count(("GET", broken)) == 2
+        # --batch-cancel cancels the batch still running, and leaves the finished one open
+        assert run(write_jsonl(tmp_path / "more.jsonl", sample_captions[:14]), out, fake) == EXIT_PENDING
+        assert run(captions, out, fake, "--batch-cancel") == EXIT_OK
+        assert [b["status"] for b in fake.batches.values()] == ["completed", "completed", "cancelling"]
+        fake.route_fault, fake.steps = (lambda method, path, query: None), 1
+        assert run(tmp_path / "more.jsonl", out, fake, *WAIT) == EXIT_OK
+        # the cancelled batch answered one of its two captions; the other went into a fourth
+        assert len(fake.batches) == 4 and sorted(sent(fake).values()) == [1] * 13 + [2]
+    answered_once(out, sample_captions[:14])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -122,6 +123,13 @@ class Provider(ABC):
     def cancel(self, batch_id: str) -> None: ...
 
 
+def _module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
 def _file_name(digest: str) -> str:
     return f"capgen-{digest}.jsonl"
 
@@ -139,6 +147,9 @@ class ApiProvider(Provider):
                                     max_retries=max(attempts - 1, 0))
         self.window = window
         self._secret = api_key if api_key != "EMPTY" else None
+        # A connection lost while a file streams raises the transport's own error, not the
+        # SDK's: httpx's, or httpx2's in later SDK releases.
+        self._transport_errors = tuple(m.HTTPError for m in map(_module, ("httpx", "httpx2")) if m is not None)
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):
         o = self.openai
@@ -161,9 +172,20 @@ class ApiProvider(Provider):
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
 
+    def _listed(self, what: str, fn: Callable, **kwargs) -> Iterator[Any]:
+        """The items of a paginated list, every page fetched through _call: the SDK's own
+        iteration fetches the pages after the first outside it, where a failure is a raw
+        SDK error."""
+        page = self._call(what, fn, **kwargs)
+        while True:
+            yield from page.data or ()
+            if not page.has_next_page():
+                return
+            page = self._call(f"{what} (next page)", page.get_next_page)
+
     def find_batch(self, digest, since):
         # Newest first: a batch made after the intent is among the first listed.
-        for n, b in enumerate(self._call("GET /batches", self.client.batches.list, limit=100)):
+        for n, b in enumerate(self._listed("GET /batches", self.client.batches.list, limit=100)):
             meta = getattr(b, "metadata", None)
             if isinstance(meta, dict) and meta.get("capgen_digest") == digest and isinstance(b.id, str):
                 return b.id, _str(getattr(b, "input_file_id", None))
@@ -174,7 +196,7 @@ class ApiProvider(Provider):
 
     def find_file(self, digest, since):
         name = _file_name(digest)
-        for n, f in enumerate(self._call("GET /files", self.client.files.list, purpose="batch")):
+        for n, f in enumerate(self._listed("GET /files", self.client.files.list, purpose="batch")):
             if getattr(f, "filename", None) == name and isinstance(f.id, str):
                 return f.id
             if n >= MAX_LISTED:
@@ -190,12 +212,27 @@ class ApiProvider(Provider):
         return uploaded.id
 
     def create(self, file_id, digest, requests):
-        made = self._call("POST /batches", self.client.batches.create, input_file_id=file_id, endpoint=ENDPOINT,
-                          completion_window=self.window,
-                          metadata={"capgen_digest": digest, "capgen_requests": str(requests)})
-        if not _str(getattr(made, "id", None)):
-            raise BatchError("POST /batches answered without a batch id")
-        return made.id
+        # Sent once: a create whose reply is lost may have made the batch, and a retry would
+        # make (and bill) a second one from the same file. The batch is looked up by its
+        # digest instead; found nowhere, the intent stays, and the next run's reconcile finds
+        # the batch or creates it from the uploaded file.
+        try:
+            made = self._call("POST /batches", self.client.with_options(max_retries=0).batches.create,
+                              input_file_id=file_id, endpoint=ENDPOINT, completion_window=self.window,
+                              metadata={"capgen_digest": digest, "capgen_requests": str(requests)})
+            if not _str(getattr(made, "id", None)):
+                raise BatchError("POST /batches answered without a batch id")
+            return made.id
+        except BatchError as e:
+            try:
+                found = self.find_batch(digest, time.time())
+            except BatchError:
+                found = None
+            if not found:
+                raise
+            log.warning("batch %s: created although POST /batches failed (%s)", found[0], printable(e, 200),
+                        extra={"fields": {"event": "batch_recovered", "batch_id": found[0]}})
+            return found[0]
 
     def state(self, batch_id):
         def retrieve():
@@ -205,6 +242,9 @@ class ApiProvider(Provider):
                 return None
         b = self._call(f"GET /batches/{batch_id}", retrieve)
         if b is None:
+            # Gone only if this server lists batches at all: a wrong --base-url or a route
+            # that 404s must not close live batches, whose captions would be paid for twice.
+            self._call("GET /batches", self.client.batches.list, limit=1)
             return State("failed", reason="the provider no longer knows this batch")
         status = getattr(b, "status", None)
         reason = None
@@ -231,8 +271,9 @@ class ApiProvider(Provider):
                                        "can hold at --max-tokens; not read")
                     out.write(chunk)
                     checkpoint("downloading")
-        except self.openai.APIError as e:   # the batch stays open: the next run downloads again
-            raise BatchError(f"GET /files/{file_id}/content failed: {self._redact(printable(e, 300))}") from None
+        except (self.openai.APIError, *self._transport_errors) as e:   # the batch stays open: downloaded again
+            raise BatchError(f"GET /files/{file_id}/content failed: {type(e).__name__}: "
+                             f"{self._redact(printable(e, 300))}") from None
 
     def cancel(self, batch_id):
         self._call(f"POST /batches/{batch_id}/cancel", self.client.batches.cancel, batch_id)
@@ -334,6 +375,10 @@ class Batches:
         self.failed_here: Counter[str] = Counter()
         self.answered: set[str] = set()      # keys answered by the batches collected in this run
         self.to_repair: list[tuple[str, BatchRequest, str, str]] = []   # --batch-repair online
+        # Finished batches whose files failed to download in this run, and how often: tried
+        # again up to --max-attempts times, so that --wait cannot loop on a file the provider
+        # never serves; they stay open for the next run.
+        self.unfetched: Counter[str] = Counter()
         self._since = time.time() if config.force else 0.0   # with --force, only this run's answers count
         self.fingerprint = ""
 
@@ -365,10 +410,11 @@ class Batches:
             self.store.close_batch(row.digest, "dropped", None)
 
     def collect(self) -> int:
-        """Every finished batch into the store; the number still running."""
+        """Every finished batch into the store; the number still running (a finished batch
+        whose files could not be downloaded counts as running while this run tries again)."""
         running = 0
         for row in self.store.open_batches():
-            if row.status != "live":
+            if row.status != "live" or self.unfetched[row.batch_id] >= self.config.max_attempts:
                 continue
             state = self.provider.state(row.batch_id)
             if state.status not in FINAL:
@@ -377,27 +423,52 @@ class Batches:
                                 printable(state.status, 60))
                 running += 1
                 continue
-            self._collect(row, state)
+            expected = self.store.batch_requests(row.digest)
+            # Every file before any answer is stored: a batch left open stores nothing twice
+            # when it is collected later, and one batch's files do not stop the others'.
+            try:
+                files = self._download(row, state, len(expected))
+            except BatchError as e:
+                self.unfetched[row.batch_id] += 1
+                log.warning("batch %s (%s): %s; it stays open and a later run downloads it again", row.batch_id,
+                            state.status, printable(e, 300),
+                            extra={"fields": {"event": "batch_download_failed", "batch_id": row.batch_id,
+                                              "error": printable(e, 300)}})
+                running += self.unfetched[row.batch_id] < self.config.max_attempts
+                continue
+            self._collect(row, state, expected, files)
         return running
 
-    def _collect(self, row: BatchRow, state: State) -> None:
-        expected = self.store.batch_requests(row.digest)
+    def _download(self, row: BatchRow, state: State, n: int) -> list[tuple[str, Path]]:
+        """(kind, local path) of the batch's output and error files, downloaded."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        files: list[tuple[str, Path]] = []
+        try:
+            for kind, file_id, limit in (("output", state.output, n * self.line_limit + (1 << 20)),
+                                         ("errors", state.errors, n * ERROR_LINE_BYTES + (1 << 20))):
+                if not file_id:
+                    continue
+                local = self.work / f"{row.batch_id.replace(':', '-')}.{kind}.jsonl"
+                try:
+                    self.provider.download(file_id, local, limit)
+                except TooLarge as e:
+                    self._odd(row.batch_id, f"{kind} file: {e}")
+                    continue
+                files.append((kind, local))
+        except BatchError:
+            for _, local in files:
+                local.unlink(missing_ok=True)
+            raise
+        return files
+
+    def _collect(self, row: BatchRow, state: State, expected: dict[str, BatchRequest],
+                 files: list[tuple[str, Path]]) -> None:
         bid = row.batch_id
         self._opened = row.created
         seen: set[str] = set()
         tally = {"answered": 0, "prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
-        self.work.mkdir(parents=True, exist_ok=True)
         n = len(expected)
-        for kind, file_id, limit in (("output", state.output, n * self.line_limit + (1 << 20)),
-                                     ("errors", state.errors, n * ERROR_LINE_BYTES + (1 << 20))):
-            if not file_id:
-                continue
-            local = self.work / f"{bid.replace(':', '-')}.{kind}.jsonl"
-            try:
-                self.provider.download(file_id, local, limit)
-            except TooLarge as e:
-                self._odd(bid, f"{kind} file: {e}")
-                continue
+        for kind, local in files:
             with local.open("rb") as f:
                 for number, line in enumerate(_lines(f, self.line_limit if kind == "output" else ERROR_LINE_BYTES),
                                               1):
@@ -616,7 +687,8 @@ class Batches:
 
     def cancel_all(self) -> None:
         for row in self.store.open_batches():
-            if row.status == "live":
+            # A batch whose files failed to download has finished: nothing to cancel.
+            if row.status == "live" and row.batch_id not in self.unfetched:
                 self.provider.cancel(row.batch_id)
                 self.batch.cancelled.append(row.batch_id)
                 log.info("batch %s: cancel asked; the next run collects what it answered and submits the rest "
