@@ -551,6 +551,32 @@ def test_a_file_cut_off_mid_download_is_a_warning_and_the_next_run_downloads_it_
     answered_once(out, sample_captions[:12])
 
 
+def test_a_batch_whose_status_cannot_be_read_stays_open_and_the_others_are_collected(
+        tmp_path, captions, sample_captions, capsys):
+    out = tmp_path / "out"
+    with FakeBatch(steps=100) as fake:
+        assert run(captions, out, fake, "--batch-max-requests", "6") == EXIT_PENDING
+        first, second = fake.batches.values()
+        for b in (first, second):
+            while b["status"] != "completed":
+                fake._advance(b)
+        broken = f"/v1/batches/{first['id']}"
+        fake.route_fault = lambda method, path, query: "500" if path == broken else None
+        assert run(captions, out, fake) == EXIT_PENDING
+        log = capsys.readouterr().err
+        assert f"batch {first['id']}: GET /batches/{first['id']} failed: HTTP 500" in log and "Traceback" not in log
+        m = manifest(out)
+        assert [c["batch_id"] for c in m["batch"]["collected"]] == [second["id"]]
+        assert m["counts"]["captions_with_queries"] == 6 and m["counts"]["pending"] == 6
+        fake.calls.clear()   # --wait checks --max-attempts (2) times (each a request and the SDK's retry)
+        assert run(captions, out, fake, *WAIT) == EXIT_PENDING
+        assert fake.calls.count(("GET", broken)) == 2 * 2
+        fake.route_fault = lambda method, path, query: None
+        assert run(captions, out, fake) == EXIT_OK
+        assert len(fake.batches) == 2 and sorted(sent(fake).values()) == [1] * 12
+    answered_once(out, sample_captions[:12])
+
+
 def test_a_file_that_fails_to_download_leaves_its_batch_open_and_the_others_are_collected(
         tmp_path, captions, sample_captions, capsys):
     out = tmp_path / "out"

@@ -72,6 +72,10 @@ class BatchError(EngineError):
     """The batch API refused or failed (exit 1); the message says what to change."""
 
 
+class NoBatchApi(BatchError):
+    """The server has no files or batches API at this URL (404/405): no batch can be checked."""
+
+
 class TooLarge(BatchError):
     """A file past the bound its requests allow: read as no answers (its captions are asked
     again), unlike a download that fails, which leaves the batch to the next run."""
@@ -158,7 +162,7 @@ class ApiProvider(Provider):
         except o.APIStatusError as e:
             text = self._redact(printable(getattr(e, "message", str(e)), 300))
             if e.status_code in (404, 405):
-                raise BatchError(f"{self.base_url} has no batch API (HTTP {e.status_code} on {what}): run "
+                raise NoBatchApi(f"{self.base_url} has no batch API (HTTP {e.status_code} on {what}): run "
                                  "without --batch (online mode), or give a server with files and batches "
                                  "endpoints") from None
             if e.status_code in (400, 413) and any(w in text.lower() for w in ("size", "large", "limit", "quota",
@@ -379,6 +383,7 @@ class Batches:
         # again up to --max-attempts times, so that --wait cannot loop on a file the provider
         # never serves; they stay open for the next run.
         self.unfetched: Counter[str] = Counter()
+        self.unchecked: Counter[str] = Counter()   # the same for a batch whose status could not be read
         self._since = time.time() if config.force else 0.0   # with --force, only this run's answers count
         self.fingerprint = ""
 
@@ -414,9 +419,22 @@ class Batches:
         whose files could not be downloaded counts as running while this run tries again)."""
         running = 0
         for row in self.store.open_batches():
-            if row.status != "live" or self.unfetched[row.batch_id] >= self.config.max_attempts:
+            if row.status != "live" or max(self.unfetched[row.batch_id], self.unchecked[row.batch_id]) \
+                    >= self.config.max_attempts:
                 continue
-            state = self.provider.state(row.batch_id)
+            try:
+                state = self.provider.state(row.batch_id)
+            except NoBatchApi:
+                raise   # every batch alike: the run stops, naming the URL
+            except BatchError as e:
+                # One batch's status out of reach (a 5xx, a lost connection) must not stop the
+                # others from being collected; it stays live and is asked about again.
+                self.unchecked[row.batch_id] += 1
+                log.warning("batch %s: %s; it stays open and is checked again", row.batch_id, printable(e, 300),
+                            extra={"fields": {"event": "batch_check_failed", "batch_id": row.batch_id,
+                                              "error": printable(e, 300)}})
+                running += self.unchecked[row.batch_id] < self.config.max_attempts
+                continue
             if state.status not in FINAL:
                 if state.status not in RUNNING:
                     log.warning("batch %s: unknown status %r; taken as still running", row.batch_id,
