@@ -551,15 +551,21 @@ def test_a_file_cut_off_mid_download_is_a_warning_and_the_next_run_downloads_it_
     answered_once(out, sample_captions[:12])
 
 
+def two_finished_batches(fake, captions, out) -> tuple[dict, dict]:
+    """The 12 captions submitted in two batches of 6, both finished at the fake, none collected."""
+    assert run(captions, out, fake, "--batch-max-requests", "6") == EXIT_PENDING
+    first, second = fake.batches.values()
+    for b in (first, second):
+        while b["status"] != "completed":
+            fake._advance(b)
+    return first, second
+
+
 def test_a_batch_whose_status_cannot_be_read_stays_open_and_the_others_are_collected(
         tmp_path, captions, sample_captions, capsys):
     out = tmp_path / "out"
     with FakeBatch(steps=100) as fake:
-        assert run(captions, out, fake, "--batch-max-requests", "6") == EXIT_PENDING
-        first, second = fake.batches.values()
-        for b in (first, second):
-            while b["status"] != "completed":
-                fake._advance(b)
+        first, second = two_finished_batches(fake, captions, out)
         broken = f"/v1/batches/{first['id']}"
         fake.route_fault = lambda method, path, query: "500" if path == broken else None
         assert run(captions, out, fake) == EXIT_PENDING
@@ -581,11 +587,7 @@ def test_a_file_that_fails_to_download_leaves_its_batch_open_and_the_others_are_
         tmp_path, captions, sample_captions, capsys):
     out = tmp_path / "out"
     with FakeBatch(steps=100) as fake:
-        assert run(captions, out, fake, "--batch-max-requests", "6") == EXIT_PENDING
-        first, second = fake.batches.values()
-        for b in (first, second):
-            while b["status"] != "completed":
-                fake._advance(b)
+        first, second = two_finished_batches(fake, captions, out)
         broken = f"/v1/files/{first['output_file_id']}/content"
         fake.route_fault = lambda method, path, query: "404" if path == broken else None
         assert run(captions, out, fake) == EXIT_PENDING
