@@ -266,15 +266,27 @@ def test_a_reply_of_another_shape_is_a_reject_with_its_reason(tmp_path, captions
         assert run(captions, out, good) == EXIT_OK and len(good.requests) == 12
 
 
-def test_an_answer_nested_past_the_stack_is_an_invalid_answer(tmp_path, captions, sample_captions):
+def _nested(caption: str) -> str:
+    return '{"entities": ' + "[" * 50_000 + "]" * 50_000 + "}"   # 100 kB: inside the reply limit
+
+
+def _long_integer(caption: str) -> str:
+    # Python refuses int("9" * 5000) (the 4,300-digit limit) with a ValueError that is no
+    # JSONDecodeError: 5 kB, well inside the reply limit.
+    return _edited(caption, lambda d: d["entities"][0].update(grade="HUGE")).replace('"HUGE"', "9" * 5000)
+
+
+@pytest.mark.parametrize("answer,reason", [(_nested, "nested too deeply"), (_long_integer, "not readable JSON")],
+                         ids=["nested_past_the_stack", "integer_too_long_to_read"])
+def test_an_answer_json_cannot_read_is_an_invalid_answer(tmp_path, captions, sample_captions, answer, reason):
     target = sample_captions[0]
-    deep = '{"entities": ' + "[" * 50_000 + "]" * 50_000 + "}"   # 100 kB: inside the reply limit
+    bad = answer(target["text"])
     out = tmp_path / "out"
-    with FakeOpenAI(answer=lambda caption, body: deep if caption == target["text"] else default_answer(caption)) as fake:
+    with FakeOpenAI(answer=lambda caption, body: bad if caption == target["text"] else default_answer(caption)) as fake:
         assert run(captions, out, fake) == EXIT_OK
         assert fake.count_for(target["text"]) == 2   # the repair round saw the error, not a traceback
     (rej,) = read_jsonl(out / "rejects.jsonl")
-    assert rej["caption_id"] == target["id"] and "nested too deeply" in rej["reason"]
+    assert rej["caption_id"] == target["id"] and reason in rej["reason"]
 
 
 def test_usage_of_the_wrong_type_counts_nothing_and_keeps_the_answer(tmp_path, captions):
@@ -315,19 +327,6 @@ def _edited(caption: str, edit) -> str:
     data = json.loads(default_answer(caption))
     edit(data)
     return json.dumps(data)
-
-
-def test_an_integer_too_long_to_read_is_an_invalid_answer(tmp_path, captions, sample_captions):
-    # Python refuses int("9" * 5000) (the 4,300-digit limit) with a ValueError that is no
-    # JSONDecodeError: 5 kB, well inside the reply limit.
-    target = sample_captions[0]
-    huge = _edited(target["text"], lambda d: d["entities"][0].update(grade="HUGE")).replace('"HUGE"', "9" * 5000)
-    out = tmp_path / "out"
-    with FakeOpenAI(answer=lambda caption, body: huge if caption == target["text"] else default_answer(caption)) as fake:
-        assert run(captions, out, fake) == EXIT_OK
-        assert fake.count_for(target["text"]) == 2   # the repair round saw the error, not a traceback
-    (rej,) = read_jsonl(out / "rejects.jsonl")
-    assert rej["caption_id"] == target["id"] and "not readable JSON" in rej["reason"]
 
 
 def test_a_lone_surrogate_in_a_dropped_query_is_kept_in_the_rejects_and_a_rerun_reads_it(
